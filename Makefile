@@ -1,0 +1,58 @@
+# acceptrace: set-up, demo and tests on a Debian/Ubuntu machine (run as root: sudo make ...).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.acceptrace-setup
+PYTEST_ARGS ?=
+
+# Debian/Ubuntu packages: BCC's Python module (for Debian's /usr/bin/python3),
+# a kernel header tree for BCC's compiler, and what the tests and tools use.
+APT_PACKAGES := python3-bpfcc bpfcc-tools python3-venv python3-pip iproute2 bpftool \
+	gcc libc6-dev make binutils xz-utils procps tmux
+
+.PHONY: setup system-packages demo test test-root test-unit lint bench clean
+
+setup: system-packages $(STAMP)
+
+$(STAMP): pyproject.toml Makefile | system-packages
+	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,demo]'
+	@$(PY) -c 'import bcc' || { echo "make setup: BCC's module is not visible from $(VENV)" >&2; exit 1; }
+	@touch $@
+
+# apt-get only when something is missing, so repeated runs are quick.
+system-packages:
+	@command -v apt-get >/dev/null || { echo "make setup: needs apt-get (Debian/Ubuntu)" >&2; exit 1; }
+	@[ "$$(id -u)" = 0 ] || { echo "make setup: installing packages needs root: sudo make setup" >&2; exit 1; }
+	@set -e; \
+	hdr=""; rel=$$(uname -r); arch=$$(dpkg --print-architecture); \
+	if [ ! -d /lib/modules/$$rel/build/include ] && ! ls -d /usr/src/linux-headers-* >/dev/null 2>&1; then \
+	  hdr=linux-headers-$$rel; \
+	fi; \
+	missing=""; \
+	for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing$$hdr" ]; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq; \
+	  if [ -n "$$hdr" ] && ! apt-get install -y -qq $$hdr >/dev/null 2>&1; then \
+	    echo "make setup: no $$hdr in the archive; installing a generic header tree (acceptrace takes offsets from BTF)"; \
+	    apt-get install -y -qq linux-headers-$$arch >/dev/null 2>&1 || apt-get install -y -qq linux-headers-generic; \
+	  fi; \
+	  if [ -n "$$missing" ]; then apt-get install -y -qq $$missing; fi; \
+	fi
+
+demo: setup
+	$(VENV)/bin/acceptrace demo
+
+lint: setup
+	$(VENV)/bin/ruff check tracer tests bench
+
+# The whole suite but the QEMU guest tests (those: make test-vm).
+test: setup lint
+	$(PY) -m pytest -m "not vm" $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/accept_rate.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

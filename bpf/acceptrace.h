@@ -1,0 +1,140 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * acceptrace.h -- layouts and constants shared by the BPF programs (bpf/NAME.bpf.c)
+ * and userspace (tracer/bpfloader.py mirrors the structs with ctypes,
+ * tracer/hist.py mirrors the bucketing; tests check that both sides agree).
+ *
+ * This header must not include kernel headers: it is also compiled as plain
+ * userspace C by the tests.  Kernel struct offsets never appear here; they
+ * come from BTF at run time as -D defines (see tracer/kernel.py).
+ */
+#ifndef ACCEPTRACE_H
+#define ACCEPTRACE_H
+
+#ifdef AT_USERSPACE /* the tests compile this header with -DAT_USERSPACE */
+#include <stdint.h>
+typedef uint8_t u8;
+typedef uint16_t u16;
+typedef uint32_t u32;
+typedef uint64_t u64;
+#endif
+
+/* ------------------------------------------------------------------------
+ * Log-linear histogram buckets.
+ *
+ * A value v (a non-negative integer: microseconds for durations, connections
+ * for queue depths) falls in bucket
+ *   v < 16                      -> bucket v, bounds [v, v+1)
+ *   2^e <= v < 2^(e+1), e >= 4  -> bucket 16*(e-3) + (v >> (e-4)) - 16,
+ *                                  16 equal sub-buckets per power of two
+ * so a bucket is never wider than 1/16 (6.25%) of its lower bound.  Values
+ * of 2^32 and above are clamped to 2^32-1 (about 71.6 minutes in us).
+ * ------------------------------------------------------------------------ */
+#define AT_HIST_SUB_BITS 4
+#define AT_HIST_SUB (1 << AT_HIST_SUB_BITS)          /* 16 */
+#define AT_HIST_MAX_EXP 32                            /* clamp at 2^32-1 */
+#define AT_HIST_NBUCKETS (AT_HIST_SUB * (AT_HIST_MAX_EXP - AT_HIST_SUB_BITS + 1)) /* 464 */
+
+static inline __attribute__((always_inline)) u32 at_ilog2(u64 v)
+{
+	/* floor(log2(v)) for v > 0, branch-only (no loops for the verifier). */
+	u32 r = 0;
+	if (v >> 32) { v >>= 32; r += 32; }
+	if (v >> 16) { v >>= 16; r += 16; }
+	if (v >> 8)  { v >>= 8;  r += 8; }
+	if (v >> 4)  { v >>= 4;  r += 4; }
+	if (v >> 2)  { v >>= 2;  r += 2; }
+	if (v >> 1)  { r += 1; }
+	return r;
+}
+
+static inline __attribute__((always_inline)) u32 at_hist_bucket(u64 v)
+{
+	u32 e;
+
+	if (v >= (1ULL << AT_HIST_MAX_EXP))
+		v = (1ULL << AT_HIST_MAX_EXP) - 1;
+	if (v < AT_HIST_SUB)
+		return (u32)v;
+	e = at_ilog2(v);
+	return AT_HIST_SUB * (e - AT_HIST_SUB_BITS + 1) + (u32)(v >> (e - AT_HIST_SUB_BITS)) - AT_HIST_SUB;
+}
+
+/* One histogram, kept per CPU in the kernel and summed by userspace. */
+struct at_hist {
+	u64 count;
+	u64 sum;       /* in the histogram's base unit: ns for durations, connections for depths */
+	u64 min;       /* 0 with count == 0 */
+	u64 max;
+	u64 buckets[AT_HIST_NBUCKETS]; /* bucket of (value / AT_HIST_SCALE[kind]) */
+};
+
+/* Histogram slots (index into the `hists` per-CPU array). */
+enum at_hist_id {
+	AT_H_HANDSHAKE = 0,      /* queued - syn            (ns, bucketed in us) */
+	AT_H_ACCEPT_QUEUE = 1,   /* accepted - queued       (ns, bucketed in us) */
+	AT_H_SYN_TO_ACCEPT = 2,  /* accepted - syn          (ns, bucketed in us) */
+	AT_H_ACCEPT_TO_READ = 3, /* first_read - accepted   (ns, bucketed in us) */
+	AT_H_ACCEPTQ_DEPTH = 4,  /* sk_ack_backlog at each enqueue (connections) */
+	AT_H_SYNQ_DEPTH = 5,     /* icsk_accept_queue.qlen at each enqueue (connections) */
+	AT_H_COUNT = 6,
+};
+
+/* Counters (index into the `counters` per-CPU array). */
+enum at_counter_id {
+	AT_C_QUEUED = 0,           /* children queued on a traced listener */
+	AT_C_SYN_TIMED = 1,        /* ... of which the SYN time was recovered */
+	AT_C_SYNCOOKIE = 2,        /* ... of which came from a syncookie (no SYN time) */
+	AT_C_ACCEPTED = 3,         /* accept()/accept4() returned a socket of the port */
+	AT_C_READ = 4,             /* first read of request bytes after accept */
+	AT_C_SYNACK_RETRANS = 5,   /* tcp:tcp_retransmit_synack on the port */
+	AT_C_ACK_OVERFLOW = 6,     /* final ACK dropped, accept queue full (kfree_skb reason) */
+	AT_C_LOST_EVENTS = 7,      /* ring buffer full: a sample could not be sent */
+	AT_C_ACCEPT_UNTRACKED = 8, /* accepted, but queued before we attached (or evicted) */
+	AT_C_QUEUE_MISSED = 9,     /* child seen ESTABLISHED but not at the queue tail */
+	AT_C_COUNT = 10,
+};
+
+/* Per-connection state, keyed by the child struct sock * (LRU hash). */
+struct at_conn {
+	u64 syn_ns;        /* 0: unknown (syncookie, or not seen) */
+	u64 queued_ns;     /* 0: unknown */
+	u64 accepted_ns;   /* 0: not accepted yet */
+	u64 first_read_ns; /* 0: not read yet */
+	u32 pid;           /* tgid of the accepting process */
+	u16 family;        /* AF_INET / AF_INET6 */
+	u16 sport;         /* client port (host order) */
+	u16 dport;         /* server port (host order) */
+	u8 syncookie;
+	u8 synack_retrans; /* request_sock.num_retrans at enqueue */
+	u8 saddr[16];      /* client address (IPv4 in the first 4 bytes) */
+	u8 daddr[16];      /* server address */
+	char comm[16];
+};
+
+/* A finished connection sent to userspace when it is among the slowest. */
+struct at_sample {
+	struct at_conn conn;
+	u64 reason;        /* AT_SAMPLE_READ or AT_SAMPLE_CLOSE */
+};
+
+#define AT_SAMPLE_READ 1
+#define AT_SAMPLE_CLOSE 2
+
+/* Per-process accept counts, keyed by tgid. */
+struct at_proc {
+	u64 accepted;
+	char comm[16];
+};
+
+/* What the kernel last saw of a listener, keyed by its struct sock *. */
+struct at_listener {
+	u64 last_ns;
+	u32 max_backlog;   /* sk_max_ack_backlog */
+	u32 max_depth;     /* largest sk_ack_backlog seen at enqueue */
+	u16 family;
+	u16 port;
+	u32 pad;
+};
+
+#endif /* ACCEPTRACE_H */

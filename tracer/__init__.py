@@ -1,0 +1,3 @@
+"""acceptrace: eBPF tracer of the Linux TCP accept path."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,261 @@
+"""Loading and reading the BPF programs: the only module that imports bcc."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import importlib.resources
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from . import layout as L
+from .backend import ConnRecord, KernelSnapshot, ListenerSnapshot, ProcSnapshot
+from .errors import UserError
+from .hist import NBUCKETS, Histogram
+from .kernel import cflags
+
+_bcc: Any = None
+
+COUNTER_NAMES: dict[int, str] = {
+    L.C_QUEUED: "queued",
+    L.C_SYN_TIMED: "syn_timed",
+    L.C_SYNCOOKIE: "syncookies",
+    L.C_ACCEPTED: "accepted",
+    L.C_READ: "read",
+    L.C_SYNACK_RETRANS: "synack_retransmits",
+    L.C_ACK_OVERFLOW: "ack_overflow",
+    L.C_LOST_EVENTS: "lost_events",
+    L.C_ACCEPT_UNTRACKED: "accept_untracked",
+    L.C_QUEUE_MISSED: "queue_missed",
+}
+HIST_NAMES: dict[int, tuple[str, str, int]] = {
+    L.H_HANDSHAKE: ("handshake", "us", 1000),
+    L.H_ACCEPT_QUEUE: ("accept_queue", "us", 1000),
+    L.H_SYN_TO_ACCEPT: ("syn_to_accept", "us", 1000),
+    L.H_ACCEPT_TO_READ: ("accept_to_read", "us", 1000),
+    L.H_ACCEPTQ_DEPTH: ("accept_queue_depth", "connections", 1),
+    L.H_SYNQ_DEPTH: ("syn_queue_depth", "connections", 1),
+}
+TRACEPOINT_HOOKS = [
+    "tracepoint:sock:sk_data_ready",
+    "tracepoint:sock:inet_sock_set_state",
+    "tracepoint:syscalls:sys_exit_accept4",
+    "tracepoint:syscalls:sys_exit_accept",
+    "tracepoint:sock:sock_recv_length",
+    "tracepoint:tcp:tcp_retransmit_synack",
+]
+
+
+def import_bcc() -> Any:
+    """Import BCC's Python module or raise a UserError saying how to get it."""
+    global _bcc
+    if _bcc is None:
+        try:
+            import bcc  # noqa: PLC0415 - the one place bcc is imported
+        except ImportError as exc:
+            raise UserError(
+                "BCC's Python module is not importable "
+                f"({exc}); install Debian's python3-bpfcc and run acceptrace with "
+                "/usr/bin/python3 or a venv made with --system-site-packages (make setup)"
+            ) from exc
+        _bcc = bcc
+    return _bcc
+
+
+def bcc_version() -> str | None:
+    try:
+        return str(import_bcc().__version__)
+    except UserError:
+        return None
+
+
+class _CaptureFd2:
+    """Send fd 2 (where libbcc prints compiler diagnostics) to a temp file."""
+
+    def __enter__(self) -> _CaptureFd2:
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        self.file = tempfile.TemporaryFile(mode="w+")
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+
+    def first_error(self) -> str | None:
+        self.file.seek(0)
+        lines = [ln.strip() for ln in self.file.read().splitlines() if "error" in ln.lower()]
+        return lines[0] if lines else None
+
+
+def _compile(src_name: str, flags: list[str]) -> Any:
+    """Compile bpf/<src_name> (shipped in the package) with BCC and load it."""
+    bcc = import_bcc()
+    res = importlib.resources.files("acceptrace.bpf")
+    with importlib.resources.as_file(res / src_name) as src, _CaptureFd2() as cap:
+        src_path = Path(src)
+        try:
+            return bcc.BPF(src_file=str(src_path).encode(), cflags=[f"-I{src_path.parent}", *flags])
+        except Exception as exc:  # bcc raises plain Exception
+            detail = cap.first_error() or str(exc)
+    raise UserError(f"BPF program {src_name} failed to load: {detail}")
+
+
+class TracepointBackend:
+    """The tracepoint-only backend (bpf/tracepoint.bpf.c)."""
+
+    name = "tracepoint"
+
+    def __init__(
+        self,
+        port: int,
+        defines: dict[str, int],
+        *,
+        ack_overflow_observable: bool,
+        conn_max: int = 65536,
+        ringbuf_pages: int = 64,
+        notes: list[str] | None = None,
+    ) -> None:
+        if not 1 <= port <= 65535:
+            raise ValueError(f"port out of range: {port}")
+        all_defines = dict(defines)
+        all_defines.update(
+            {"AT_PORT": port, "AT_CONN_MAX": conn_max, "AT_RINGBUF_PAGES": ringbuf_pages}
+        )
+        self.port = port
+        self.notes = list(notes or [])
+        self.ack_overflow_observable = ack_overflow_observable
+        self.hooks = list(TRACEPOINT_HOOKS)
+        if ack_overflow_observable:
+            self.hooks.append("tracepoint:skb:kfree_skb")
+        self._pending: list[ConnRecord] = []
+        self._ncpu = len(import_bcc().utils.get_online_cpus())
+        self.bpf = _compile("tracepoint.bpf.c", cflags(all_defines))
+        try:
+            self._hists = self.bpf.get_table("hists")
+            self._counters = self.bpf.get_table("counters")
+            self._procs = self.bpf.get_table("procs")
+            self._listeners = self.bpf.get_table("listeners")
+            self._sample_min = self.bpf.get_table("sample_min")
+            self.bpf["samples"].open_ring_buffer(self._on_sample)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- ring buffer -------------------------------------------------------------
+    def _on_sample(self, _ctx: Any, data: Any, _size: int) -> None:
+        s = ct.cast(data, ct.POINTER(L.AtSample)).contents
+        c = s.conn
+
+        def ts(v: int) -> int | None:
+            return int(v) or None
+
+        self._pending.append(
+            ConnRecord(
+                family=int(c.family),
+                saddr=L.format_addr(c.family, bytes(c.saddr)),
+                sport=int(c.sport),
+                daddr=L.format_addr(c.family, bytes(c.daddr)),
+                dport=int(c.dport),
+                pid=int(c.pid) or None,
+                comm=c.comm.decode(errors="replace") or None,
+                syncookie=bool(c.syncookie),
+                synack_retransmits=int(c.synack_retrans),
+                syn_ns=ts(c.syn_ns),
+                queued_ns=ts(c.queued_ns),
+                accepted_ns=ts(c.accepted_ns),
+                first_read_ns=ts(c.first_read_ns),
+            )
+        )
+
+    def poll(self, timeout_ms: int) -> list[ConnRecord]:
+        self.bpf.ring_buffer_poll(timeout_ms)
+        out, self._pending = self._pending, []
+        return out
+
+    def set_sample_threshold(self, total_ns: int) -> None:
+        self._sample_min[ct.c_int(0)] = ct.c_uint64(max(0, int(total_ns)))
+
+    # -- maps ------------------------------------------------------------------------
+    def _read_hist(self, hid: int, unit: str, scale: int) -> Histogram:
+        percpu = self._hists[ct.c_int(hid)]
+        count = total = 0
+        lo: int | None = None
+        hi = 0
+        buckets = [0] * NBUCKETS
+        for h in percpu:
+            if not h.count:
+                continue
+            count += h.count
+            total += h.sum
+            lo = h.min if lo is None else min(lo, h.min)
+            hi = max(hi, h.max)
+            hb = h.buckets
+            for i in range(NBUCKETS):
+                if hb[i]:
+                    buckets[i] += hb[i]
+        return Histogram.from_kernel(unit, count, total, lo or 0, hi, buckets, scale)
+
+    def snapshot(self) -> KernelSnapshot:
+        snap = KernelSnapshot()
+        for hid, (name, unit, scale) in HIST_NAMES.items():
+            snap.hists[name] = self._read_hist(hid, unit, scale)
+        for cid, name in COUNTER_NAMES.items():
+            snap.counters[name] = int(sum(self._counters[ct.c_int(cid)]))
+        for k, v in self._procs.items():
+            snap.procs.append(
+                ProcSnapshot(int(k.value), v.comm.decode(errors="replace"), int(v.accepted))
+            )
+        for k, v in self._listeners.items():
+            snap.listeners.append(
+                ListenerSnapshot(
+                    int(k.value), int(v.family), int(v.port), int(v.max_backlog), int(v.max_depth)
+                )
+            )
+        return snap
+
+    def close(self) -> None:
+        bpf = getattr(self, "bpf", None)
+        if bpf is not None:
+            bpf.cleanup()
+            self.bpf = None
+
+
+def try_load_kprobe() -> tuple[bool, str]:
+    """Can this kernel run a kprobe program?  Tries to attach one, then detaches."""
+    bcc = import_bcc()
+    try:
+        b = bcc.BPF(text=b"int probe(void *ctx) { return 0; }")
+    except Exception as exc:
+        return False, f"cannot compile a test program: {exc}"
+    try:
+        b.attach_kprobe(event=b"tcp_conn_request", fn_name=b"probe")
+        return True, "a kprobe on tcp_conn_request attached"
+    except Exception as exc:
+        return False, f"kprobe attach failed ({str(exc).strip() or type(exc).__name__})"
+    finally:
+        b.cleanup()
+
+
+def try_load_fentry() -> tuple[bool, str]:
+    """Can this kernel load an fentry program?  Loads one on tcp_conn_request."""
+    bcc = import_bcc()
+    if not bcc.BPF.support_kfunc():
+        return False, "BCC or the kernel lacks fentry (BPF trampoline) support"
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            b = bcc.BPF(text=b"KFUNC_PROBE(tcp_conn_request) { return 0; }")
+        b.cleanup()
+        return True, "an fentry program on tcp_conn_request loaded"
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return False, f"fentry program refused ({msg})"
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -1,0 +1,248 @@
+"""What the running kernel offers, and the -D defines the BPF programs need.
+
+Every struct offset and enum value the BPF C dereferences comes from the
+kernel's BTF here (never from header layouts: the header tree BCC compiles
+against may be another kernel's).  Tracepoint fields are feature-checked in
+tracefs.  Nothing in this module imports bcc.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .btf import BTF, BTFError
+from .errors import UserError
+
+BTF_PATH_ENV = "ACCEPTRACE_BTF"
+DEFAULT_BTF = "/sys/kernel/btf/vmlinux"
+TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+
+# define name -> (struct, dotted member path): byte offsets the C reads at.
+OFFSETS: dict[str, tuple[str, str]] = {
+    "AT_OFF_SK_STATE": ("sock", "__sk_common.skc_state"),
+    "AT_OFF_SK_NUM": ("sock", "__sk_common.skc_num"),
+    "AT_OFF_SK_FAMILY": ("sock", "__sk_common.skc_family"),
+    "AT_OFF_SK_DPORT": ("sock", "__sk_common.skc_dport"),
+    "AT_OFF_SK_DADDR": ("sock", "__sk_common.skc_daddr"),
+    "AT_OFF_SK_RCV_SADDR": ("sock", "__sk_common.skc_rcv_saddr"),
+    "AT_OFF_SK_ACK_BACKLOG": ("sock", "sk_ack_backlog"),
+    "AT_OFF_SK_MAX_ACK_BACKLOG": ("sock", "sk_max_ack_backlog"),
+    "AT_OFF_ICSK_ACCEPTQ_TAIL": ("inet_connection_sock", "icsk_accept_queue.rskq_accept_tail"),
+    "AT_OFF_ICSK_ACCEPTQ_QLEN": ("inet_connection_sock", "icsk_accept_queue.qlen"),
+    "AT_OFF_REQ_SK": ("request_sock", "sk"),
+    "AT_OFF_REQ_NUM_RETRANS": ("request_sock", "num_retrans"),
+    "AT_OFF_TREQ_SNT_SYNACK": ("tcp_request_sock", "snt_synack"),
+    "AT_OFF_TASK_FILES": ("task_struct", "files"),
+    "AT_OFF_FILES_FDT": ("files_struct", "fdt"),
+    "AT_OFF_FDT_FD": ("fdtable", "fd"),
+    "AT_OFF_FDT_MAX_FDS": ("fdtable", "max_fds"),
+    "AT_OFF_FILE_PRIVATE_DATA": ("file", "private_data"),
+    "AT_OFF_SOCKET_SK": ("socket", "sk"),
+}
+# Offsets used when the kernel has them (IPv6 off, or sk_protocol a bitfield
+# before 5.6): the C compiles the check out when the define is absent.
+OPTIONAL_OFFSETS: dict[str, tuple[str, str]] = {
+    "AT_OFF_SK_V6_DADDR": ("sock", "__sk_common.skc_v6_daddr"),
+    "AT_OFF_SK_V6_RCV_SADDR": ("sock", "__sk_common.skc_v6_rcv_saddr"),
+    "AT_OFF_SK_PROTOCOL": ("sock", "sk_protocol"),
+}
+# The C reads these with a fixed width: the BTF member size must match.
+EXPECTED_SIZES: dict[str, int] = {
+    "AT_OFF_SK_STATE": 1,
+    "AT_OFF_SK_NUM": 2,
+    "AT_OFF_SK_FAMILY": 2,
+    "AT_OFF_SK_DPORT": 2,
+    "AT_OFF_SK_DADDR": 4,
+    "AT_OFF_SK_RCV_SADDR": 4,
+    "AT_OFF_SK_ACK_BACKLOG": 4,
+    "AT_OFF_SK_MAX_ACK_BACKLOG": 4,
+    "AT_OFF_ICSK_ACCEPTQ_TAIL": 8,
+    "AT_OFF_ICSK_ACCEPTQ_QLEN": 4,
+    "AT_OFF_REQ_SK": 8,
+    "AT_OFF_REQ_NUM_RETRANS": 1,
+    "AT_OFF_TREQ_SNT_SYNACK": 8,
+    "AT_OFF_TASK_FILES": 8,
+    "AT_OFF_FILES_FDT": 8,
+    "AT_OFF_FDT_FD": 8,
+    "AT_OFF_FDT_MAX_FDS": 4,
+    "AT_OFF_FILE_PRIVATE_DATA": 8,
+    "AT_OFF_SOCKET_SK": 8,
+    "AT_OFF_SK_V6_DADDR": 16,
+    "AT_OFF_SK_V6_RCV_SADDR": 16,
+    "AT_OFF_SK_PROTOCOL": 2,
+}
+ENUMS: dict[str, str] = {
+    "AT_TCP_LISTEN": "TCP_LISTEN",
+    "AT_TCP_ESTABLISHED": "TCP_ESTABLISHED",
+    "AT_TCP_SYN_RECV": "TCP_SYN_RECV",
+    "AT_TCP_CLOSE": "TCP_CLOSE",
+}
+OPTIONAL_ENUMS: dict[str, str] = {
+    "AT_DROP_REASON_LISTEN_OVERFLOW": "SKB_DROP_REASON_TCP_LISTEN_OVERFLOW",
+}
+
+# Tracepoints the tracepoint backend attaches (category, name) and needs.
+TRACEPOINTS_REQUIRED: tuple[tuple[str, str], ...] = (
+    ("sock", "sk_data_ready"),
+    ("sock", "inet_sock_set_state"),
+    ("sock", "sock_recv_length"),
+    ("syscalls", "sys_exit_accept4"),
+    ("syscalls", "sys_exit_accept"),
+    ("tcp", "tcp_retransmit_synack"),
+)
+TRACEPOINTS_OPTIONAL: tuple[tuple[str, str], ...] = (("skb", "kfree_skb"),)
+
+
+def btf_path() -> Path:
+    return Path(os.environ.get(BTF_PATH_ENV, DEFAULT_BTF))
+
+
+def load_btf() -> BTF:
+    path = btf_path()
+    if not path.exists():
+        raise UserError(
+            f"no BTF at {path}: this kernel was built without CONFIG_DEBUG_INFO_BTF; "
+            "acceptrace needs BTF to find struct offsets"
+        )
+    try:
+        return BTF.load(path)
+    except (OSError, BTFError) as exc:
+        raise UserError(f"cannot read BTF from {path}: {exc}") from exc
+
+
+def find_tracefs() -> Path | None:
+    for cand in TRACEFS_CANDIDATES:
+        if Path(cand, "events").is_dir():
+            return Path(cand)
+    return None
+
+
+def ensure_tracefs() -> tuple[Path, bool]:
+    """Return tracefs, mounting it at /sys/kernel/tracing if needed (root only).
+
+    The bool says whether this call mounted it.
+    """
+    found = find_tracefs()
+    if found:
+        return found, False
+    target = TRACEFS_CANDIDATES[0]
+    proc = subprocess.run(
+        ["mount", "-t", "tracefs", "nodev", target], capture_output=True, text=True, check=False
+    )
+    found = find_tracefs()
+    if found:
+        return found, True
+    reason = (proc.stderr or proc.stdout).strip() or f"exit {proc.returncode}"
+    raise UserError(
+        f"tracefs is not mounted and mounting it failed ({reason}); "
+        f"run: mount -t tracefs nodev {target}"
+    )
+
+
+def tracepoint_fields(tracefs: Path, category: str, name: str) -> dict[str, str] | None:
+    """Field name -> C type of a tracepoint, from its tracefs format; None if absent."""
+    fmt = tracefs / "events" / category / name / "format"
+    try:
+        text = fmt.read_text()
+    except OSError:
+        return None
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("field:"):
+            continue
+        decl = line.split(";", 1)[0][len("field:") :].strip()
+        if "[" in decl:
+            decl = decl[: decl.index("[")]
+        ctype, _, fname = decl.rpartition(" ")
+        fname = fname.lstrip("*")
+        if fname.startswith("common_"):
+            continue
+        fields[fname] = ctype.strip()
+    return fields
+
+
+@dataclass
+class KernelFeatures:
+    """BTF- and tracefs-derived facts, and the defines for the C."""
+
+    release: str
+    defines: dict[str, int] = field(default_factory=dict)
+    missing_tracepoints: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    ack_overflow_observable: bool = False
+
+
+def resolve_offsets(btf: BTF) -> tuple[dict[str, int], list[str]]:
+    """BTF offsets and enum values as defines; raise UserError for a required one."""
+    defines: dict[str, int] = {}
+    notes: list[str] = []
+    for table, required in ((OFFSETS, True), (OPTIONAL_OFFSETS, False)):
+        for define, (struct, path) in table.items():
+            try:
+                off = btf.member_offset(struct, path)
+                size = btf.member_size(struct, path)
+            except BTFError as exc:
+                if required:
+                    raise UserError(f"this kernel's BTF lacks {struct}.{path}: {exc}") from exc
+                notes.append(f"{struct}.{path} not in BTF: its check is compiled out")
+                continue
+            want = EXPECTED_SIZES.get(define)
+            if want is not None and size != want:
+                if required:
+                    raise UserError(
+                        f"{struct}.{path} is {size} bytes in this kernel's BTF, expected {want}"
+                    )
+                notes.append(f"{struct}.{path} is {size} bytes, not {want}: check compiled out")
+                continue
+            defines[define] = off
+    for table, required in ((ENUMS, True), (OPTIONAL_ENUMS, False)):
+        for define, name in table.items():
+            if btf.has_enum_value(name):
+                defines[define] = btf.enum_value(name)
+            elif required:
+                raise UserError(f"this kernel's BTF has no enum value {name}")
+            else:
+                notes.append(f"{name} not in this kernel's BTF")
+    return defines, notes
+
+
+def probe_features(btf: BTF, tracefs: Path) -> KernelFeatures:
+    feats = KernelFeatures(release=platform.release())
+    feats.defines, feats.notes = resolve_offsets(btf)
+    for cat, name in TRACEPOINTS_REQUIRED:
+        if tracepoint_fields(tracefs, cat, name) is None:
+            feats.missing_tracepoints.append(f"{cat}:{name}")
+    kfree = tracepoint_fields(tracefs, "skb", "kfree_skb")
+    if kfree is not None and "reason" in kfree:
+        feats.defines["AT_HAVE_KFREE_SKB_REASON"] = 1
+        if "rx_sk" in kfree:
+            feats.defines["AT_HAVE_KFREE_SKB_RX_SK"] = 1
+    feats.ack_overflow_observable = all(
+        k in feats.defines
+        for k in (
+            "AT_HAVE_KFREE_SKB_REASON",
+            "AT_HAVE_KFREE_SKB_RX_SK",
+            "AT_DROP_REASON_LISTEN_OVERFLOW",
+        )
+    )
+    if not feats.ack_overflow_observable:
+        feats.notes.append(
+            "skb:kfree_skb has no TCP_LISTEN_OVERFLOW reason with rx_sk here (Linux 6.15+): "
+            "final-ACK overflows cannot be told apart, so ack_dropped and syn_dropped are null"
+        )
+    return feats
+
+
+def cflags(defines: dict[str, int]) -> list[str]:
+    """-D flags; values are ints only, so no user string ever reaches the C."""
+    out = []
+    for name, value in sorted(defines.items()):
+        if not name.isidentifier() or not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"refusing define {name}={value!r}")
+        out.append(f"-D{name}={value}")
+    return out

@@ -1,0 +1,105 @@
+"""ctypes mirrors of the structs and ids in bpf/acceptrace.h.
+
+tests/test_layout.py compiles the header with the C compiler and checks that
+every size and offset here agrees with it.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+
+from .hist import NBUCKETS
+
+AF_INET = 2
+AF_INET6 = 10
+
+# enum at_hist_id
+H_HANDSHAKE = 0
+H_ACCEPT_QUEUE = 1
+H_SYN_TO_ACCEPT = 2
+H_ACCEPT_TO_READ = 3
+H_ACCEPTQ_DEPTH = 4
+H_SYNQ_DEPTH = 5
+H_COUNT = 6
+# Histogram id -> (stage name, unit, scale from the raw kernel unit).
+HIST_STAGES: dict[int, str] = {
+    H_HANDSHAKE: "handshake",
+    H_ACCEPT_QUEUE: "accept_queue",
+    H_SYN_TO_ACCEPT: "syn_to_accept",
+    H_ACCEPT_TO_READ: "accept_to_read",
+}
+
+# enum at_counter_id
+C_QUEUED = 0
+C_SYN_TIMED = 1
+C_SYNCOOKIE = 2
+C_ACCEPTED = 3
+C_READ = 4
+C_SYNACK_RETRANS = 5
+C_ACK_OVERFLOW = 6
+C_LOST_EVENTS = 7
+C_ACCEPT_UNTRACKED = 8
+C_QUEUE_MISSED = 9
+C_COUNT = 10
+
+SAMPLE_READ = 1
+SAMPLE_CLOSE = 2
+
+
+class AtHist(ct.Structure):
+    _fields_ = [
+        ("count", ct.c_uint64),
+        ("sum", ct.c_uint64),
+        ("min", ct.c_uint64),
+        ("max", ct.c_uint64),
+        ("buckets", ct.c_uint64 * NBUCKETS),
+    ]
+
+
+class AtConn(ct.Structure):
+    _fields_ = [
+        ("syn_ns", ct.c_uint64),
+        ("queued_ns", ct.c_uint64),
+        ("accepted_ns", ct.c_uint64),
+        ("first_read_ns", ct.c_uint64),
+        ("pid", ct.c_uint32),
+        ("family", ct.c_uint16),
+        ("sport", ct.c_uint16),
+        ("dport", ct.c_uint16),
+        ("syncookie", ct.c_uint8),
+        ("synack_retrans", ct.c_uint8),
+        ("saddr", ct.c_uint8 * 16),
+        ("daddr", ct.c_uint8 * 16),
+        ("comm", ct.c_char * 16),
+    ]
+
+
+class AtSample(ct.Structure):
+    _fields_ = [("conn", AtConn), ("reason", ct.c_uint64)]
+
+
+class AtProc(ct.Structure):
+    _fields_ = [("accepted", ct.c_uint64), ("comm", ct.c_char * 16)]
+
+
+class AtListener(ct.Structure):
+    _fields_ = [
+        ("last_ns", ct.c_uint64),
+        ("max_backlog", ct.c_uint32),
+        ("max_depth", ct.c_uint32),
+        ("family", ct.c_uint16),
+        ("port", ct.c_uint16),
+        ("pad", ct.c_uint32),
+    ]
+
+
+def format_addr(family: int, raw: bytes) -> str:
+    if family == AF_INET6:
+        addr = ipaddress.IPv6Address(bytes(raw[:16]))
+        return str(addr.ipv4_mapped or addr)
+    return str(ipaddress.IPv4Address(bytes(raw[:4])))
+
+
+def family_name(family: int) -> str:
+    return "ipv6" if family == AF_INET6 else "ipv4"
