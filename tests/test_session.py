@@ -1,0 +1,140 @@
+"""Session logic with a fake backend (no root): deltas, drops, slowest, nulls."""
+
+from __future__ import annotations
+
+from acceptrace import session as S
+from acceptrace.backend import ConnRecord, KernelSnapshot, ListenerSnapshot, ProcSnapshot
+from acceptrace.hist import Histogram
+from acceptrace.procnet import ListenerStats
+
+
+class FakeBackend:
+    name = "tracepoint"
+    hooks = ["tracepoint:sock:sk_data_ready"]
+    notes: list[str] = []
+
+    def __init__(self, observable: bool = True) -> None:
+        self.ack_overflow_observable = observable
+        self.snaps: list[KernelSnapshot] = []
+        self.records: list[list[ConnRecord]] = []
+        self.thresholds: list[int] = []
+
+    def snapshot(self) -> KernelSnapshot:
+        return self.snaps.pop(0)
+
+    def poll(self, timeout_ms: int) -> list[ConnRecord]:
+        return self.records.pop(0) if self.records else []
+
+    def set_sample_threshold(self, total_ns: int) -> None:
+        self.thresholds.append(total_ns)
+
+    def close(self) -> None:
+        pass
+
+
+def snap(queued: int, accepted: int, ack: int, waits_us: list[int]) -> KernelSnapshot:
+    h = Histogram.empty("us")
+    for w in waits_us:
+        h.add(w)
+    depth = Histogram.empty("connections")
+    for d in range(1, queued + 1):
+        depth.add(min(d, 3))
+    return KernelSnapshot(
+        hists={"accept_queue": h, "accept_queue_depth": depth},
+        counters={"queued": queued, "accepted": accepted, "ack_overflow": ack, "syn_timed": queued},
+        procs=[ProcSnapshot(42, "server", accepted)],
+        listeners=[ListenerSnapshot(1, 2, 8000, 2, 3)],
+    )
+
+
+def rec(syn: int | None, queued: int, accepted: int, read: int | None = None) -> ConnRecord:
+    return ConnRecord(2, "127.0.0.1", 40000, "127.0.0.1", 8000, 42, "server", syn is None, 0,
+                      syn, queued, accepted, read)
+
+
+def make_session(monkeypatch, backend, drops: list[int],
+                 overflows: list[int] | None = None) -> S.Session:
+    seq = iter(drops)
+    lo = iter(overflows or [0] * len(drops))
+
+    def fake_listener_drops(port):
+        return {7: ListenerStats(family="ipv4", address="127.0.0.1", port=port, inode=7,
+                                 drops=next(seq), recv_q=0, send_q=2)}
+
+    monkeypatch.setattr(S.procnet, "listener_drops", fake_listener_drops)
+    monkeypatch.setattr(S.procnet, "net_netstat", lambda: {"TcpExtListenOverflows": next(lo)})
+    clock = iter([0.0, 0.0, 1.0, 2.0, 2.0, 2.0])
+    sess = S.Session(backend, 8000, 1.0, slowest_n=2, clock=lambda: next(clock))
+    sess.start()
+    return sess
+
+
+def test_intervals_and_drop_split(monkeypatch):
+    be = FakeBackend()
+    be.snaps = [snap(3, 1, 1, [100, 200]), snap(5, 4, 2, [100, 200, 300, 5000])]
+    sess = make_session(monkeypatch, be, drops=[10, 15, 22], overflows=[100, 104, 110])
+    iv1 = sess.tick()
+    iv2 = sess.tick()
+    assert (iv1.queued, iv1.accepted) == (3, 1)
+    assert (iv2.queued, iv2.accepted) == (2, 3)
+    # sk_drops +5 with 1 ACK overflow: 3 SYNs + 1 ACK; then +7 with 1 more: 5 + 1.
+    assert iv1.listen_overflow == 4
+    assert iv2.listen_overflow == 6
+    assert iv2.stages["accept_queue"]["count"] == 2
+    run = sess.build_run()
+    assert run.drops["ack_dropped"] == 2
+    assert run.drops["syn_dropped"] == 12 - 2 * 2
+    assert run.drops["listen_overflow"] == 8 + 2
+    assert run.kernel_counters == {"TcpExtListenOverflows": 10}
+    assert run.connections["accepted"] == 4
+    assert run.queues.backlog == 2
+    assert run.processes[0].pid == 42
+
+
+def test_syn_drops_take_the_tighter_kernel_bound(monkeypatch):
+    """sk_drops also counts e.g. RSTs to requests; ListenOverflows other ports'
+    overflows: the smaller of the two upper bounds is used, interval by interval."""
+    be = FakeBackend()
+    be.snaps = [snap(3, 1, 1, [100]), snap(3, 1, 1, [100])]
+    # interval 1: 2 RSTs inflate sk_drops (5 = 2*1 ack + 1 syn + 2 rst), LO = 1 ack + 1 syn
+    # interval 2: another port overflows 7 times; our sk_drops unchanged
+    sess = make_session(monkeypatch, be, drops=[0, 5, 5], overflows=[0, 2, 9])
+    assert sess.tick().listen_overflow == 2
+    assert sess.tick().listen_overflow == 0
+    run = sess.build_run()
+    assert run.drops["syn_dropped"] == 1  # 1 + 0, not min(5 - 2, 9 - 1) over the run
+    assert run.drops["listen_overflow"] == 2
+
+
+def test_unobservable_split_is_null(monkeypatch):
+    be = FakeBackend(observable=False)
+    be.snaps = [snap(3, 1, 0, [100])]
+    sess = make_session(monkeypatch, be, drops=[0, 4])
+    iv = sess.tick()
+    assert iv.listen_overflow is None
+    run = sess.build_run()
+    assert run.drops["syn_dropped"] is None
+    assert run.drops["ack_dropped"] is None
+    assert run.drops["listen_overflow"] is None
+    assert run.drops["lost_events"] == 0
+
+
+def test_slowest_keeps_the_n_slowest_and_raises_threshold(monkeypatch):
+    be = FakeBackend()
+    sess = make_session(monkeypatch, be, drops=[0])
+    sess.add_records([rec(1000, 2000, 10_000), rec(1000, 2000, 5_000)])
+    assert be.thresholds[-1] == 4_000 + 1  # list full: only slower than 4 us from now
+    sess.add_records([rec(None, 2000, 100_000, 100_500), rec(1000, 2000, 3_000)])
+    out = sess.slowest.records()
+    assert [S.record_total_ns(r) for r in out] == [98_500, 9_000]
+    assert be.thresholds[-1] == 9_001
+    sample = S.record_to_sample(out[0])
+    assert sample.handshake_us is None and sample.syn_to_accept_us is None
+    assert sample.accept_queue_us == 98.0 and sample.accept_to_read_us == 0.5
+    assert sample.syncookie is True
+
+
+def test_span_rejects_unordered():
+    assert S.span(10, 5) is None
+    assert S.span(None, 5) is None
+    assert S.span(5, 10) == 5

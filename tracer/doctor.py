@@ -1,0 +1,153 @@
+"""`acceptrace doctor`: what this kernel offers, found by trying."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from . import headers, kernel
+from .errors import UserError
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+STYLE = {OK: "green", WARN: "yellow", FAIL: "red"}
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+
+
+def kconfig(option: str) -> str | None:
+    """Value of a kernel config option from /proc/config.gz or /boot; None if unknown."""
+    sources = [Path("/proc/config.gz"), Path(f"/boot/config-{platform.release()}")]
+    for src in sources:
+        try:
+            raw = gzip.decompress(src.read_bytes()) if src.suffix == ".gz" else src.read_bytes()
+        except OSError:
+            continue
+        for line in raw.decode(errors="replace").splitlines():
+            if line.startswith(f"{option}="):
+                return line.split("=", 1)[1]
+            if line == f"# {option} is not set":
+                return "n"
+        return "n"
+    return None
+
+
+def gather() -> tuple[list[Check], bool, str]:
+    """Run every check; return them, whether tracing can work, and the backend line."""
+    checks: list[Check] = []
+    add = checks.append
+    add(Check("kernel", OK, f"{platform.release()} ({platform.machine()})"))
+    root = os.geteuid() == 0
+    add(Check("root", OK if root else FAIL, "yes" if root else "no: run doctor with sudo"))
+
+    from .bpfloader import bcc_version  # noqa: PLC0415
+
+    ver = bcc_version()
+    add(Check("BCC", OK if ver else FAIL, ver or "python module not importable (make setup)"))
+
+    btf = None
+    try:
+        btf = kernel.load_btf()
+        add(Check("BTF", OK, str(kernel.btf_path())))
+    except UserError as exc:
+        add(Check("BTF", FAIL, str(exc)))
+
+    tracefs = kernel.find_tracefs()
+    if tracefs is None and root:
+        try:
+            tracefs, _ = kernel.ensure_tracefs()
+            add(Check("tracefs", OK, f"{tracefs} (was not mounted: mounted it)"))
+        except UserError as exc:
+            add(Check("tracefs", FAIL, str(exc)))
+    elif tracefs is None:
+        add(Check("tracefs", FAIL, "not mounted (acceptrace mounts it when run as root)"))
+    else:
+        add(Check("tracefs", OK, str(tracefs)))
+
+    feats = None
+    if btf is not None and tracefs is not None:
+        try:
+            feats = kernel.probe_features(btf, tracefs)
+            add(Check("BTF offsets", OK, f"{len(feats.defines)} offsets/enum values resolved"))
+        except UserError as exc:
+            add(Check("BTF offsets", FAIL, str(exc)))
+        for cat, name in (*kernel.TRACEPOINTS_REQUIRED, *kernel.TRACEPOINTS_OPTIONAL):
+            present = kernel.tracepoint_fields(tracefs, cat, name) is not None
+            required = (cat, name) in kernel.TRACEPOINTS_REQUIRED
+            status = OK if present else (FAIL if required else WARN)
+            add(Check(f"tracepoint {cat}:{name}", status, "present" if present else "absent"))
+        if feats is not None:
+            add(Check(
+                "ACK overflow drops",
+                OK if feats.ack_overflow_observable else WARN,
+                "kfree_skb reason TCP_LISTEN_OVERFLOW with rx_sk"
+                if feats.ack_overflow_observable
+                else "not observable on this kernel (syn/ack drop split is null)",
+            ))
+
+    tree = None
+    try:
+        tree = headers.find_header_tree()
+        add(Check("header tree", OK, tree.description))
+    except UserError as exc:
+        add(Check("header tree", FAIL, str(exc)))
+
+    kp_cfg = kconfig("CONFIG_KPROBES")
+    can_try = root and ver is not None and tree is not None
+    if can_try:
+        assert tree is not None
+        headers.activate(tree)
+        from .bpfloader import try_load_fentry, try_load_kprobe  # noqa: PLC0415
+
+        ok, why = try_load_kprobe()
+        add(Check("kprobes", OK if ok else WARN,
+                  why + (f"; CONFIG_KPROBES={kp_cfg}" if kp_cfg else "")))
+        ok, why = try_load_fentry()
+        add(Check("fentry", OK if ok else WARN, why))
+    else:
+        add(Check("kprobes", WARN, f"not tried (needs root and BCC); CONFIG_KPROBES={kp_cfg}"))
+        add(Check("fentry", WARN, "not tried (needs root and BCC)"))
+
+    works = False
+    if can_try and feats is not None and not feats.missing_tracepoints:
+        from .bpfloader import TracepointBackend  # noqa: PLC0415
+
+        try:
+            TracepointBackend(
+                1, feats.defines, ack_overflow_observable=feats.ack_overflow_observable
+            ).close()
+            works = True
+            add(Check("tracepoint backend", OK, "compiled, loaded and attached, then detached"))
+        except UserError as exc:
+            add(Check("tracepoint backend", FAIL, str(exc)))
+    if works:
+        backend = (
+            "tracepoint: the only backend of this version; it needs no kprobes or fentry "
+            "(fentry/kprobe backends, which also see dropped SYNs, are planned)"
+        )
+    else:
+        backend = "none: fix the failed checks above"
+    return checks, works, backend
+
+
+def run_doctor(out: Console) -> int:
+    checks, works, backend = gather()
+    table = Table(title="acceptrace doctor", show_header=True, header_style="bold")
+    table.add_column("check")
+    table.add_column("", width=4)
+    table.add_column("detail", overflow="fold")
+    for c in checks:
+        table.add_row(c.name, f"[{STYLE[c.status]}]{c.status}[/]", c.detail)
+    out.print(table)
+    out.print(f"[bold]backend:[/] {backend}")
+    return 0 if works else 1

@@ -1,0 +1,254 @@
+"""The data model of one run (schema ``acceptrace/v1``), separate from any renderer.
+
+``Run.to_json()``/``Run.from_json()`` round-trip exactly; docs/schema.md
+documents every field.  ``None`` (JSON null) always means "this backend
+cannot observe it", never zero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .hist import Histogram
+
+SCHEMA = "acceptrace/v1"
+STAGES: tuple[str, ...] = ("handshake", "accept_queue", "syn_to_accept", "accept_to_read")
+CONNECTION_KEYS = ("syn", "queued", "accepted", "read")
+DROP_KEYS = (
+    "listen_overflow", "syn_dropped", "ack_dropped", "synack_retransmits", "syncookies",
+    "lost_events",
+)
+
+
+def _hist_json(h: Histogram | None) -> dict | None:
+    return None if h is None else h.to_json()
+
+
+def _hist_from(d: Any) -> Histogram | None:
+    return None if d is None else Histogram.from_json(d)
+
+
+def _opt_int(v: Any, what: str) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{what} must be an integer or null, not {v!r}")
+    return v
+
+
+@dataclass
+class Meta:
+    port: int
+    backend: str
+    kernel: str = ""
+    started: str = ""
+    duration_s: float = 0.0
+    version: str = ""
+    hostname: str = ""
+    interval_s: float = 1.0
+    hooks: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> Meta:
+        known = {f.name for f in fields(cls)}
+        try:
+            m = cls(**{k: v for k, v in d.items() if k in known})
+        except TypeError as exc:
+            raise ValueError(f"meta: {exc}") from exc
+        if not isinstance(m.port, int) or not 0 <= m.port <= 65535:
+            raise ValueError(f"meta.port must be a port number, not {m.port!r}")
+        return m
+
+
+@dataclass
+class Listener:
+    family: str
+    address: str
+    port: int
+    backlog: int | None = None
+    max_depth: int | None = None
+
+
+@dataclass
+class Queues:
+    backlog: int | None = None
+    accept_queue_depth: Histogram | None = None
+    syn_queue_depth: Histogram | None = None
+    listeners: list[Listener] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "backlog": self.backlog,
+            "accept_queue_depth": _hist_json(self.accept_queue_depth),
+            "syn_queue_depth": _hist_json(self.syn_queue_depth),
+            "listeners": [asdict(lst) for lst in self.listeners],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> Queues:
+        return cls(
+            backlog=_opt_int(d.get("backlog"), "queues.backlog"),
+            accept_queue_depth=_hist_from(d.get("accept_queue_depth")),
+            syn_queue_depth=_hist_from(d.get("syn_queue_depth")),
+            listeners=[Listener(**x) for x in d.get("listeners", [])],
+        )
+
+
+@dataclass
+class ProcessCount:
+    pid: int
+    comm: str
+    accepted: int
+
+
+@dataclass
+class Sample:
+    """One of the slowest connections; saddr/sport the client, daddr/dport the server."""
+
+    family: str
+    saddr: str
+    sport: int
+    daddr: str
+    dport: int
+    pid: int | None
+    comm: str | None
+    syncookie: bool
+    synack_retransmits: int
+    handshake_us: float | None
+    accept_queue_us: float | None
+    syn_to_accept_us: float | None
+    accept_to_read_us: float | None
+    total_us: float | None
+
+    @classmethod
+    def from_json(cls, d: dict) -> Sample:
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except TypeError as exc:
+            raise ValueError(f"slowest: {exc}") from exc
+
+
+@dataclass
+class Interval:
+    """Deltas over one --interval: counts, drops, and per-stage percentiles."""
+
+    t_s: float
+    duration_s: float
+    queued: int
+    accepted: int
+    read: int
+    listen_overflow: int | None
+    synack_retransmits: int
+    accept_queue_depth_max: int | None
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, d: dict) -> Interval:
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except TypeError as exc:
+            raise ValueError(f"intervals: {exc}") from exc
+
+
+@dataclass
+class Run:
+    meta: Meta
+    connections: dict[str, int | None] = field(
+        default_factory=lambda: dict.fromkeys(CONNECTION_KEYS, 0)
+    )
+    drops: dict[str, int | None] = field(default_factory=lambda: dict.fromkeys(DROP_KEYS, 0))
+    kernel_counters: dict[str, int] = field(default_factory=dict)
+    stages: dict[str, Histogram | None] = field(default_factory=dict)
+    queues: Queues = field(default_factory=Queues)
+    processes: list[ProcessCount] = field(default_factory=list)
+    slowest: list[Sample] = field(default_factory=list)
+    intervals: list[Interval] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def new(cls, port: int, backend: str) -> Run:
+        return cls(meta=Meta(port=port, backend=backend),
+                   stages={name: Histogram.empty("us") for name in STAGES})
+
+    def to_json(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "meta": self.meta.to_json(),
+            "connections": dict(self.connections),
+            "drops": dict(self.drops),
+            "kernel_counters": dict(self.kernel_counters),
+            "stages": {k: _hist_json(v) for k, v in self.stages.items()},
+            "queues": self.queues.to_json(),
+            "processes": [asdict(p) for p in self.processes],
+            "slowest": [asdict(s) for s in self.slowest],
+            "intervals": [asdict(i) for i in self.intervals],
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_json(cls, d: Any) -> Run:
+        if not isinstance(d, dict):
+            raise ValueError("the top level is not a JSON object")
+        if d.get("schema") != SCHEMA:
+            raise ValueError(f"schema is {d.get('schema')!r}, expected {SCHEMA!r}")
+        try:
+            run = cls(
+                meta=Meta.from_json(d["meta"]),
+                connections={k: _opt_int(v, f"connections.{k}")
+                             for k, v in d["connections"].items()},
+                drops={k: _opt_int(v, f"drops.{k}") for k, v in d["drops"].items()},
+                kernel_counters={k: int(v) for k, v in d.get("kernel_counters", {}).items()},
+                stages={k: _hist_from(v) for k, v in d["stages"].items()},
+                queues=Queues.from_json(d.get("queues", {})),
+                processes=[ProcessCount(**p) for p in d.get("processes", [])],
+                slowest=[Sample.from_json(s) for s in d.get("slowest", [])],
+                intervals=[Interval.from_json(i) for i in d.get("intervals", [])],
+                extra=dict(d.get("extra", {})),
+            )
+        except KeyError as exc:
+            raise ValueError(f"missing field {exc}") from exc
+        except (TypeError, AttributeError) as exc:
+            raise ValueError(f"malformed report: {exc}") from exc
+        return run
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2) + "\n"
+
+    @classmethod
+    def loads(cls, text: str) -> Run:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not JSON: {exc}") from exc
+        return cls.from_json(data)
+
+    def write_atomic(self, path: str | os.PathLike[str]) -> None:
+        """Write next to ``path`` and rename over it: readers never see half a file."""
+        path = Path(path)
+        text = self.dumps()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def read(cls, path: str | os.PathLike[str]) -> Run:
+        return cls.loads(Path(path).read_text())

@@ -1,0 +1,231 @@
+"""Renderers: take a Run (or one of its intervals) and return output; no I/O."""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime, timedelta
+
+from rich.console import Console, Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from .hist import Histogram
+from .model import Interval, Run, Sample
+
+STAGE_MEANING = {
+    "handshake": "SYN → queued (handshake, SYN queue)",
+    "accept_queue": "queued → accept() (accept queue)",
+    "syn_to_accept": "SYN → accept()",
+    "accept_to_read": "accept() → first read",
+}
+DROP_MEANING = {
+    "listen_overflow": "connections the accept queue had no room for (SYN or final ACK)",
+    "syn_dropped": "SYNs dropped by the listener, accept queue full: client retries in 1 s, 3 s…",
+    "ack_dropped": "final ACKs dropped, accept queue full: SYN-ACK is retransmitted",
+    "synack_retransmits": "SYN-ACKs sent again (the final ACK was lost or dropped)",
+    "syncookies": "connections that came through a syncookie (SYN queue full)",
+    "lost_events": "slow-connection samples lost (ring buffer full)",
+}
+COUNTER_FOR_DROP = {
+    "listen_overflow": "TcpExtListenOverflows",
+    "syn_dropped": "TcpExtListenDrops",
+    "syncookies": "TcpExtSyncookiesSent",
+}
+SHORT_STAGE = {"accept_to_read": "read"}
+
+
+def fmt_us(v: float | None) -> str:
+    """Microseconds, human-scaled: 840 µs, 12.3 ms, 1.02 s."""
+    if v is None:
+        return "n/a"
+    if v < 1000:
+        return f"{v:.0f} µs" if v >= 10 or v == int(v) else f"{v:.1f} µs"
+    if v < 1_000_000:
+        ms = v / 1000
+        return f"{ms:.1f} ms" if ms < 100 else f"{ms:.0f} ms"
+    return f"{v / 1e6:.2f} s"
+
+
+def fmt_compact_us(v: float | None) -> str:
+    return "n/a" if v is None else fmt_us(v).replace(" ", "")
+
+
+def fmt_count(v: int | None) -> str:
+    return "n/a" if v is None else f"{v:,}"
+
+
+def _stage_table(run: Run) -> Table:
+    t = Table(title="stages", title_justify="left", show_edge=False, pad_edge=False)
+    t.add_column("stage", no_wrap=True)
+    for col in ("count", "min", "p50", "p90", "p99", "p99.9", "max", "mean"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for name, h in run.stages.items():
+        if h is None:
+            t.add_row(name, "n/a", *(["n/a"] * 7))
+            continue
+        t.add_row(
+            name, fmt_count(h.count), fmt_us(h.min), fmt_us(h.percentile(0.5)),
+            fmt_us(h.percentile(0.9)), fmt_us(h.percentile(0.99)), fmt_us(h.percentile(0.999)),
+            fmt_us(h.max), fmt_us(h.mean),
+        )
+    return t
+
+
+def _depth(h: Histogram | None) -> str:
+    if h is None:
+        return "n/a"
+    if not h.count:
+        return "no enqueues"
+
+    def n(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.0f}"
+
+    return f"p50 {n(h.percentile(0.5))}  p99 {n(h.percentile(0.99))}  max {n(h.max)}"
+
+
+def _queues_table(run: Run) -> Table:
+    q = run.queues
+    t = Table(title="queues", title_justify="left", show_edge=False, show_header=False)
+    t.add_column("k")
+    t.add_column("v")
+    backlog = "n/a" if q.backlog is None else str(q.backlog)
+    full = ""
+    if q.backlog is not None and q.accept_queue_depth and q.accept_queue_depth.max is not None:
+        if q.accept_queue_depth.max > q.backlog:
+            full = "  [red]FULL: overflowed[/]"
+    t.add_row("backlog (accept-queue limit)", backlog)
+    t.add_row("accept-queue depth at enqueue", _depth(q.accept_queue_depth) + full)
+    t.add_row("SYN-queue length at enqueue", _depth(q.syn_queue_depth))
+    for lst in q.listeners:
+        addr = f"[{lst.address}]" if lst.family == "ipv6" else lst.address
+        t.add_row(f"listener {addr}:{lst.port}",
+                  f"backlog {lst.backlog if lst.backlog is not None else 'n/a'}")
+    return t
+
+
+def _drops_table(run: Run) -> Table:
+    t = Table(title="drops (this port; kernel counters: whole network namespace)",
+              title_justify="left", show_edge=False)
+    t.add_column("drop", no_wrap=True)
+    t.add_column("count", justify="right", no_wrap=True)
+    t.add_column("kernel Δ", no_wrap=True)
+    t.add_column("meaning", style="dim", ratio=1)
+    for name, v in run.drops.items():
+        counter = COUNTER_FOR_DROP.get(name)
+        kc = ""
+        if counter and counter in run.kernel_counters:
+            kc = f"{counter.removeprefix('TcpExt')} {run.kernel_counters[counter]:,}"
+        style = "red" if v and name != "synack_retransmits" else ""
+        t.add_row(name, Text(fmt_count(v), style=style), kc, DROP_MEANING.get(name, ""))
+    return t
+
+
+def _other_counters(run: Run) -> Text:
+    shown = set(COUNTER_FOR_DROP.values())
+    rest = [f"{k.removeprefix('TcpExt')} {v:,}" for k, v in run.kernel_counters.items()
+            if k not in shown]
+    return Text("other kernel counters Δ: " + ", ".join(rest), style="dim")
+
+
+def _procs_table(run: Run) -> Table:
+    t = Table(title="accepting processes", title_justify="left", show_edge=False)
+    t.add_column("pid", justify="right")
+    t.add_column("comm")
+    t.add_column("accepted", justify="right")
+    for p in run.processes[:20]:
+        t.add_row(str(p.pid), p.comm, f"{p.accepted:,}")
+    if not run.processes:
+        t.add_row("-", "(no accept() on this port)", "0")
+    return t
+
+
+def _addr(family: str, a: str, port: int) -> str:
+    return f"[{a}]:{port}" if family == "ipv6" else f"{a}:{port}"
+
+
+def _slowest_table(run: Run, limit: int = 10) -> Table:
+    t = Table(title="slowest connections", title_justify="left", show_edge=False)
+    for col in ("client", "pid", "handshake", "accept_q", "syn→acc", "acc→read", "total", "notes"):
+        t.add_column(col, justify="left" if col in ("client", "notes") else "right",
+                     no_wrap=col != "notes")
+    for s in run.slowest[:limit]:
+        notes = []
+        if s.syncookie:
+            notes.append("syncookie")
+        if s.synack_retransmits:
+            notes.append(f"{s.synack_retransmits} SYN-ACK rtx")
+        t.add_row(
+            _addr(s.family, s.saddr, s.sport), str(s.pid) if s.pid else "-",
+            fmt_us(s.handshake_us), fmt_us(s.accept_queue_us), fmt_us(s.syn_to_accept_us),
+            fmt_us(s.accept_to_read_us), fmt_us(s.total_us), ", ".join(notes),
+        )
+    return t
+
+
+def render_summary(run: Run) -> RenderableType:
+    m = run.meta
+    c = run.connections
+    header = Text.assemble(
+        ("acceptrace", "bold"),
+        f"  port {m.port}  backend {m.backend}  {m.duration_s:.1f} s  kernel {m.kernel}",
+    )
+    counts = Text(
+        "connections: "
+        + "  ".join(f"{k} {fmt_count(c.get(k))}" for k in ("syn", "queued", "accepted", "read"))
+    )
+    legend = Text(
+        "\n".join(f"  {k}: {v}" for k, v in STAGE_MEANING.items() if k in run.stages),
+        style="dim",
+    )
+    parts: list[RenderableType] = [header, counts, _stage_table(run), legend, _queues_table(run),
+                                   _drops_table(run), _other_counters(run), _procs_table(run)]
+    if run.slowest:
+        parts.append(_slowest_table(run))
+    for note in m.notes:
+        parts.append(Text(f"note: {note}", style="dim"))
+    return Group(*parts)
+
+
+def render_interval_line(run: Run, interval: Interval) -> str:
+    """One compact, greppable line per interval (no colour)."""
+    when = ""
+    try:
+        started = datetime.fromisoformat(run.meta.started)
+        when = (started + timedelta(seconds=interval.t_s)).strftime("%H:%M:%S") + " "
+    except ValueError:
+        pass
+    rate = interval.accepted / interval.duration_s if interval.duration_s > 0 else 0.0
+    backlog = run.queues.backlog
+    depth = interval.accept_queue_depth_max
+    parts = [
+        f"{when}+{interval.t_s:.1f}s",
+        f"accepted {interval.accepted} ({rate:.0f}/s)",
+        f"queued {interval.queued}",
+        f"overflow {fmt_count(interval.listen_overflow)}",
+        f"synack_rtx {interval.synack_retransmits}",
+        f"acceptq_max {'-' if depth is None else depth}/{'?' if backlog is None else backlog}",
+    ]
+    for name, st in interval.stages.items():
+        if not st.get("count"):
+            continue
+        label = SHORT_STAGE.get(name, name)
+        parts.append(
+            f"{label} p50 {fmt_compact_us(st.get('p50'))} p99 {fmt_compact_us(st.get('p99'))}"
+        )
+    return "  ".join(parts)
+
+
+def render_text(run: Run, width: int = 100) -> str:
+    buf = io.StringIO()
+    Console(file=buf, width=width, no_color=True, highlight=False,
+            force_terminal=False).print(render_summary(run))
+    return buf.getvalue()
+
+
+def render_json(run: Run) -> str:
+    return run.dumps()
+
+
+def sample_line(s: Sample) -> str:
+    return (f"{_addr(s.family, s.saddr, s.sport)} -> {_addr(s.family, s.daddr, s.dport)} "
+            f"total {fmt_us(s.total_us)}")

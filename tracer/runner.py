@@ -1,0 +1,211 @@
+"""Running a trace: preflight checks, the poll loop, signals, and the report file."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from rich.console import Console
+
+from . import headers, kernel, procnet
+from .errors import UserError
+from .model import Run
+from .render import render_interval_line, render_summary
+from .session import Session
+
+
+@dataclass
+class TraceOptions:
+    port: int
+    duration_s: float | None = None
+    interval_s: float = 1.0
+    json_path: Path | None = None
+    slowest_n: int = 20
+    quiet_intervals: bool = False
+
+
+def parse_port(value: str | int) -> int:
+    """A TCP port, 1..65535, from user input; UserError otherwise."""
+    try:
+        port = int(str(value).strip(), 10)
+    except ValueError:
+        raise UserError(f"--port must be a number from 1 to 65535, not {value!r}") from None
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port must be from 1 to 65535, not {port}")
+    return port
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise UserError(
+            "must run as root: loading BPF programs needs CAP_BPF and CAP_PERFMON "
+            "(try: sudo acceptrace ...)",
+            exit_code=1,
+        )
+
+
+@dataclass
+class Prepared:
+    defines: dict[str, int]
+    notes: list[str]
+    ack_overflow_observable: bool
+    header_line: str | None
+    tracefs_mounted: bool
+
+
+def prepare() -> Prepared:
+    """Everything that can fail with a clear message before a program is loaded."""
+    require_root()
+    from .bpfloader import import_bcc  # noqa: PLC0415 - keep bcc out of import time
+
+    import_bcc()
+    btf = kernel.load_btf()
+    tracefs, mounted = kernel.ensure_tracefs()
+    feats = kernel.probe_features(btf, tracefs)
+    if feats.missing_tracepoints:
+        raise UserError(
+            "this kernel lacks the tracepoint(s) "
+            + ", ".join(feats.missing_tracepoints)
+            + " that the tracepoint backend needs (sock:sk_data_ready and "
+            "sock:sock_recv_length appeared in Linux 6.3)"
+        )
+    tree = headers.find_header_tree()
+    headers.activate(tree)
+    return Prepared(
+        defines=feats.defines,
+        notes=feats.notes,
+        ack_overflow_observable=feats.ack_overflow_observable,
+        header_line=tree.description if tree.kind == "merged" else None,
+        tracefs_mounted=mounted,
+    )
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM/SIGHUP; the loop then finishes and writes the report."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, _frame: FrameType | None) -> None:
+        self.signum = signum
+
+    @property
+    def set(self) -> bool:
+        return self.signum is not None
+
+
+@contextmanager
+def handle_signals(flag: StopFlag) -> Iterator[None]:
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.signal(s, flag) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def write_report(run: Run, path: Path) -> None:
+    try:
+        run.write_atomic(path)
+    except OSError as exc:
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def trace(
+    opts: TraceOptions,
+    out: Console,
+    err: Console,
+    *,
+    on_started: Callable[[], None] | None = None,
+    stop: StopFlag | None = None,
+) -> Run:
+    """Trace until --duration, a signal, or `stop`; always returns (and writes) the run."""
+    prep = prepare()
+    if prep.tracefs_mounted:
+        err.print("acceptrace: mounted tracefs at /sys/kernel/tracing")
+    if prep.header_line:
+        err.print(f"acceptrace: {prep.header_line}")
+    for note in prep.notes:
+        err.print(f"acceptrace: note: {note}", style="dim")
+    listening = bool(procnet.listening_sockets(opts.port))
+    if not listening:
+        err.print(
+            f"acceptrace: warning: nothing is listening on port {opts.port} yet; "
+            "tracing anyway (a server may start later)",
+            style="yellow",
+        )
+
+    from .bpfloader import TracepointBackend  # noqa: PLC0415
+
+    backend = TracepointBackend(
+        opts.port,
+        prep.defines,
+        ack_overflow_observable=prep.ack_overflow_observable,
+        notes=prep.notes,
+    )
+    stop = stop or StopFlag()
+    session = Session(backend, opts.port, opts.interval_s, slowest_n=opts.slowest_n)
+    run: Run | None = None
+    try:
+        with handle_signals(stop):
+            session.start()
+            err.print(
+                f"acceptrace: tracing port {opts.port} with the {backend.name} backend"
+                + (f" for {opts.duration_s:g} s" if opts.duration_s else "; Ctrl-C to stop"),
+                style="bold",
+            )
+            if on_started:
+                on_started()
+            _loop(session, opts, out, err, stop, listening)
+            run = session.finish()
+    finally:
+        if run is None:
+            # An error in the loop: keep what was measured, then re-raise.
+            try:
+                run = session.finish()
+                if opts.json_path:
+                    write_report(run, opts.json_path)
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+        backend.close()
+    if opts.json_path:
+        write_report(run, opts.json_path)
+    out.print(render_summary(run))
+    if opts.json_path:
+        err.print(f"acceptrace: report written to {opts.json_path}")
+    return run
+
+
+def _loop(
+    session: Session,
+    opts: TraceOptions,
+    out: Console,
+    err: Console,
+    stop: StopFlag,
+    listening: bool,
+) -> None:
+    start = time.monotonic()
+    deadline = start + opts.duration_s if opts.duration_s else None
+    next_tick = start + opts.interval_s
+    while not stop.set:
+        now = time.monotonic()
+        until = next_tick if deadline is None else min(next_tick, deadline)
+        session.poll(max(0, min(200, int((until - now) * 1000))))
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            break
+        if now >= next_tick:
+            iv = session.tick()
+            next_tick += opts.interval_s * max(1, int((now - next_tick) // opts.interval_s) + 1)
+            if not listening and session.listener_drops.last:
+                listening = True
+                err.print(f"acceptrace: a listener appeared on port {opts.port}")
+            if not opts.quiet_intervals:
+                out.print(render_interval_line(session.build_run(), iv), highlight=False)
