@@ -19,16 +19,15 @@ STAGE_MEANING = {
     "accept_to_read": "accept() → first read",
 }
 DROP_MEANING = {
-    "listen_overflow": "connections the accept queue had no room for (SYN or final ACK)",
-    "syn_dropped": "SYNs dropped by the listener, accept queue full: client retries in 1 s, 3 s…",
-    "ack_dropped": "final ACKs dropped, accept queue full: SYN-ACK is retransmitted",
-    "synack_retransmits": "SYN-ACKs sent again (the final ACK was lost or dropped)",
-    "syncookies": "connections that came through a syncookie (SYN queue full)",
-    "lost_events": "slow-connection samples lost (ring buffer full)",
+    "listen_overflow": "no room in the accept queue",
+    "syn_dropped": "SYN dropped: client waits 1 s, 3 s…",
+    "ack_dropped": "final ACK dropped: SYN-ACK resent",
+    "synack_retransmits": "SYN-ACK sent again",
+    "syncookies": "came via a syncookie",
+    "lost_events": "samples lost (ring buffer)",
 }
 COUNTER_FOR_DROP = {
     "listen_overflow": "TcpExtListenOverflows",
-    "syn_dropped": "TcpExtListenDrops",
     "syncookies": "TcpExtSyncookiesSent",
 }
 SHORT_STAGE = {"accept_to_read": "read"}

@@ -1,0 +1,61 @@
+"""A real uvicorn+FastAPI server, real HTTP clients, acceptrace attached."""
+
+from __future__ import annotations
+
+import pytest
+from acceptrace.demo import ServerProcess, free_port
+from acceptrace.loadgen import run_load
+
+pytestmark = pytest.mark.root
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_uvicorn_requests_counted_and_attributed(tracer, loop):
+    """N requests on new connections: N accepted, all by the uvicorn process,
+    each read after it was accepted (uvloop: accept4(fd, NULL, NULL, ...))."""
+    n = 60
+    port = free_port()
+    with ServerProcess(port=port, backlog=128, loop=loop,
+                       env={"ACCEPTRACE_DEMO_BLOCK_MS": "0"}) as srv:
+        srv.wait_listening()
+        t = tracer(port).start()
+        try:
+            res = run_load("127.0.0.1", port, duration_s=60, concurrency=4, max_requests=n)
+        finally:
+            assert t.stop() == 0, t.stderr
+        pid = srv.pid
+    assert res.completed == n, res.summary()
+    run = t.report()
+    assert run["connections"]["accepted"] == n
+    assert run["connections"]["queued"] == n
+    assert run["connections"]["read"] == n
+    assert [(p["pid"], p["accepted"]) for p in run["processes"]] == [(pid, n)]
+    for stage in ("handshake", "accept_queue", "syn_to_accept", "accept_to_read"):
+        assert run["stages"][stage]["count"] == n, stage
+    assert run["drops"]["listen_overflow"] == 0
+    for s in run["slowest"]:
+        assert s["pid"] == pid and s["dport"] == port
+        assert s["accept_to_read_us"] is not None and s["accept_to_read_us"] >= 0
+
+
+def test_demo_target_overflows_and_counts_match_kernel(tracer):
+    """The demo's recipe (small backlog, a loop blocked per request, many clients)
+    overflows the accept queue; acceptrace's figure equals the kernel's."""
+    from conftest import read_netstat
+
+    port = free_port()
+    with ServerProcess(port=port, backlog=8, env={"ACCEPTRACE_DEMO_BLOCK_MS": "20"}) as srv:
+        srv.wait_listening()
+        t = tracer(port).start()
+        before = read_netstat()
+        try:
+            res = run_load("127.0.0.1", port, duration_s=4, concurrency=64)
+        finally:
+            assert t.stop() == 0, t.stderr
+            after = read_netstat()
+    run = t.report()
+    overflows = after["TcpExtListenOverflows"] - before["TcpExtListenOverflows"]
+    assert overflows > 0
+    assert run["drops"]["listen_overflow"] == overflows
+    assert run["queues"]["accept_queue_depth"]["max"] == 9
+    assert run["connections"]["accepted"] >= res.completed
