@@ -233,7 +233,8 @@ def try_load_kprobe() -> tuple[bool, str]:
     except Exception as exc:
         return False, f"cannot compile a test program: {exc}"
     try:
-        b.attach_kprobe(event=b"tcp_conn_request", fn_name=b"probe")
+        with _CaptureFd2():  # libbcc prints its own complaint on fd 2
+            b.attach_kprobe(event=b"tcp_conn_request", fn_name=b"probe")
         return True, "a kprobe on tcp_conn_request attached"
     except Exception as exc:
         return False, f"kprobe attach failed ({str(exc).strip() or type(exc).__name__})"
@@ -246,16 +247,11 @@ def try_load_fentry() -> tuple[bool, str]:
     bcc = import_bcc()
     if not bcc.BPF.support_kfunc():
         return False, "BCC or the kernel lacks fentry (BPF trampoline) support"
-    saved = os.dup(2)
     try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
+        with _CaptureFd2():
             b = bcc.BPF(text=b"KFUNC_PROBE(tcp_conn_request) { return 0; }")
         b.cleanup()
         return True, "an fentry program on tcp_conn_request loaded"
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return False, f"fentry program refused ({msg})"
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        return False, f"fentry program refused at load ({msg})"

@@ -85,7 +85,8 @@ def gather() -> tuple[list[Check], bool, str]:
             present = kernel.tracepoint_fields(tracefs, cat, name) is not None
             required = (cat, name) in kernel.TRACEPOINTS_REQUIRED
             status = OK if present else (FAIL if required else WARN)
-            add(Check(f"tracepoint {cat}:{name}", status, "present" if present else "absent"))
+            add(Check(f"{cat}:{name}", status, "tracepoint present" if present else
+                      ("tracepoint absent" + ("" if required else " (optional)"))))
         if feats is not None:
             add(Check(
                 "ACK overflow drops",
@@ -143,9 +144,9 @@ def gather() -> tuple[list[Check], bool, str]:
 def run_doctor(out: Console) -> int:
     checks, works, backend = gather()
     table = Table(title="acceptrace doctor", show_header=True, header_style="bold")
-    table.add_column("check")
-    table.add_column("", width=4)
-    table.add_column("detail", overflow="fold")
+    table.add_column("check", no_wrap=True)
+    table.add_column("", no_wrap=True)
+    table.add_column("detail", overflow="fold", ratio=1)
     for c in checks:
         table.add_row(c.name, f"[{STYLE[c.status]}]{c.status}[/]", c.detail)
     out.print(table)
