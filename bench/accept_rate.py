@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Benchmark: a server's connection rate traced vs untraced, and acceptrace's CPU.
 
-One run alternates untraced and traced phases (A B A B ...) against the same
-server and client pool, so the figures are ratios measured side by side, not
-absolute numbers compared across runs or machines:
+One run alternates untraced and traced phases against the same server and
+client pool, in A B B A order (round 1 untraced first, round 2 traced first,
+...) so that a drift of the machine's speed cancels out; the figures are
+ratios measured side by side, not absolute numbers compared across runs:
 
   throughput ratio = connections/s traced / connections/s untraced
   acceptrace CPU   = (utime + stime of the acceptrace process) / wall time,
@@ -129,8 +130,8 @@ def stop_server(server: object) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--phase", type=float, default=5.0, help="seconds per phase")
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--phase", type=float, default=4.0, help="seconds per phase")
     ap.add_argument("--clients", type=int, default=2, help="client processes")
     ap.add_argument("--server", choices=("accept-loop", "uvicorn"), default="accept-loop")
     ap.add_argument("--json", type=Path, help="write the figures here")
@@ -143,7 +144,9 @@ def main() -> int:
     try:
         measure(port, args.clients, 1.0)  # warm-up
         for rnd in range(args.rounds):
-            base, base_err = measure(port, args.clients, args.phase)
+            base_first = rnd % 2 == 0
+            if base_first:
+                base, base_err = measure(port, args.clients, args.phase)
             with tempfile.TemporaryDirectory() as tmp:
                 jp = Path(tmp) / "run.json"
                 tr = start_tracer(port, jp)
@@ -154,6 +157,8 @@ def main() -> int:
                 tr.send_signal(signal.SIGINT)
                 tr.wait(60)
                 run = json.loads(jp.read_text())
+            if not base_first:
+                base, base_err = measure(port, args.clients, args.phase)
             rows.append({
                 "round": rnd + 1, "untraced_cps": round(base), "traced_cps": round(traced),
                 "ratio": round(traced / base, 4), "acceptrace_cpu_pct": round(100 * cpu, 2),
@@ -168,6 +173,8 @@ def main() -> int:
         "server": args.server, "clients": args.clients, "phase_s": args.phase,
         "cpus": os.cpu_count(), "kernel": os.uname().release,
         "median_ratio": statistics.median(r["ratio"] for r in rows),
+        "min_ratio": min(r["ratio"] for r in rows),
+        "max_ratio": max(r["ratio"] for r in rows),
         "throughput_loss_pct": round(100 * (1 - statistics.median(r["ratio"] for r in rows)), 2),
         "max_acceptrace_cpu_pct": max(r["acceptrace_cpu_pct"] for r in rows),
         "lost_events": sum(r["lost_events"] for r in rows),

@@ -261,7 +261,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	u64 key = (u64)sk;
 	struct at_conn *c, zero = {};
 
-	if (args->protocol != AT_IPPROTO_TCP)
+	/* Our connections are the server side: local port == AT_PORT. */
+	if (args->protocol != AT_IPPROTO_TCP || args->sport != AT_PORT)
 		return 0;
 	if (args->newstate == AT_TCP_CLOSE) {
 		c = conns.lookup(&key);
@@ -272,8 +273,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		}
 		return 0;
 	}
-	if (args->oldstate != AT_TCP_SYN_RECV || args->newstate != AT_TCP_ESTABLISHED ||
-	    args->sport != AT_PORT)
+	if (args->oldstate != AT_TCP_SYN_RECV || args->newstate != AT_TCP_ESTABLISHED)
 		return 0;
 	c = conns.lookup(&key);
 	if (c)
@@ -372,8 +372,14 @@ TRACEPOINT_PROBE(sock, sock_recv_length)
 	u64 key = (u64)args->sk;
 	struct at_conn *c;
 	u64 now;
+	u16 num = 0;
 
 	if (args->ret <= 0 || args->protocol != AT_IPPROTO_TCP)
+		return 0;
+	/* Every read on the machine comes here: a 2-byte read is cheaper than a
+	 * hash lookup for the sockets that are not ours. */
+	READ_KERN(num, args->sk + AT_OFF_SK_NUM);
+	if (num != AT_PORT)
 		return 0;
 	c = conns.lookup(&key);
 	if (!c || !c->accepted_ns || c->first_read_ns)
