@@ -12,10 +12,11 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .hist import Histogram
 
+T = TypeVar("T")
 SCHEMA = "acceptrace/v1"
 STAGES: tuple[str, ...] = ("handshake", "accept_queue", "syn_to_accept", "accept_to_read")
 CONNECTION_KEYS = ("syn", "queued", "accepted", "read")
@@ -31,6 +32,17 @@ def _hist_json(h: Histogram | None) -> dict | None:
 
 def _hist_from(d: Any) -> Histogram | None:
     return None if d is None else Histogram.from_json(d)
+
+
+def _known_fields(cls: type[T], d: Any, what: str) -> T:
+    """Build dataclass ``cls`` from ``d``, ignoring keys a later version added."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{what} must be an object, not {d!r}")
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    try:
+        return cls(**{k: v for k, v in d.items() if k in known})
+    except TypeError as exc:
+        raise ValueError(f"{what}: {exc}") from exc
 
 
 def _opt_int(v: Any, what: str) -> int | None:
@@ -59,11 +71,7 @@ class Meta:
 
     @classmethod
     def from_json(cls, d: dict) -> Meta:
-        known = {f.name for f in fields(cls)}
-        try:
-            m = cls(**{k: v for k, v in d.items() if k in known})
-        except TypeError as exc:
-            raise ValueError(f"meta: {exc}") from exc
+        m = _known_fields(cls, d, "meta")
         if not isinstance(m.port, int) or not 0 <= m.port <= 65535:
             raise ValueError(f"meta.port must be a port number, not {m.port!r}")
         return m
@@ -99,7 +107,7 @@ class Queues:
             backlog=_opt_int(d.get("backlog"), "queues.backlog"),
             accept_queue_depth=_hist_from(d.get("accept_queue_depth")),
             syn_queue_depth=_hist_from(d.get("syn_queue_depth")),
-            listeners=[Listener(**x) for x in d.get("listeners", [])],
+            listeners=[_known_fields(Listener, x, "listeners") for x in d.get("listeners", [])],
         )
 
 
@@ -129,13 +137,6 @@ class Sample:
     accept_to_read_us: float | None
     total_us: float | None
 
-    @classmethod
-    def from_json(cls, d: dict) -> Sample:
-        known = {f.name for f in fields(cls)}
-        try:
-            return cls(**{k: v for k, v in d.items() if k in known})
-        except TypeError as exc:
-            raise ValueError(f"slowest: {exc}") from exc
 
 
 @dataclass
@@ -152,13 +153,6 @@ class Interval:
     accept_queue_depth_max: int | None
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    @classmethod
-    def from_json(cls, d: dict) -> Interval:
-        known = {f.name for f in fields(cls)}
-        try:
-            return cls(**{k: v for k, v in d.items() if k in known})
-        except TypeError as exc:
-            raise ValueError(f"intervals: {exc}") from exc
 
 
 @dataclass
@@ -211,9 +205,11 @@ class Run:
                 kernel_counters={k: int(v) for k, v in d.get("kernel_counters", {}).items()},
                 stages={k: _hist_from(v) for k, v in d["stages"].items()},
                 queues=Queues.from_json(d.get("queues", {})),
-                processes=[ProcessCount(**p) for p in d.get("processes", [])],
-                slowest=[Sample.from_json(s) for s in d.get("slowest", [])],
-                intervals=[Interval.from_json(i) for i in d.get("intervals", [])],
+                processes=[_known_fields(ProcessCount, p, "processes")
+                           for p in d.get("processes", [])],
+                slowest=[_known_fields(Sample, s, "slowest") for s in d.get("slowest", [])],
+                intervals=[_known_fields(Interval, i, "intervals")
+                           for i in d.get("intervals", [])],
                 extra=dict(d.get("extra", {})),
             )
         except KeyError as exc:
