@@ -38,6 +38,14 @@ def _positive(name: str, value: float | None) -> float | None:
               metavar="FILE", help="Write the run to FILE (schema acceptrace/v1) on exit.")
 @click.option("--slowest", type=click.IntRange(0, 1000), default=20, show_default=True,
               help="How many of the slowest connections to keep.")
+@click.option("--no-tui", is_flag=True,
+              help="One summary line per interval instead of the live dashboard "
+                   "(the default when stdout is not a terminal).")
+@click.option("--hist", "hist_stage", metavar="STAGE",
+              type=click.Choice(["handshake", "accept_queue", "syn_to_accept", "accept_to_read"]),
+              help="Stage whose histogram the dashboard shows (default: the one that dominates; "
+                   "key h cycles).")
+@click.option("--explain", is_flag=True, help="Explain every figure of the dashboard and exit.")
 @click.version_option(__version__, prog_name="acceptrace")
 @click.pass_context
 def cli(
@@ -47,6 +55,9 @@ def cli(
     interval: float,
     json_path: Path | None,
     slowest: int,
+    no_tui: bool,
+    hist_stage: str | None,
+    explain: bool,
 ) -> None:
     """Trace where TCP connections to PORT wait: SYN queue, accept queue, accept(), first read.
 
@@ -56,6 +67,11 @@ def cli(
       sudo acceptrace doctor
       sudo acceptrace demo
     """
+    if explain:
+        from .dashboard import explain_text  # noqa: PLC0415
+
+        click.echo(explain_text())
+        return
     if ctx.invoked_subcommand is not None:
         if port is not None:
             raise UserError("--port goes after the subcommand name, e.g. acceptrace doctor")
@@ -71,6 +87,8 @@ def cli(
         interval_s=_positive("--interval", interval) or 1.0,
         json_path=json_path,
         slowest_n=slowest,
+        tui=not no_tui and sys.stdout.isatty() and sys.stdin.isatty(),
+        hist_stage=hist_stage,
     )
     out, err = _consoles()
     trace(opts, out, err)
@@ -99,21 +117,46 @@ def demo(duration: float, json_path: Path | None) -> None:
              out=out, err=err)
 
 
-@cli.command()
-@click.argument("run_json", type=click.Path(dir_okay=False, path_type=Path))
-def report(run_json: Path) -> None:
-    """Render a run saved with --json."""
+def _read_run(path: Path):  # noqa: ANN202 - Run, imported lazily
     from .model import Run  # noqa: PLC0415
-    from .render import render_summary  # noqa: PLC0415
 
     try:
-        run = Run.read(run_json)
+        return Run.read(path)
     except OSError as exc:
-        raise UserError(f"cannot read {run_json}: {exc.strerror or exc}") from exc
+        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from exc
     except ValueError as exc:
-        raise UserError(f"{run_json} is not an acceptrace report: {exc}") from exc
-    out, _ = _consoles()
-    out.print(render_summary(run))
+        raise UserError(f"{path} is not an acceptrace report: {exc}") from exc
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True,
+                type=click.Path(dir_okay=False, path_type=Path), metavar="RUN.json [AFTER.json]")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
+              metavar="FILE", help="Write a self-contained HTML report (one run).")
+def report(runs: tuple[Path, ...], html_path: Path | None) -> None:
+    """Render a run saved with --json, with a diagnosis; or compare two runs."""
+    from .render import render_compare, render_report  # noqa: PLC0415
+
+    if len(runs) > 2:
+        raise UserError("report takes one run, or two to compare (BEFORE.json AFTER.json)")
+    loaded = [_read_run(p) for p in runs]
+    out, err = _consoles()
+    if html_path is not None:
+        if len(loaded) != 1:
+            raise UserError("--html renders one run")
+        from .html import render_html  # noqa: PLC0415
+        from .model import write_text_atomic  # noqa: PLC0415
+
+        try:
+            write_text_atomic(html_path, render_html(loaded[0]))
+        except OSError as exc:
+            raise UserError(f"cannot write {html_path}: {exc.strerror or exc}") from exc
+        err.print(f"acceptrace: HTML report written to {html_path}")
+        return
+    if len(loaded) == 2:
+        out.print(render_compare(loaded[0], loaded[1], (runs[0].name, runs[1].name)))
+    else:
+        out.print(render_report(loaded[0]))
 
 
 def main(argv: list[str] | None = None) -> int:

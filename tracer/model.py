@@ -26,6 +26,22 @@ DROP_KEYS = (
 )
 
 
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write beside ``path`` and rename over it: readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _hist_json(h: Histogram | None) -> dict | None:
     return None if h is None else h.to_json()
 
@@ -65,6 +81,7 @@ class Meta:
     interval_s: float = 1.0
     hooks: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    somaxconn: int | None = None  # net.core.somaxconn of the traced namespace
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -152,6 +169,11 @@ class Interval:
     synack_retransmits: int
     accept_queue_depth_max: int | None
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    syn: int | None = None                    # SYN times observed
+    syn_dropped: int | None = None
+    syncookies: int = 0
+    syn_queue_depth_max: int | None = None
+    accept_queue_depth_now: int | None = None  # ss Recv-Q summed over listeners, at the end
 
 
 
@@ -230,20 +252,7 @@ class Run:
         return cls.from_json(data)
 
     def write_atomic(self, path: str | os.PathLike[str]) -> None:
-        """Write next to ``path`` and rename over it: readers never see half a file."""
-        path = Path(path)
-        text = self.dumps()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, self.dumps())
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> Run:

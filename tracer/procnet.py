@@ -53,6 +53,13 @@ def _parse_hex_addr(hexaddr: str, family: str) -> str:
     return str(ipaddress.IPv6Address(words))
 
 
+def somaxconn(path: Path = Path("/proc/sys/net/core/somaxconn")) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def listening_sockets(port: int, *, proc: dict[str, Path] | None = None) -> list[ListenSocket]:
     """TCP sockets in LISTEN on ``port`` in this network namespace."""
     out = []

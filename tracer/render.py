@@ -215,10 +215,7 @@ def render_interval_line(run: Run, interval: Interval) -> str:
 
 
 def render_text(run: Run, width: int = 100) -> str:
-    buf = io.StringIO()
-    Console(file=buf, width=width, no_color=True, highlight=False,
-            force_terminal=False).print(render_summary(run))
-    return buf.getvalue()
+    return to_text(render_summary(run), width)
 
 
 def render_json(run: Run) -> str:
@@ -228,3 +225,127 @@ def render_json(run: Run) -> str:
 def sample_line(s: Sample) -> str:
     return (f"{_addr(s.family, s.saddr, s.sport)} -> {_addr(s.family, s.daddr, s.dport)} "
             f"total {fmt_us(s.total_us)}")
+
+
+SEVERITY_STYLE = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+def octave_rows(h: Histogram, max_rows: int = 14) -> list[tuple[float, float, int]]:
+    """The histogram's buckets merged per power of two: (lo, hi, count) rows, no gaps
+    between the first and last non-empty row, at most ``max_rows`` (the tail merged)."""
+    rows: dict[int, list[float]] = {}
+    for lo, hi, c in h.nonempty_buckets():
+        key = max(lo, 1).bit_length()
+        r = rows.setdefault(key, [lo, hi, 0])
+        r[0], r[1], r[2] = min(r[0], lo), max(r[1], hi), r[2] + c
+    if not rows:
+        return []
+    keys = range(min(rows), max(rows) + 1)
+    out = [(rows[k][0], rows[k][1], int(rows[k][2])) if k in rows
+           else (float(1 << (k - 1)), float(1 << k), 0) for k in keys]
+    while len(out) > max(1, max_rows):  # merge the two lowest rows
+        (lo1, _h1, c1), (_l2, hi2, c2) = out[0], out[1]
+        out[:2] = [(lo1, hi2, c1 + c2)]
+    return out
+
+
+def render_hist_chart(name: str, h: Histogram | None, width: int = 40,
+                      max_rows: int = 14) -> RenderableType:
+    """A horizontal bar chart of a histogram, one row per power of two."""
+    t = Table(title=f"{name} histogram", title_justify="left", show_edge=False, box=None)
+    t.add_column("range", justify="right", no_wrap=True)
+    t.add_column("count", justify="right", no_wrap=True)
+    t.add_column("", no_wrap=True)
+    if h is None or not h.count:
+        t.add_row("-", "0", "(no samples)")
+        return t
+    rows = octave_rows(h, max_rows)
+    peak = max(c for _, _, c in rows) or 1
+    fmt = fmt_us if h.unit == "us" else (lambda v: f"{v:.0f}")
+    for lo, hi, c in rows:
+        bar = "█" * max(1 if c else 0, round(width * c / peak))
+        t.add_row(f"{fmt(lo)} – {fmt(hi)}", f"{c:,}", Text(bar, style="magenta"))
+    return t
+
+
+def dominant_stage(run: Run) -> str:
+    """The stage whose p99 is largest among the per-connection waits (not the sums)."""
+    best, best_v = "accept_queue", -1.0
+    for name, h in run.stages.items():
+        if name == "syn_to_accept" or h is None or not h.count:
+            continue
+        v = h.percentile(0.99) or 0.0
+        if v > best_v:
+            best, best_v = name, v
+    return best
+
+
+def render_diagnosis(run: Run) -> RenderableType:
+    from .diagnose import diagnose  # noqa: PLC0415
+
+    lines = [Text("diagnosis", style="bold")]
+    for f in diagnose(run):
+        lines.append(Text.assemble(("• ", SEVERITY_STYLE[f.severity]), f.text))
+    return Group(*lines)
+
+
+def render_report(run: Run) -> RenderableType:
+    """`acceptrace report RUN.json`: summary, histograms and a diagnosis in words."""
+    charts = [render_hist_chart(n, h) for n, h in run.stages.items() if h is not None and h.count]
+    if run.queues.accept_queue_depth is not None and run.queues.accept_queue_depth.count:
+        charts.append(render_hist_chart("accept-queue depth", run.queues.accept_queue_depth))
+    return Group(render_summary(run), *charts, render_diagnosis(run))
+
+
+def _delta(a: float | None, b: float | None, unit: str) -> Text:
+    if a is None or b is None:
+        return Text("n/a", style="dim")
+    diff = b - a
+    pct = f" ({diff / a * 100:+.0f}%)" if a else ""
+    style = "green" if diff < 0 else ("red" if diff > 0 else "")
+    body = (("+" if diff >= 0 else "−") + fmt_us(abs(diff))) if unit == "us" else f"{diff:+,.0f}"
+    return Text(body + pct, style=style)
+
+
+def render_compare(a: Run, b: Run, names: tuple[str, str] = ("before", "after")) -> RenderableType:
+    """Two runs side by side: every percentile and counter with its delta."""
+    head = Text(f"{names[0]}: port {a.meta.port}, {a.meta.duration_s:.1f} s, backlog "
+                f"{a.queues.backlog}    {names[1]}: port {b.meta.port}, {b.meta.duration_s:.1f} s,"
+                f" backlog {b.queues.backlog}")
+    t = Table(title="stages", title_justify="left", show_edge=False)
+    for col in ("stage", "figure", names[0], names[1], "Δ"):
+        t.add_column(col, justify="left" if col in ("stage", "figure") else "right", no_wrap=True)
+    for stage in dict.fromkeys([*a.stages, *b.stages]):
+        ha, hb = a.stages.get(stage), b.stages.get(stage)
+        for label, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999)):
+            va = ha.percentile(q) if ha else None
+            vb = hb.percentile(q) if hb else None
+            t.add_row(stage if label == "p50" else "", label, fmt_us(va), fmt_us(vb),
+                      _delta(va, vb, "us"))
+        t.add_row("", "count", fmt_count(ha.count if ha else None),
+                  fmt_count(hb.count if hb else None),
+                  _delta(ha.count if ha else None, hb.count if hb else None, "n"))
+    c = Table(title="counters", title_justify="left", show_edge=False)
+    for col in ("counter", names[0], names[1], "Δ"):
+        c.add_column(col, justify="left" if col == "counter" else "right", no_wrap=True)
+    sections = (("connections", a.connections, b.connections), ("drops", a.drops, b.drops),
+                ("kernel", a.kernel_counters, b.kernel_counters))
+    for section, da, db in sections:
+        for k in dict.fromkeys([*da, *db]):
+            va, vb = da.get(k), db.get(k)
+            c.add_row(f"{section}.{k}", fmt_count(va), fmt_count(vb), _delta(va, vb, "n"))
+    qa, qb = a.queues.accept_queue_depth, b.queues.accept_queue_depth
+    c.add_row("queues.backlog", fmt_count(a.queues.backlog), fmt_count(b.queues.backlog),
+              _delta(a.queues.backlog, b.queues.backlog, "n"))
+    c.add_row("queues.accept_queue_depth.max",
+              fmt_count(int(qa.max) if qa and qa.max is not None else None),
+              fmt_count(int(qb.max) if qb and qb.max is not None else None),
+              _delta(qa.max if qa else None, qb.max if qb else None, "n"))
+    return Group(head, t, c)
+
+
+def to_text(renderable: RenderableType, width: int = 100) -> str:
+    buf = io.StringIO()
+    Console(file=buf, width=width, no_color=True, highlight=False,
+            force_terminal=False).print(renderable)
+    return buf.getvalue()

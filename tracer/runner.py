@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
+import sys
+import termios
+import threading
 import time
+import tty
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +33,8 @@ class TraceOptions:
     json_path: Path | None = None
     slowest_n: int = 20
     quiet_intervals: bool = False
+    tui: bool = False
+    hist_stage: str | None = None
 
 
 def parse_port(value: str | int) -> int:
@@ -84,6 +91,41 @@ def prepare() -> Prepared:
         header_line=tree.description if tree.kind == "merged" else None,
         tracefs_mounted=mounted,
     )
+
+
+class KeyReader:
+    """Single keys from the terminal (cbreak mode) in a thread, while the dashboard runs."""
+
+    def __init__(self, on_key: Callable[[str], None]) -> None:
+        self.on_key = on_key
+        self._stop = threading.Event()
+        self._saved: list | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> KeyReader:
+        fd = sys.stdin.fileno() if sys.stdin and sys.stdin.isatty() else None
+        if fd is None:
+            return self
+        self._saved = termios.tcgetattr(fd)
+        tty.setcbreak(fd)
+        self._thread = threading.Thread(target=self._run, args=(fd,), daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self, fd: int) -> None:
+        while not self._stop.is_set():
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                ch = os.read(fd, 1).decode(errors="ignore")
+                if ch:
+                    self.on_key(ch)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(1)
+        if self._saved is not None:
+            termios.tcsetattr(sys.stdin.fileno(), termios.TCSADRAIN, self._saved)
 
 
 class StopFlag:
@@ -163,7 +205,10 @@ def trace(
             )
             if on_started:
                 on_started()
-            _loop(session, opts, out, err, stop, listening)
+            if opts.tui:
+                _live_loop(session, opts, out, stop)
+            else:
+                _loop(session, opts, out, err, stop, listening)
             run = session.finish()
     finally:
         if run is None:
@@ -181,6 +226,54 @@ def trace(
     if opts.json_path:
         err.print(f"acceptrace: report written to {opts.json_path}")
     return run
+
+
+def _live_loop(session: Session, opts: TraceOptions, out: Console, stop: StopFlag) -> None:
+    """The rich dashboard, redrawn every interval and on each key."""
+    from rich.live import Live  # noqa: PLC0415
+
+    from .dashboard import DashboardState, render_dashboard  # noqa: PLC0415
+
+    state = DashboardState(hist_stage=opts.hist_stage)
+    view = {"run": session.build_run(), "iv": None}
+    lock = threading.Lock()
+    redraw = threading.Event()
+
+    def on_key(ch: str) -> None:
+        with lock:
+            if ch in ("q", "Q"):
+                stop(signal.SIGINT, None)
+            elif ch in ("h", "H"):
+                state.next_hist(view["run"])
+            elif ch == "?":
+                state.explain = not state.explain
+        redraw.set()
+
+    def draw() -> object:
+        return render_dashboard(view["run"], view["iv"], state, out.size.height)
+
+    with Live(draw(), console=out, auto_refresh=False, screen=True,
+              vertical_overflow="crop") as live, KeyReader(on_key):
+        start = time.monotonic()
+        deadline = start + opts.duration_s if opts.duration_s else None
+        next_tick = start + opts.interval_s
+        while not stop.set:
+            now = time.monotonic()
+            until = next_tick if deadline is None else min(next_tick, deadline)
+            session.poll(max(0, min(100, int((until - now) * 1000))))
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            if now >= next_tick:
+                iv = session.tick()
+                next_tick += opts.interval_s * max(1, int((now - next_tick) // opts.interval_s) + 1)
+                with lock:
+                    view["run"], view["iv"] = session.build_run(), iv
+                redraw.set()
+            if redraw.is_set():
+                redraw.clear()
+                with lock:
+                    live.update(draw(), refresh=True)
 
 
 def _loop(

@@ -198,9 +198,11 @@ class Session:
             stages[name] = {
                 "count": dh.count, "p50": dh.percentile(0.5), "p99": dh.percentile(0.99)
             }
-        depth = cur.hists.get("accept_queue_depth")
-        pdepth = prev.hists.get("accept_queue_depth")
-        ddepth = depth.delta(pdepth) if depth is not None and pdepth is not None else depth
+        def depth_max(name: str) -> int | None:
+            h, p = cur.hists.get(name), prev.hists.get(name)
+            dh = h.delta(p) if h is not None and p is not None else h
+            return int(dh.max) if dh is not None and dh.max is not None else None
+
         syn = self._syn_dropped(
             d("ack_overflow"),
             ground[0] - self._prev_ground[0],
@@ -216,10 +218,16 @@ class Session:
             read=d("read"),
             listen_overflow=overflow,
             synack_retransmits=d("synack_retransmits"),
-            accept_queue_depth_max=(
-                int(ddepth.max) if ddepth is not None and ddepth.max is not None else None
-            ),
+            accept_queue_depth_max=depth_max("accept_queue_depth"),
             stages=stages,
+            syn=d("syn_timed"),
+            syn_dropped=syn,
+            syncookies=d("syncookies"),
+            syn_queue_depth_max=depth_max("syn_queue_depth"),
+            accept_queue_depth_now=(
+                sum(st.recv_q for st in self.listener_drops.last.values())
+                if self.listener_drops.last else None
+            ),
         )
 
     def _syn_dropped(self, ack_overflow: int, sk_drops: int, overflows: int) -> int | None:
@@ -263,6 +271,7 @@ class Session:
         run.meta.interval_s = self.interval_s
         run.meta.hooks = list(self.backend.hooks)
         run.meta.notes = list(self.backend.notes)
+        run.meta.somaxconn = procnet.somaxconn()
         run.connections = {
             "syn": c.get("syn_timed", 0),
             "queued": c.get("queued", 0),

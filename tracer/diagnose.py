@@ -1,0 +1,140 @@
+"""A short diagnosis in words, derived from a run's figures.
+
+Each rule looks at the figures, and when it fires says what happened, what
+it means, and what to change. tests/test_diagnose.py covers every rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .model import Run
+from .render import fmt_us
+
+# Thresholds (microseconds) above which a stage is worth a sentence.
+ACCEPT_QUEUE_SLOW_US = 100_000
+ACCEPT_TO_READ_SLOW_US = 50_000
+HANDSHAKE_SLOW_US = 200_000
+SMALL_BACKLOG = 128
+
+
+@dataclass
+class Finding:
+    rule: str
+    severity: str  # "critical" | "warning" | "info"
+    text: str
+
+
+def _p(run: Run, stage: str, q: float) -> float | None:
+    h = run.stages.get(stage)
+    return None if h is None else h.percentile(q)
+
+
+def diagnose(run: Run) -> list[Finding]:
+    out: list[Finding] = []
+    d = run.drops
+    backlog = run.queues.backlog
+    aq99 = _p(run, "accept_queue", 0.99)
+    overflow = d.get("listen_overflow")
+    somaxconn = run.meta.somaxconn
+
+    if overflow:
+        out.append(Finding(
+            "accept_queue_overflow", "critical",
+            f"accept queue overflowed {overflow:,} times"
+            + (f" (backlog {backlog})" if backlog is not None else "")
+            + (f"; p99 accept-queue wait {fmt_us(aq99)}" if aq99 is not None else "")
+            + ": the server is not calling accept() fast enough — the event loop is blocked "
+            "or there are too few workers. A bigger backlog only buys time; unblock the loop "
+            "or add workers."))
+    elif aq99 is not None and aq99 >= ACCEPT_QUEUE_SLOW_US:
+        out.append(Finding(
+            "accept_queue_slow", "warning",
+            f"p99 accept-queue wait {fmt_us(aq99)} with no overflow: connections sit queued "
+            "before accept() — the event loop is busy (blocking calls in async code, CPU-bound "
+            "handlers) or the workers are saturated."))
+
+    syn = d.get("syn_dropped")
+    if syn:
+        out.append(Finding(
+            "syn_dropped", "critical",
+            f"{syn:,} SYNs were dropped because the accept queue was full: each of those "
+            "clients waited at least 1 s (SYN retransmit; 3 s, 7 s on repeats) before "
+            "getting in — the latency spikes of exactly 1 s and 3 s in client metrics."))
+
+    ack = d.get("ack_dropped")
+    if ack:
+        out.append(Finding(
+            "ack_dropped", "warning",
+            f"{ack:,} final ACKs were dropped for a full accept queue: the clients believe "
+            "they are connected while the server retransmits its SYN-ACK; their first "
+            "request stalls until the queue drains. (net.ipv4.tcp_abort_on_overflow=1 "
+            "would reset them instead.)"))
+
+    if overflow and backlog is not None and backlog < SMALL_BACKLOG:
+        why = ""
+        if somaxconn is not None and backlog == somaxconn:
+            why = f": net.core.somaxconn ({somaxconn}) caps it — raise it with sysctl"
+        out.append(Finding(
+            "small_backlog", "warning",
+            f"the listen backlog is only {backlog}{why}; uvicorn's default is 2048 "
+            "(--backlog), clamped by net.core.somaxconn."))
+
+    cookies = d.get("syncookies")
+    if cookies:
+        out.append(Finding(
+            "syncookies", "warning",
+            f"{cookies:,} connections came through syncookies: the SYN queue was full "
+            "(a SYN flood, or a listen backlog too small for the SYN rate). Cookie "
+            "connections lose TCP options such as window scaling on some kernels."))
+
+    rtx = d.get("synack_retransmits")
+    hs99 = _p(run, "handshake", 0.99)
+    if rtx and not ack:
+        out.append(Finding(
+            "synack_retransmits", "warning",
+            f"{rtx:,} SYN-ACKs were retransmitted: final ACKs were lost on the way "
+            "(network loss) — handshakes took a second or more."))
+    elif hs99 is not None and hs99 >= HANDSHAKE_SLOW_US:
+        out.append(Finding(
+            "handshake_slow", "warning",
+            f"p99 handshake {fmt_us(hs99)}: a long round trip or lost packets between "
+            "clients and server."))
+
+    ar99 = _p(run, "accept_to_read", 0.99)
+    if ar99 is not None and ar99 >= ACCEPT_TO_READ_SLOW_US:
+        out.append(Finding(
+            "accept_to_read_slow", "warning",
+            f"p99 accept() → first read {fmt_us(ar99)}: after accepting, the event loop "
+            "took long to get to the new connection — other work (often blocking code) "
+            "is holding the loop."))
+
+    procs = [p for p in run.processes if p.accepted > 0]
+    if len(procs) >= 2:
+        hi, lo = max(p.accepted for p in procs), min(p.accepted for p in procs)
+        if lo * 3 < hi:
+            out.append(Finding(
+                "workers_unbalanced", "info",
+                f"accepts are unbalanced across {len(procs)} processes ({hi:,} vs {lo:,}): "
+                "with one shared listening socket the first worker to wake takes the "
+                "connection; SO_REUSEPORT (one queue per worker) spreads them evenly."))
+
+    if d.get("lost_events"):
+        out.append(Finding(
+            "lost_events", "info",
+            f"{d['lost_events']:,} slow-connection samples were lost (ring buffer full): "
+            "the slowest list may miss some; histograms and counts are complete."))
+
+    accepted = run.connections.get("accepted") or 0
+    if accepted == 0 and not overflow:
+        out.append(Finding(
+            "no_traffic", "info",
+            "no connection was accepted on this port during the run: is the port right, "
+            "and did traffic arrive?"))
+    if not out:
+        out.append(Finding(
+            "healthy", "info",
+            f"no accept-path problem seen: {accepted:,} connections, no overflow, "
+            + (f"p99 accept-queue wait {fmt_us(aq99)}." if aq99 is not None else
+               "nothing queued for long.")))
+    return out
