@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # Debian/Ubuntu packages: BCC's Python module (for Debian's /usr/bin/python3),
 # a kernel header tree for BCC's compiler, and what the tests and tools use.
 APT_PACKAGES := python3-bpfcc bpfcc-tools python3-venv python3-pip iproute2 bpftool \
-	gcc libc6-dev make binutils xz-utils procps tmux
+	gcc libc6-dev make binutils xz-utils procps tmux chromium
 
 .PHONY: setup system-packages demo test test-root test-unit lint bench clean
 

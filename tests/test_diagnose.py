@@ -1,0 +1,103 @@
+"""Every diagnosis rule: fires on the figures that mean it, stays quiet otherwise."""
+
+from __future__ import annotations
+
+import pytest
+from acceptrace.diagnose import diagnose
+from acceptrace.hist import Histogram
+from acceptrace.model import ProcessCount, Run
+
+
+def base_run(**drops: int | None) -> Run:
+    run = Run.new(port=8000, backend="tracepoint")
+    run.connections = {"syn": 100, "queued": 100, "accepted": 100, "read": 100}
+    run.drops.update({"listen_overflow": 0, "syn_dropped": 0, "ack_dropped": 0,
+                      "synack_retransmits": 0, "syncookies": 0, "lost_events": 0})
+    run.drops.update(drops)
+    run.queues.backlog = 2048
+    for name in run.stages:
+        for _ in range(100):
+            run.stages[name].add(50)
+    return run
+
+
+def rules(run: Run) -> set[str]:
+    return {f.rule for f in diagnose(run)}
+
+
+def with_stage(run: Run, stage: str, us: float) -> Run:
+    h = Histogram.empty("us")
+    for _ in range(100):
+        h.add(us)
+    run.stages[stage] = h
+    return run
+
+
+def test_healthy():
+    fs = diagnose(base_run())
+    assert [f.rule for f in fs] == ["healthy"]
+    assert "100 connections" in fs[0].text
+
+
+def test_overflow_with_wait_and_advice():
+    run = with_stage(base_run(listen_overflow=312, syn_dropped=300, ack_dropped=12),
+                     "accept_queue", 840_000)
+    fs = {f.rule: f for f in diagnose(run)}
+    text = fs["accept_queue_overflow"].text
+    assert "overflowed 312 times" in text and "840 ms" in text and "backlog 2048" in text
+    assert "event loop is blocked" in text and "workers" in text
+    assert fs["accept_queue_overflow"].severity == "critical"
+    assert "300 SYNs" in fs["syn_dropped"].text and "1 s" in fs["syn_dropped"].text
+    assert "12 final ACKs" in fs["ack_dropped"].text
+    assert "healthy" not in fs
+
+
+def test_slow_accept_without_overflow():
+    assert "accept_queue_slow" in rules(with_stage(base_run(), "accept_queue", 150_000))
+    assert "accept_queue_slow" not in rules(with_stage(base_run(), "accept_queue", 20_000))
+
+
+@pytest.mark.parametrize("somaxconn, needle", [(64, "net.core.somaxconn (64) caps it"),
+                                               (4096, "uvicorn's default is 2048")])
+def test_small_backlog(somaxconn, needle):
+    run = base_run(listen_overflow=5, syn_dropped=5)
+    run.queues.backlog = 64
+    run.meta.somaxconn = somaxconn
+    f = {x.rule: x for x in diagnose(run)}["small_backlog"]
+    assert needle in f.text
+    run.queues.backlog = 1024
+    assert "small_backlog" not in rules(run)
+
+
+def test_syncookies_and_synack_retransmits():
+    assert "syncookies" in rules(base_run(syncookies=7))
+    assert "synack_retransmits" in rules(base_run(synack_retransmits=3))
+    # retransmits caused by ACK overflow are explained by that rule instead
+    assert "synack_retransmits" not in rules(base_run(synack_retransmits=3, ack_dropped=3,
+                                                      listen_overflow=3))
+
+
+def test_slow_handshake_and_read():
+    assert "handshake_slow" in rules(with_stage(base_run(), "handshake", 300_000))
+    assert "accept_to_read_slow" in rules(with_stage(base_run(), "accept_to_read", 80_000))
+    assert "accept_to_read_slow" not in rules(with_stage(base_run(), "accept_to_read", 5_000))
+
+
+def test_unbalanced_workers():
+    run = base_run()
+    run.processes = [ProcessCount(1, "uvicorn", 900), ProcessCount(2, "uvicorn", 100)]
+    assert "workers_unbalanced" in rules(run)
+    run.processes = [ProcessCount(1, "uvicorn", 520), ProcessCount(2, "uvicorn", 480)]
+    assert "workers_unbalanced" not in rules(run)
+
+
+def test_lost_events_and_no_traffic():
+    assert "lost_events" in rules(base_run(lost_events=4))
+    run = base_run()
+    run.connections["accepted"] = 0
+    assert "no_traffic" in rules(run)
+
+
+def test_nulls_do_not_fire():
+    run = base_run(listen_overflow=None, syn_dropped=None, ack_dropped=None)
+    assert rules(run) == {"healthy"}

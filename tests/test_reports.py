@@ -1,0 +1,194 @@
+"""Views rendered from a recorded run (no root): report, compare, dashboard, HTML.
+
+tests/fixtures/run-demo-overflow.json is a real `acceptrace demo` run: the
+accept queue (backlog 8) overflowed 318 times.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from acceptrace.dashboard import DashboardState, explain_text, render_dashboard
+from acceptrace.html import render_html
+from acceptrace.model import Run
+from acceptrace.render import render_compare, render_report, to_text
+
+FIXTURE = Path(__file__).parent / "fixtures" / "run-demo-overflow.json"
+
+
+@pytest.fixture(scope="module")
+def run() -> Run:
+    return Run.read(FIXTURE)
+
+
+def test_report_text(run):
+    text = to_text(render_report(run), 400)
+    overflow = run.drops["listen_overflow"]
+    assert f"accept queue overflowed {overflow:,} times (backlog 8)" in text
+    assert "the server is not calling accept() fast enough" in text
+    assert "SYNs were dropped" in text and "listen backlog is only 8" in text
+    for stage in run.stages:
+        assert f"{stage} histogram" in text
+    assert "accept-queue depth histogram" in text
+
+
+def test_compare_two_runs(run):
+    after = copy.deepcopy(run)
+    after.drops["listen_overflow"] = 0
+    after.queues.backlog = 2048
+    text = to_text(render_compare(run, after, ("backlog8.json", "backlog2048.json")), 120)
+    assert "backlog8.json" in text and "backlog2048.json" in text
+    row = next(ln for ln in text.splitlines() if "drops.listen_overflow" in ln)
+    n = f"{run.drops['listen_overflow']:,}"
+    assert n in row and f"-{n}" in row
+    assert "-100%" in row
+    backlog = next(ln for ln in text.splitlines() if "queues.backlog" in ln)
+    assert "+2,040" in backlog
+    assert "p99.9" in text and "accept_queue" in text
+
+
+@pytest.mark.parametrize("width, height", [(80, 24), (120, 50)])
+def test_dashboard_fits_the_terminal(run, width, height):
+    iv = run.intervals[len(run.intervals) // 2]
+    text = to_text(render_dashboard(run, iv, DashboardState(), height), width)
+    lines = text.rstrip("\n").splitlines()
+    assert len(lines) <= height
+    assert max(len(ln) for ln in lines) <= width
+    for needle in ("SYN", "handshake", "accept queue", "accept()", "read", "conn/s",
+                   "OVERFLOW", "max 9 / 8", "listen overflows", f"{run.drops['listen_overflow']}"):
+        assert needle in text, needle
+    if height >= 40:
+        assert "accept_queue histogram" in text  # the stage that dominates
+        assert str(run.processes[0].pid) in text
+
+
+def test_dashboard_keys_change_the_view(run):
+    state = DashboardState()
+    state.next_hist(run)
+    assert state.hist_stage != "accept_queue"
+    text = to_text(render_dashboard(run, run.intervals[-1], state, 50), 120)
+    assert f"{state.hist_stage} histogram" in text
+    state.explain = True
+    text = to_text(render_dashboard(run, run.intervals[-1], state, 50), 120)
+    assert "what the figures mean" in text and "somaxconn" in text
+
+
+def test_explain_covers_every_figure():
+    text = explain_text()
+    for fig in ("SYN", "handshake", "accept queue", "read", "accept-queue gauge",
+                "SYN-queue gauge", "listen overflows", "SYNs dropped", "SYN-ACK retransmits",
+                "syncookies", "processes"):
+        assert f"{fig}\n" in text, fig
+
+
+def test_html_is_self_contained(run):
+    html = render_html(run)
+    assert "default-src 'none'" in html
+    assert not re.search(r"https?://|<script|<link|<img|@import|url\(", html)
+    assert html.count('data-plot="histogram"') == sum(1 for h in run.stages.values() if h.count)
+    assert 'data-plot="rate"' in html and 'data-plot="depth"' in html
+    assert 'data-plot="drops"' in html
+
+
+# Chromium's own service traffic (clock, updates, accounts), present even on
+# about:blank despite the --disable-* flags: not made by the page.
+CHROMIUM_OWN = re.compile(r"(^|\.)(google\.com|googleapis\.com|gvt1\.com|gstatic\.com)$")
+
+
+class TrapProxy:
+    """A listening socket given to Chromium as its proxy: every request goes
+    here, and its target host is recorded."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.hosts: list[str] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            conn.settimeout(2)
+            try:
+                first = conn.recv(4096).split(b"\r\n")[0].decode(errors="replace")
+            except OSError:
+                first = "? ?"
+            conn.close()
+            target = first.split(" ")[1] if " " in first else first
+            host = re.sub(r"^[a-z]+://", "", target).split("/")[0].rsplit(":", 1)[0]
+            self.hosts.append(host)
+
+    def page_hosts(self) -> list[str]:
+        return [h for h in self.hosts if not CHROMIUM_OWN.search(h)]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._t.join()
+        self.sock.close()
+
+
+def chromium(*args: str, proxy: int) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.fail("chromium is needed for the HTML report test (make setup installs it)")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--hide-scrollbars", f"--proxy-server=http://127.0.0.1:{proxy}",
+             "--proxy-bypass-list=<-loopback>"]
+    return subprocess.run([exe, *flags, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_trap_proxy_sees_a_page_request(tmp_path):
+    """Positive control: a page that does load something is caught."""
+    page = tmp_path / "leaky.html"
+    page.write_text('<html><body><img src="http://leak.example.invalid/x.png"></body></html>')
+    trap = TrapProxy()
+    try:
+        chromium(f"--user-data-dir={tmp_path / 'p'}", "--dump-dom", page.as_uri(),
+                 proxy=trap.sock.getsockname()[1])
+    finally:
+        trap.close()
+    assert "leak.example.invalid" in trap.page_hosts()
+
+
+def test_html_renders_in_chromium(run, tmp_path):
+    from PIL import Image
+
+    page = tmp_path / "report.html"
+    page.write_text(render_html(run))
+    trap = TrapProxy()
+    try:
+        dom = chromium(f"--user-data-dir={tmp_path / 'p1'}", "--dump-dom", page.as_uri(),
+                       proxy=trap.sock.getsockname()[1]).stdout
+        shot = tmp_path / "shot.png"
+        chromium(f"--user-data-dir={tmp_path / 'p2'}", "--window-size=1200,2000",
+                 f"--screenshot={shot}", page.as_uri(), proxy=trap.sock.getsockname()[1])
+    finally:
+        trap.close()
+    assert trap.page_hosts() == [], f"the report page made requests: {trap.page_hosts()}"
+    # The browser parsed every plot: one bar per non-empty bucket of each stage.
+    bars = sum(len(h.nonempty_buckets()) for h in run.stages.values())
+    assert dom.count('class="bar"') == bars
+    assert dom.count("<polyline") == 2
+    measured = [i for i in run.intervals if i.listen_overflow is not None]
+    assert dom.count('class="drop"') == len(measured)
+    # ...and painted them: the screenshot has the bar and overflow colours.
+    img = Image.open(shot).convert("RGB")
+    colours = {c for _n, c in img.getcolors(maxcolors=1 << 20)}
+    assert (123, 97, 201) in colours   # .bar  #7b61c9
+    assert (208, 69, 58) in colours    # .drop #d0453a
+    assert (11, 92, 173) in colours    # .line #0b5cad
