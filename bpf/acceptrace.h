@@ -77,7 +77,11 @@ enum at_hist_id {
 	AT_H_ACCEPT_TO_READ = 3, /* first_read - accepted   (ns, bucketed in us) */
 	AT_H_ACCEPTQ_DEPTH = 4,  /* sk_ack_backlog at each enqueue (connections) */
 	AT_H_SYNQ_DEPTH = 5,     /* icsk_accept_queue.qlen at each enqueue (connections) */
-	AT_H_COUNT = 6,
+	AT_H_ACCEPT_TO_DISPATCH = 6,   /* first ASGI dispatch - accepted (AT_DISPATCH) */
+	AT_H_READ_TO_DISPATCH = 7,     /* first ASGI dispatch - first read */
+	AT_H_SYN_TO_DISPATCH = 8,      /* first ASGI dispatch - syn */
+	AT_H_DISPATCH_TO_RESPONSE = 9, /* first byte written - first dispatch */
+	AT_H_COUNT = 10,
 };
 
 /* Counters (index into the `counters` per-CPU array). */
@@ -92,7 +96,10 @@ enum at_counter_id {
 	AT_C_LOST_EVENTS = 7,      /* ring buffer full: a sample could not be sent */
 	AT_C_ACCEPT_UNTRACKED = 8, /* accepted, but queued before we attached (or evicted) */
 	AT_C_QUEUE_MISSED = 9,     /* child seen ESTABLISHED but not at the queue tail */
-	AT_C_COUNT = 10,
+	AT_C_DISPATCHED = 10,      /* connections with a first ASGI dispatch (AT_DISPATCH) */
+	AT_C_REQUESTS = 11,        /* every dispatch: requests, keep-alive ones included */
+	AT_C_RESPONDED = 12,       /* dispatched connections that wrote a first byte back */
+	AT_C_COUNT = 13,
 };
 
 /* Per-connection state, keyed by the child struct sock * (LRU hash). */
@@ -101,12 +108,17 @@ struct at_conn {
 	u64 queued_ns;     /* 0: unknown */
 	u64 accepted_ns;   /* 0: not accepted yet */
 	u64 first_read_ns; /* 0: not read yet */
+	u64 dispatch_ns;   /* first ASGI dispatch (httptools headers complete); 0: none */
+	u64 response_ns;   /* first byte written after the first dispatch; 0: none */
+	u32 requests;      /* dispatches on this connection (keep-alive, pipelining) */
 	u32 pid;           /* tgid of the accepting process */
 	u16 family;        /* AF_INET / AF_INET6 */
 	u16 sport;         /* client port (host order) */
 	u16 dport;         /* server port (host order) */
 	u8 syncookie;
 	u8 synack_retrans; /* request_sock.num_retrans at enqueue */
+	u8 sampled;        /* already sent to userspace */
+	u8 pad[3];
 	u8 saddr[16];      /* client address (IPv4 in the first 4 bytes) */
 	u8 daddr[16];      /* server address */
 	char comm[16];
@@ -120,6 +132,7 @@ struct at_sample {
 
 #define AT_SAMPLE_READ 1
 #define AT_SAMPLE_CLOSE 2
+#define AT_SAMPLE_RESPONSE 3
 
 /* Per-process accept counts, keyed by tgid. */
 struct at_proc {

@@ -13,6 +13,14 @@
  *   accepted   syscalls:sys_exit_accept{,4}: fd -> struct file -> socket -> sk
  *   first_read sock:sock_recv_length with ret > 0
  *
+ * With -DAT_DISPATCH (a uvicorn/httptools server), also:
+ *   dispatch   a uprobe on httptools' cb_on_headers_complete, which runs on
+ *              the event-loop thread right after that thread read the
+ *              request: the socket is the one this thread read last
+ *              (recorded per thread by sock_recv_length), and only the
+ *              server's processes (server_pids, kept by userspace) count
+ *   response   sock:sock_send_length: first byte written after dispatch
+ *
  * Histograms and counters are aggregated here, per CPU; userspace only reads
  * them once an interval.  A connection is sent to userspace through the ring
  * buffer only when it is slower than the current threshold (the fastest of
@@ -66,6 +74,12 @@ BPF_PERCPU_ARRAY(counters, u64, AT_C_COUNT);
 /* [0]: a connection is sampled when its total (ns) is >= this; set by userspace. */
 BPF_ARRAY(sample_min, u64, 1);
 BPF_RINGBUF_OUTPUT(samples, AT_RINGBUF_PAGES);
+#ifdef AT_DISPATCH
+/* thread id -> the socket of the port it read last */
+BPF_TABLE("lru_hash", u32, u64, last_read, 16384);
+/* tgids of the processes serving the port (userspace keeps it current) */
+BPF_HASH(server_pids, u32, u8, 4096);
+#endif
 
 #define READ_KERN(dst, ptr) bpf_probe_read_kernel(&(dst), sizeof(dst), (const void *)(ptr))
 
@@ -153,10 +167,12 @@ static __always_inline void maybe_sample(struct at_conn *c, u64 reason)
 	u32 zero = 0;
 	u64 *min = sample_min.lookup(&zero);
 	u64 start = c->syn_ns ? c->syn_ns : c->queued_ns;
-	u64 end = c->first_read_ns ? c->first_read_ns : c->accepted_ns;
+	u64 end = c->response_ns ? c->response_ns :
+		  c->dispatch_ns ? c->dispatch_ns :
+		  c->first_read_ns ? c->first_read_ns : c->accepted_ns;
 	struct at_sample *s;
 
-	if (!start || !end || end < start)
+	if (c->sampled || !start || !end || end < start)
 		return;
 	if (min && end - start < *min)
 		return;
@@ -165,6 +181,7 @@ static __always_inline void maybe_sample(struct at_conn *c, u64 reason)
 		count(AT_C_LOST_EVENTS);
 		return;
 	}
+	c->sampled = 1;
 	__builtin_memcpy(&s->conn, c, sizeof(*c));
 	s->reason = reason;
 	samples.ringbuf_submit(s, 0);
@@ -267,8 +284,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	if (args->newstate == AT_TCP_CLOSE) {
 		c = conns.lookup(&key);
 		if (c && c->accepted_ns) {
-			if (!c->first_read_ns)
-				maybe_sample(c, AT_SAMPLE_CLOSE);
+			maybe_sample(c, AT_SAMPLE_CLOSE);
 			conns.delete(&key);
 		}
 		return 0;
@@ -381,6 +397,12 @@ TRACEPOINT_PROBE(sock, sock_recv_length)
 	READ_KERN(num, args->sk + AT_OFF_SK_NUM);
 	if (num != AT_PORT)
 		return 0;
+#ifdef AT_DISPATCH
+	{
+		u32 tid = (u32)bpf_get_current_pid_tgid();
+		last_read.update(&tid, &key);
+	}
+#endif
 	c = conns.lookup(&key);
 	if (!c || !c->accepted_ns || c->first_read_ns)
 		return 0;
@@ -388,11 +410,76 @@ TRACEPOINT_PROBE(sock, sock_recv_length)
 	c->first_read_ns = now;
 	count(AT_C_READ);
 	hist_add(AT_H_ACCEPT_TO_READ, now - c->accepted_ns, 1000);
+#ifndef AT_DISPATCH
+	/* Without dispatch tracing the connection's story ends here. */
 	if (c->queued_ns)
 		maybe_sample(c, AT_SAMPLE_READ);
 	conns.delete(&key);
+#endif
 	return 0;
 }
+
+#ifdef AT_DISPATCH
+/*
+ * uprobe: httptools' cb_on_headers_complete (or llhttp_execute when the
+ * library is stripped): uvicorn builds the ASGI scope and schedules the app.
+ */
+int on_dispatch(struct pt_regs *ctx)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tgid = id >> 32, tid = (u32)id;
+	u64 *skp, key, now;
+	struct at_conn *c;
+
+	if (!server_pids.lookup(&tgid))
+		return 0;
+	skp = last_read.lookup(&tid);
+	if (!skp)
+		return 0;
+	key = *skp;
+	c = conns.lookup(&key);
+	if (!c || !c->accepted_ns)
+		return 0;
+	count(AT_C_REQUESTS);
+	c->requests++;
+	if (c->dispatch_ns)
+		return 0; /* keep-alive or pipelined: the stage is the first dispatch */
+	now = bpf_ktime_get_ns();
+	c->dispatch_ns = now;
+	count(AT_C_DISPATCHED);
+	hist_add(AT_H_ACCEPT_TO_DISPATCH, now - c->accepted_ns, 1000);
+	if (c->first_read_ns && now >= c->first_read_ns)
+		hist_add(AT_H_READ_TO_DISPATCH, now - c->first_read_ns, 1000);
+	if (c->syn_ns)
+		hist_add(AT_H_SYN_TO_DISPATCH, now - c->syn_ns, 1000);
+	return 0;
+}
+
+/* sock_sendmsg() of any socket: the first bytes the server writes back. */
+TRACEPOINT_PROBE(sock, sock_send_length)
+{
+	u64 key = (u64)args->sk;
+	struct at_conn *c;
+	u64 now;
+	u16 num = 0;
+
+	if (args->ret <= 0 || args->protocol != AT_IPPROTO_TCP)
+		return 0;
+	READ_KERN(num, args->sk + AT_OFF_SK_NUM);
+	if (num != AT_PORT)
+		return 0;
+	c = conns.lookup(&key);
+	if (!c || !c->dispatch_ns || c->response_ns)
+		return 0;
+	now = bpf_ktime_get_ns();
+	c->response_ns = now;
+	count(AT_C_RESPONDED);
+	hist_add(AT_H_DISPATCH_TO_RESPONSE, now - c->dispatch_ns, 1000);
+	if (c->queued_ns)
+		maybe_sample(c, AT_SAMPLE_RESPONSE);
+	return 0;
+}
+#endif
 
 /* A SYN-ACK retransmitted by a listener of the port (skaddr = listener). */
 TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)

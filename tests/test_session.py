@@ -13,6 +13,8 @@ class FakeBackend:
     hooks = ["tracepoint:sock:sk_data_ready"]
     notes: list[str] = []
 
+    dispatch = False
+
     def __init__(self, observable: bool = True) -> None:
         self.ack_overflow_observable = observable
         self.snaps: list[KernelSnapshot] = []

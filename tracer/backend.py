@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .hist import Histogram
+from .servers import DispatchTarget
 
 
 @dataclass
@@ -58,6 +59,9 @@ class ConnRecord:
     queued_ns: int | None
     accepted_ns: int | None
     first_read_ns: int | None
+    dispatch_ns: int | None = None
+    response_ns: int | None = None
+    requests: int = 0
 
 
 class Backend(Protocol):
@@ -65,11 +69,16 @@ class Backend(Protocol):
     hooks: list[str]
     notes: list[str]
     ack_overflow_observable: bool
+    dispatch: bool
 
     def snapshot(self) -> KernelSnapshot: ...
 
     def poll(self, timeout_ms: int) -> list[ConnRecord]: ...
 
     def set_sample_threshold(self, total_ns: int) -> None: ...
+
+    def attach_dispatch(self, target: DispatchTarget) -> None: ...
+
+    def set_server_pids(self, pids: list[int]) -> None: ...
 
     def close(self) -> None: ...

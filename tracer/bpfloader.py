@@ -15,6 +15,7 @@ from .backend import ConnRecord, KernelSnapshot, ListenerSnapshot, ProcSnapshot
 from .errors import UserError
 from .hist import NBUCKETS, Histogram
 from .kernel import cflags
+from .servers import DispatchTarget
 
 _bcc: Any = None
 
@@ -29,6 +30,9 @@ COUNTER_NAMES: dict[int, str] = {
     L.C_LOST_EVENTS: "lost_events",
     L.C_ACCEPT_UNTRACKED: "accept_untracked",
     L.C_QUEUE_MISSED: "queue_missed",
+    L.C_DISPATCHED: "dispatched",
+    L.C_REQUESTS: "requests",
+    L.C_RESPONDED: "responded",
 }
 HIST_NAMES: dict[int, tuple[str, str, int]] = {
     L.H_HANDSHAKE: ("handshake", "us", 1000),
@@ -37,6 +41,12 @@ HIST_NAMES: dict[int, tuple[str, str, int]] = {
     L.H_ACCEPT_TO_READ: ("accept_to_read", "us", 1000),
     L.H_ACCEPTQ_DEPTH: ("accept_queue_depth", "connections", 1),
     L.H_SYNQ_DEPTH: ("syn_queue_depth", "connections", 1),
+}
+DISPATCH_HIST_NAMES: dict[int, tuple[str, str, int]] = {
+    L.H_ACCEPT_TO_DISPATCH: ("accept_to_dispatch", "us", 1000),
+    L.H_READ_TO_DISPATCH: ("read_to_dispatch", "us", 1000),
+    L.H_SYN_TO_DISPATCH: ("syn_to_dispatch", "us", 1000),
+    L.H_DISPATCH_TO_RESPONSE: ("dispatch_to_response", "us", 1000),
 }
 TRACEPOINT_HOOKS = [
     "tracepoint:sock:sk_data_ready",
@@ -119,6 +129,7 @@ class TracepointBackend:
         conn_max: int = 65536,
         ringbuf_pages: int = 64,
         notes: list[str] | None = None,
+        dispatch: bool = False,
     ) -> None:
         if not 1 <= port <= 65535:
             raise ValueError(f"port out of range: {port}")
@@ -126,12 +137,18 @@ class TracepointBackend:
         all_defines.update(
             {"AT_PORT": port, "AT_CONN_MAX": conn_max, "AT_RINGBUF_PAGES": ringbuf_pages}
         )
+        if dispatch:
+            all_defines["AT_DISPATCH"] = 1
         self.port = port
+        self.dispatch = dispatch
+        self.dispatch_targets: list[DispatchTarget] = []
         self.notes = list(notes or [])
         self.ack_overflow_observable = ack_overflow_observable
         self.hooks = list(TRACEPOINT_HOOKS)
         if ack_overflow_observable:
             self.hooks.append("tracepoint:skb:kfree_skb")
+        if dispatch:
+            self.hooks.append("tracepoint:sock:sock_send_length")
         self._pending: list[ConnRecord] = []
         self._ncpu = len(import_bcc().utils.get_online_cpus())
         self.bpf = _compile("tracepoint.bpf.c", cflags(all_defines))
@@ -169,6 +186,9 @@ class TracepointBackend:
                 queued_ns=ts(c.queued_ns),
                 accepted_ns=ts(c.accepted_ns),
                 first_read_ns=ts(c.first_read_ns),
+                dispatch_ns=ts(c.dispatch_ns),
+                response_ns=ts(c.response_ns),
+                requests=int(c.requests),
             )
         )
 
@@ -176,6 +196,27 @@ class TracepointBackend:
         self.bpf.ring_buffer_poll(timeout_ms)
         out, self._pending = self._pending, []
         return out
+
+    def attach_dispatch(self, target: DispatchTarget) -> None:
+        """A uprobe on the server's HTTP parser; every process mapping the file is covered
+        (BCC maps the symbol's address to its file offset through the ELF load segments)."""
+        if not self.dispatch or target in self.dispatch_targets:
+            return
+        self.bpf.attach_uprobe(name=target.path.encode(), addr=target.vaddr,
+                               fn_name=b"on_dispatch")
+        self.dispatch_targets.append(target)
+        self.hooks.append(f"uprobe:{target.path}:{target.symbol}")
+
+    def set_server_pids(self, pids: list[int]) -> None:
+        if not self.dispatch:
+            return
+        table = self.bpf.get_table("server_pids")
+        keep = {int(p) for p in pids}
+        for k in list(table.keys()):
+            if int(k.value) not in keep:
+                del table[k]
+        for pid in keep:
+            table[ct.c_uint32(pid)] = ct.c_uint8(1)
 
     def set_sample_threshold(self, total_ns: int) -> None:
         self._sample_min[ct.c_int(0)] = ct.c_uint64(max(0, int(total_ns)))
@@ -202,7 +243,10 @@ class TracepointBackend:
 
     def snapshot(self) -> KernelSnapshot:
         snap = KernelSnapshot()
-        for hid, (name, unit, scale) in HIST_NAMES.items():
+        hists = dict(HIST_NAMES)
+        if self.dispatch:
+            hists.update(DISPATCH_HIST_NAMES)
+        for hid, (name, unit, scale) in hists.items():
             snap.hists[name] = self._read_hist(hid, unit, scale)
         for cid, name in COUNTER_NAMES.items():
             snap.counters[name] = int(sum(self._counters[ct.c_int(cid)]))

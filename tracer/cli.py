@@ -46,6 +46,8 @@ def _positive(name: str, value: float | None) -> float | None:
               help="Stage whose histogram the dashboard shows (default: the one that dominates; "
                    "key h cycles).")
 @click.option("--explain", is_flag=True, help="Explain every figure of the dashboard and exit.")
+@click.option("--no-dispatch", is_flag=True,
+              help="Do not follow connections into the server (no uprobe on httptools).")
 @click.version_option(__version__, prog_name="acceptrace")
 @click.pass_context
 def cli(
@@ -58,6 +60,7 @@ def cli(
     no_tui: bool,
     hist_stage: str | None,
     explain: bool,
+    no_dispatch: bool,
 ) -> None:
     """Trace where TCP connections to PORT wait: SYN queue, accept queue, accept(), first read.
 
@@ -89,6 +92,7 @@ def cli(
         slowest_n=slowest,
         tui=not no_tui and sys.stdout.isatty() and sys.stdin.isatty(),
         hist_stage=hist_stage,
+        dispatch=not no_dispatch,
     )
     out, err = _consoles()
     trace(opts, out, err)

@@ -21,14 +21,11 @@ H_SYN_TO_ACCEPT = 2
 H_ACCEPT_TO_READ = 3
 H_ACCEPTQ_DEPTH = 4
 H_SYNQ_DEPTH = 5
-H_COUNT = 6
-# Histogram id -> (stage name, unit, scale from the raw kernel unit).
-HIST_STAGES: dict[int, str] = {
-    H_HANDSHAKE: "handshake",
-    H_ACCEPT_QUEUE: "accept_queue",
-    H_SYN_TO_ACCEPT: "syn_to_accept",
-    H_ACCEPT_TO_READ: "accept_to_read",
-}
+H_ACCEPT_TO_DISPATCH = 6
+H_READ_TO_DISPATCH = 7
+H_SYN_TO_DISPATCH = 8
+H_DISPATCH_TO_RESPONSE = 9
+H_COUNT = 10
 
 # enum at_counter_id
 C_QUEUED = 0
@@ -41,10 +38,14 @@ C_ACK_OVERFLOW = 6
 C_LOST_EVENTS = 7
 C_ACCEPT_UNTRACKED = 8
 C_QUEUE_MISSED = 9
-C_COUNT = 10
+C_DISPATCHED = 10
+C_REQUESTS = 11
+C_RESPONDED = 12
+C_COUNT = 13
 
 SAMPLE_READ = 1
 SAMPLE_CLOSE = 2
+SAMPLE_RESPONSE = 3
 
 
 class AtHist(ct.Structure):
@@ -63,12 +64,17 @@ class AtConn(ct.Structure):
         ("queued_ns", ct.c_uint64),
         ("accepted_ns", ct.c_uint64),
         ("first_read_ns", ct.c_uint64),
+        ("dispatch_ns", ct.c_uint64),
+        ("response_ns", ct.c_uint64),
+        ("requests", ct.c_uint32),
         ("pid", ct.c_uint32),
         ("family", ct.c_uint16),
         ("sport", ct.c_uint16),
         ("dport", ct.c_uint16),
         ("syncookie", ct.c_uint8),
         ("synack_retrans", ct.c_uint8),
+        ("sampled", ct.c_uint8),
+        ("pad", ct.c_uint8 * 3),
         ("saddr", ct.c_uint8 * 16),
         ("daddr", ct.c_uint8 * 16),
         ("comm", ct.c_char * 16),

@@ -18,7 +18,11 @@ from .hist import Histogram
 
 T = TypeVar("T")
 SCHEMA = "acceptrace/v1"
-STAGES: tuple[str, ...] = ("handshake", "accept_queue", "syn_to_accept", "accept_to_read")
+KERNEL_STAGES: tuple[str, ...] = ("handshake", "accept_queue", "syn_to_accept", "accept_to_read")
+DISPATCH_STAGES: tuple[str, ...] = (
+    "accept_to_dispatch", "read_to_dispatch", "syn_to_dispatch", "dispatch_to_response",
+)
+STAGES: tuple[str, ...] = KERNEL_STAGES + DISPATCH_STAGES
 CONNECTION_KEYS = ("syn", "queued", "accepted", "read")
 DROP_KEYS = (
     "listen_overflow", "syn_dropped", "ack_dropped", "synack_retransmits", "syncookies",
@@ -153,6 +157,11 @@ class Sample:
     syn_to_accept_us: float | None
     accept_to_read_us: float | None
     total_us: float | None
+    accept_to_dispatch_us: float | None = None
+    read_to_dispatch_us: float | None = None
+    syn_to_dispatch_us: float | None = None
+    dispatch_to_response_us: float | None = None
+    requests: int | None = None
 
 
 

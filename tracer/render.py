@@ -17,6 +17,10 @@ STAGE_MEANING = {
     "accept_queue": "queued → accept() (accept queue)",
     "syn_to_accept": "SYN → accept()",
     "accept_to_read": "accept() → first read",
+    "accept_to_dispatch": "accept() → ASGI dispatch (headers parsed)",
+    "read_to_dispatch": "first read → ASGI dispatch",
+    "syn_to_dispatch": "SYN → ASGI dispatch",
+    "dispatch_to_response": "ASGI dispatch → first response byte",
 }
 DROP_MEANING = {
     "listen_overflow": "no room in the accept queue",

@@ -35,6 +35,7 @@ class TraceOptions:
     quiet_intervals: bool = False
     tui: bool = False
     hist_stage: str | None = None
+    dispatch: bool = True
 
 
 def parse_port(value: str | int) -> int:
@@ -191,6 +192,7 @@ def trace(
         prep.defines,
         ack_overflow_observable=prep.ack_overflow_observable,
         notes=prep.notes,
+        dispatch=opts.dispatch,
     )
     stop = stop or StopFlag()
     session = Session(backend, opts.port, opts.interval_s, slowest_n=opts.slowest_n)
@@ -203,6 +205,8 @@ def trace(
                 + (f" for {opts.duration_s:g} s" if opts.duration_s else "; Ctrl-C to stop"),
                 style="bold",
             )
+            for msg in session.scan_servers():
+                err.print(f"acceptrace: {msg}")
             if on_started:
                 on_started()
             if opts.tui:
@@ -266,6 +270,7 @@ def _live_loop(session: Session, opts: TraceOptions, out: Console, stop: StopFla
                 break
             if now >= next_tick:
                 iv = session.tick()
+                session.scan_servers()
                 next_tick += opts.interval_s * max(1, int((now - next_tick) // opts.interval_s) + 1)
                 with lock:
                     view["run"], view["iv"] = session.build_run(), iv
@@ -296,6 +301,8 @@ def _loop(
             break
         if now >= next_tick:
             iv = session.tick()
+            for msg in session.scan_servers():
+                err.print(f"acceptrace: {msg}")
             next_tick += opts.interval_s * max(1, int((now - next_tick) // opts.interval_s) + 1)
             if not listening and session.listener_drops.last:
                 listening = True

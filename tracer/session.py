@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from . import __version__, procnet
+from . import __version__, procnet, servers
 from .backend import Backend, ConnRecord, KernelSnapshot
 from .layout import family_name
-from .model import STAGES, Interval, Listener, ProcessCount, Run, Sample
+from .model import DISPATCH_STAGES, STAGES, Interval, Listener, ProcessCount, Run, Sample
 
 KERNEL_COUNTERS = (
     "TcpExtListenOverflows",
@@ -45,7 +45,8 @@ def span(a: int | None, b: int | None) -> int | None:
 
 
 def record_total_ns(r: ConnRecord) -> int | None:
-    return span(r.syn_ns or r.queued_ns, r.first_read_ns or r.accepted_ns)
+    end = r.response_ns or r.dispatch_ns or r.first_read_ns or r.accepted_ns
+    return span(r.syn_ns or r.queued_ns, end)
 
 
 def record_to_sample(r: ConnRecord) -> Sample:
@@ -64,6 +65,11 @@ def record_to_sample(r: ConnRecord) -> Sample:
         syn_to_accept_us=us(span(r.syn_ns, r.accepted_ns)),
         accept_to_read_us=us(span(r.accepted_ns, r.first_read_ns)),
         total_us=us(record_total_ns(r)),
+        accept_to_dispatch_us=us(span(r.accepted_ns, r.dispatch_ns)),
+        read_to_dispatch_us=us(span(r.first_read_ns, r.dispatch_ns)),
+        syn_to_dispatch_us=us(span(r.syn_ns, r.dispatch_ns)),
+        dispatch_to_response_us=us(span(r.dispatch_ns, r.response_ns)),
+        requests=r.requests if r.dispatch_ns else None,
     )
 
 
@@ -113,6 +119,65 @@ class ListenerDrops:
         return sum(st.drops - self.baseline.get(ino, 0) for ino, st in self.last.items())
 
 
+class DispatchTracker:
+    """Keeps the dispatch uprobes and the kernel's server-pid filter current.
+
+    Rescans the processes holding the port's listening socket (workers that
+    restart, --reload, a server that starts late), attaches a uprobe for each
+    httptools module they map, and says once why dispatch cannot be traced.
+    """
+
+    def __init__(self, port: int, backend: Backend) -> None:
+        self.port = port
+        self.backend = backend
+        self.pids: list[int] = []
+        self.infos: dict[int, servers.ServerInfo] = {}
+        self.tried_paths: set[str] = set()
+        self.messages: list[str] = []
+        self._said: set[str] = set()
+
+    @property
+    def available(self) -> bool:
+        return bool(getattr(self.backend, "dispatch_targets", []))
+
+    def _say(self, key: str, msg: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            self.messages.append(msg)
+
+    def refresh(self) -> None:
+        pids = servers.server_pids(self.port)
+        if pids != self.pids:
+            self.backend.set_server_pids(pids)
+            self.pids = pids
+        for pid in pids:
+            if pid in self.infos:
+                continue
+            info = self.infos[pid] = servers.inspect(pid)
+            if info.parser_path and info.parser_path not in self.tried_paths:
+                self.tried_paths.add(info.parser_path)
+                target = servers.find_dispatch_symbol(info.parser_path)
+                if target is None:
+                    self._say(info.parser_path, "dispatch: not available — no usable symbol in "
+                              f"{info.parser_path} (stripped?)")
+                    continue
+                self.backend.attach_dispatch(target)
+                if not target.exact:
+                    self._say(info.parser_path, "dispatch: httptools is stripped; timing "
+                              "llhttp_execute instead (parse start, see docs/dispatch.md)")
+            elif info.parser == "h11":
+                self._say("h11", "dispatch: not available — server uses h11; "
+                          "run uvicorn with --http httptools")
+            elif info.parser is None:
+                self._say(f"noparser-{info.comm}",
+                          f"dispatch: not available — {info.comm} (pid {pid}) maps no httptools "
+                          "parser (not uvicorn with httptools)")
+
+    def take_messages(self) -> list[str]:
+        out, self.messages = self.messages, []
+        return out
+
+
 class Session:
     def __init__(
         self,
@@ -139,12 +204,28 @@ class Session:
         self.netstat_before: dict[str, int] = {}
         self.netstat_after: dict[str, int] = {}
         self.last: KernelSnapshot = KernelSnapshot()
+        self.dispatch = DispatchTracker(port, backend) if backend.dispatch else None
+        self._next_scan = 0.0
+        self.notes: list[str] = []
 
     def start(self) -> None:
         self.netstat_before = self.netstat_after = procnet.net_netstat()
         self.listener_drops.start()
         self.started_wall = datetime.now(timezone.utc)
         self.t0 = self._prev_t = self.clock()
+        self.scan_servers()
+
+    def scan_servers(self, every_s: float = 2.0) -> list[str]:
+        """Rescan the server processes (at most every ``every_s``); new messages."""
+        if self.dispatch is None:
+            return []
+        now = self.clock()
+        if now >= self._next_scan:
+            self._next_scan = now + every_s
+            self.dispatch.refresh()
+        msgs = self.dispatch.take_messages()
+        self.notes.extend(msgs)
+        return msgs
 
     def add_records(self, records: list[ConnRecord]) -> None:
         if not records:
@@ -270,7 +351,7 @@ class Session:
         run.meta.hostname = socket.gethostname()
         run.meta.interval_s = self.interval_s
         run.meta.hooks = list(self.backend.hooks)
-        run.meta.notes = list(self.backend.notes)
+        run.meta.notes = list(self.backend.notes) + list(self.notes)
         run.meta.somaxconn = procnet.somaxconn()
         run.connections = {
             "syn": c.get("syn_timed", 0),
@@ -288,6 +369,12 @@ class Session:
         }
         run.kernel_counters = procnet.counter_deltas(self.netstat_before, after, KERNEL_COUNTERS)
         run.stages = {name: snap.hists.get(name) for name in STAGES}
+        dispatch_on = self.dispatch is not None and self.dispatch.available
+        if not dispatch_on:
+            for name in DISPATCH_STAGES:
+                run.stages[name] = None
+        run.connections["dispatched"] = c.get("dispatched", 0) if dispatch_on else None
+        run.connections["requests"] = c.get("requests", 0) if dispatch_on else None
         run.queues.accept_queue_depth = snap.hists.get("accept_queue_depth")
         run.queues.syn_queue_depth = snap.hists.get("syn_queue_depth")
         run.queues.listeners = self._listeners(snap)
