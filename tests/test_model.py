@@ -121,6 +121,8 @@ def test_render_nulls_as_na():
     run.stages["handshake"] = None
     text = render_text(run)
     assert "n/a" in text
+    # an unobservable stage is left out of the stage table, not shown as 0
+    assert not any(ln.startswith("handshake ") for ln in text.splitlines())
 
 
 def test_render_empty_run():

@@ -200,13 +200,14 @@ def trace(
     try:
         with handle_signals(stop):
             session.start()
+            # Attach the dispatch uprobes before saying we are tracing.
+            for msg in session.scan_servers():
+                err.print(f"acceptrace: {msg}")
             err.print(
                 f"acceptrace: tracing port {opts.port} with the {backend.name} backend"
                 + (f" for {opts.duration_s:g} s" if opts.duration_s else "; Ctrl-C to stop"),
                 style="bold",
             )
-            for msg in session.scan_servers():
-                err.print(f"acceptrace: {msg}")
             if on_started:
                 on_started()
             if opts.tui:

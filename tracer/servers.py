@@ -26,6 +26,7 @@ HEADERS_COMPLETE_RE = re.compile(r"^__pyx_f_\w*httptools\w*parser\w*cb_on_header
 FALLBACK_SYMBOL = "llhttp_execute"
 HTTPTOOLS_SO_RE = re.compile(r"/httptools/parser/parser[^/]*\.so$")
 UVLOOP_SO_RE = re.compile(r"/uvloop/loop[^/]*\.so$")
+H11_CMDLINE_RE = re.compile(r"--http[= ]h11\b|UvicornH11Worker")
 
 
 @dataclass(frozen=True)
@@ -112,8 +113,10 @@ def inspect(pid: int, proc: Path = Path("/proc")) -> ServerInfo:
             info.loop = "uvloop"
     if is_python and info.loop is None:
         info.loop = "asyncio"
-    if info.parser is None and "uvicorn" in info.cmdline:
-        info.parser = "h11"
+    # uvicorn maps httptools whenever it is installed; the command line says which
+    # parser runs (and a server without it falls back to h11).
+    if H11_CMDLINE_RE.search(info.cmdline) or (info.parser is None and "uvicorn" in info.cmdline):
+        info.parser, info.parser_path = "h11", None
     return info
 
 

@@ -213,7 +213,6 @@ class Session:
         self.listener_drops.start()
         self.started_wall = datetime.now(timezone.utc)
         self.t0 = self._prev_t = self.clock()
-        self.scan_servers()
 
     def scan_servers(self, every_s: float = 2.0) -> list[str]:
         """Rescan the server processes (at most every ``every_s``); new messages."""
