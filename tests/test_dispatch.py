@@ -181,3 +181,38 @@ def test_worker_restart_is_followed(tracer):
     assert run["connections"]["dispatched"] == 10
 
 
+
+
+def test_stripped_module_falls_back_to_llhttp_execute(tmp_path):
+    """A stripped httptools keeps only .dynsym: llhttp_execute, marked approximate."""
+    import shutil
+    import subprocess
+
+    import httptools.parser.parser as mod
+
+    copy = tmp_path / "parser-stripped.so"
+    shutil.copy(mod.__file__, copy)
+    subprocess.run(["strip", "--strip-all", str(copy)], check=True)
+    exact = find_dispatch_symbol(mod.__file__)
+    approx = find_dispatch_symbol(str(copy))
+    assert exact is not None and exact.exact
+    assert approx is not None and not approx.exact
+    assert approx.symbol == "llhttp_execute"
+    assert find_dispatch_symbol(str(tmp_path / "missing.so")) is None
+
+
+def test_doctor_lists_server_processes():
+    import subprocess
+    import sys
+
+    port = free_port()
+    with ServerProcess(port=port, backlog=16, loop="uvloop") as srv:
+        srv.wait_listening()
+        time.sleep(0.3)
+        res = subprocess.run([sys.executable, "-m", "acceptrace", "doctor", "--port", str(port)],
+                             capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    line = next(ln for ln in res.stdout.splitlines() if f"pid {srv.pid}" in ln)
+    assert "uvloop" in line and "httptools" in line
+    flat = "".join(ch for ch in res.stdout if not ch.isspace() and ch != "│")  # unfold cells
+    assert "cb_on_headers_complete" in flat

@@ -99,12 +99,15 @@ def cli(
 
 
 @cli.command()
-def doctor() -> None:
+@click.option("--port", "-p", "port", metavar="PORT",
+              help="Also inspect the processes serving PORT (event loop, HTTP parser, dispatch).")
+def doctor(port: str | None) -> None:
     """Say what this kernel offers and which backend acceptrace would use."""
     from .doctor import run_doctor  # noqa: PLC0415
+    from .runner import parse_port  # noqa: PLC0415
 
     out, _ = _consoles()
-    sys.exit(run_doctor(out))
+    sys.exit(run_doctor(out, parse_port(port) if port is not None else None))
 
 
 @cli.command()

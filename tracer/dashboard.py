@@ -23,6 +23,7 @@ FLOW = (  # (column title, stage whose latency ends at this step, interval count
     ("accept queue", "accept_queue", "accepted"),
     ("accept()", "syn_to_accept", "accepted"),
     ("read", "accept_to_read", "read"),
+    ("dispatch", "read_to_dispatch", "dispatched"),
 )
 
 EXPLAIN: dict[str, str] = {
@@ -81,14 +82,15 @@ def _p(h: Histogram | None, q: float) -> float | None:
 def _flow(run: Run, iv: Interval | None) -> Table:
     t = Table(show_edge=False, pad_edge=False, expand=True)
     t.add_column("", no_wrap=True, style="dim")
-    for title, _, _ in FLOW:
+    flow = [f for f in FLOW if f[1] is None or f[1] in run.stages and run.stages[f[1]] is not None]
+    for title, _, _ in flow:
         t.add_column(title, justify="right", no_wrap=True)
     dur = iv.duration_s if iv and iv.duration_s > 0 else None
 
     def rate(field: str) -> str:
         if iv is None or dur is None:
             return "-"
-        v = getattr(iv, field)
+        v = getattr(iv, field, None)
         return "n/a" if v is None else f"{v / dur:,.0f}/s"
 
     def stage_cell(stage: str | None, q: float, last: bool) -> str:
@@ -99,11 +101,11 @@ def _flow(run: Run, iv: Interval | None) -> Table:
             return fmt_us(st.get("p50" if q == 0.5 else "p99")) if st and st.get("count") else "-"
         return fmt_us(_p(run.stages.get(stage), q))
 
-    t.add_row("conn/s", *(rate(f) for _, _, f in FLOW))
-    t.add_row("p50 last", *(stage_cell(s, 0.5, True) for _, s, _ in FLOW))
-    t.add_row("p99 last", *(stage_cell(s, 0.99, True) for _, s, _ in FLOW))
-    t.add_row("p50 run", *(stage_cell(s, 0.5, False) for _, s, _ in FLOW))
-    t.add_row("p99 run", *(stage_cell(s, 0.99, False) for _, s, _ in FLOW))
+    t.add_row("conn/s", *(rate(f) for _, _, f in flow))
+    t.add_row("p50 last", *(stage_cell(s, 0.5, True) for _, s, _ in flow))
+    t.add_row("p99 last", *(stage_cell(s, 0.99, True) for _, s, _ in flow))
+    t.add_row("p50 run", *(stage_cell(s, 0.5, False) for _, s, _ in flow))
+    t.add_row("p99 run", *(stage_cell(s, 0.99, False) for _, s, _ in flow))
     return t
 
 

@@ -141,8 +141,38 @@ def gather() -> tuple[list[Check], bool, str]:
     return checks, works, backend
 
 
-def run_doctor(out: Console) -> int:
+def server_checks(port: int) -> list[Check]:
+    """The processes serving ``port``: event loop, HTTP parser, dispatch traceable?"""
+    from . import servers  # noqa: PLC0415
+
+    pids = servers.server_pids(port)
+    if not pids:
+        return [Check(f"port {port}", WARN, "nothing listens on it (in this network namespace)")]
+    out = []
+    for pid in pids:
+        info = servers.inspect(pid)
+        if info.parser == "httptools" and info.parser_path:
+            target = servers.find_dispatch_symbol(info.parser_path)
+            if target is None:
+                status, how = WARN, "dispatch: no usable symbol (stripped?)"
+            elif target.exact:
+                status, how = OK, f"dispatch: uprobe on {target.symbol} (+{target.file_offset:#x})"
+            else:
+                status, how = OK, f"dispatch: approximate, uprobe on {target.symbol}"
+        elif info.parser == "h11":
+            status, how = WARN, "dispatch: not available (h11; use --http httptools)"
+        else:
+            status, how = WARN, "dispatch: not available (no httptools parser)"
+        out.append(Check(
+            f"pid {pid} {info.comm}", status,
+            f"loop {info.loop or 'n/a'}, parser {info.parser or 'n/a'}; {how}"))
+    return out
+
+
+def run_doctor(out: Console, port: int | None = None) -> int:
     checks, works, backend = gather()
+    if port is not None:
+        checks += server_checks(port)
     table = Table(title="acceptrace doctor", show_header=True, header_style="bold")
     table.add_column("check", no_wrap=True)
     table.add_column("", no_wrap=True)

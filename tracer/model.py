@@ -183,6 +183,7 @@ class Interval:
     syncookies: int = 0
     syn_queue_depth_max: int | None = None
     accept_queue_depth_now: int | None = None  # ss Recv-Q summed over listeners, at the end
+    dispatched: int | None = None
 
 
 

@@ -269,9 +269,10 @@ class Session:
             return cur.counters.get(name, 0) - prev.counters.get(name, 0)
 
         stages = {}
+        dispatch_on = self.dispatch is not None and self.dispatch.available
         for name in STAGES:
             h = cur.hists.get(name)
-            if h is None:
+            if h is None or (name in DISPATCH_STAGES and not dispatch_on):
                 continue
             p = prev.hists.get(name)
             dh = h.delta(p) if p is not None else h
@@ -301,6 +302,9 @@ class Session:
             accept_queue_depth_max=depth_max("accept_queue_depth"),
             stages=stages,
             syn=d("syn_timed"),
+            dispatched=(
+                d("dispatched") if self.dispatch is not None and self.dispatch.available else None
+            ),
             syn_dropped=syn,
             syncookies=d("syncookies"),
             syn_queue_depth_max=depth_max("syn_queue_depth"),
