@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 
 from . import __version__, procnet, servers
 from .backend import Backend, ConnRecord, KernelSnapshot
+from .hist import Histogram
 from .layout import family_name
 from .model import DISPATCH_STAGES, STAGES, Interval, Listener, ProcessCount, Run, Sample
 
@@ -371,7 +372,8 @@ class Session:
             "lost_events": c.get("lost_events", 0),
         }
         run.kernel_counters = procnet.counter_deltas(self.netstat_before, after, KERNEL_COUNTERS)
-        run.stages = {name: snap.hists.get(name) for name in STAGES}
+        # Before the first read of the kernel's maps every stage is empty, not unknown.
+        run.stages = {name: snap.hists.get(name) or Histogram.empty("us") for name in STAGES}
         dispatch_on = self.dispatch is not None and self.dispatch.available
         if not dispatch_on:
             for name in DISPATCH_STAGES:
