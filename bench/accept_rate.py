@@ -92,9 +92,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
 
 
-def start_tracer(port: int, json_path: Path) -> subprocess.Popen[str]:
+def start_tracer(port: int, json_path: Path, extra: list[str]) -> subprocess.Popen[str]:
     p = subprocess.Popen(
-        [sys.executable, "-m", "acceptrace", "--port", str(port), "--json", str(json_path)],
+        [sys.executable, "-m", "acceptrace", "--port", str(port), "--json", str(json_path),
+         *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     assert p.stderr is not None
@@ -135,6 +136,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=2, help="client processes")
     ap.add_argument("--server", choices=("accept-loop", "uvicorn"), default="accept-loop")
     ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--no-dispatch", action="store_true",
+                    help="trace without the uvicorn dispatch uprobe")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root (it runs acceptrace)", file=sys.stderr)
@@ -149,7 +152,7 @@ def main() -> int:
                 base, base_err = measure(port, args.clients, args.phase)
             with tempfile.TemporaryDirectory() as tmp:
                 jp = Path(tmp) / "run.json"
-                tr = start_tracer(port, jp)
+                tr = start_tracer(port, jp, ["--no-dispatch"] if args.no_dispatch else [])
                 time.sleep(0.5)
                 cpu0, t0 = cpu_seconds(tr.pid), time.monotonic()
                 traced, traced_err = measure(port, args.clients, args.phase)
@@ -171,6 +174,7 @@ def main() -> int:
         stop_server(server)
     summary = {
         "server": args.server, "clients": args.clients, "phase_s": args.phase,
+        "dispatch": not args.no_dispatch,
         "cpus": os.cpu_count(), "kernel": os.uname().release,
         "median_ratio": statistics.median(r["ratio"] for r in rows),
         "min_ratio": min(r["ratio"] for r in rows),

@@ -8,9 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import IO
 
 from rich.console import Console
 
@@ -24,13 +26,43 @@ DEMO_CONCURRENCY = 64
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A TCP port the kernel just handed out on ``host`` (free now, not reserved)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
+class ServerStartError(RuntimeError):
+    """The server exited, or did not listen in time; the message has its stderr."""
+
+
+def socket_inodes_of(pid: int, proc: Path = Path("/proc")) -> set[int]:
+    """Inodes of the sockets process ``pid`` holds open (``/proc/PID/fd -> socket:[N]``)."""
+    out: set[int] = set()
+    fd_dir = proc / str(pid) / "fd"
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return out
+    for name in names:
+        try:
+            link = os.readlink(fd_dir / name)
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out.add(int(link[8:-1]))
+    return out
+
+
 class ServerProcess:
-    """A uvicorn server in its own process group; never outlives the with-block."""
+    """``python -m uvicorn APP`` in its own process group; never outlives the with-block.
+
+    ``wait_listening()`` returns once the server's own socket is in LISTEN on
+    the port (/proc/net/tcp{,6} state 0A, inode among the server's fds);
+    ``stop()`` (also on leaving the with-block, whatever happened in it) sends
+    SIGTERM to the group, then SIGKILL after ``timeout``.
+    """
 
     def __init__(
         self,
@@ -44,7 +76,12 @@ class ServerProcess:
         http: str | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
+        if loop not in (None, "auto", "uvloop", "asyncio"):
+            raise ValueError(f"loop must be uvloop, asyncio or auto, not {loop!r}")
+        if http not in (None, "auto", "httptools", "h11"):
+            raise ValueError(f"http must be httptools, h11 or auto, not {http!r}")
         self.port = port
+        self.host = host
         self.argv = [
             sys.executable, "-m", "uvicorn", app, "--host", host, "--port", str(port),
             "--backlog", str(backlog), "--log-level", "warning", "--no-access-log",
@@ -55,65 +92,103 @@ class ServerProcess:
             self.argv += ["--loop", loop]
         if http:
             self.argv += ["--http", http]
-        self.env = {**os.environ, **(env or {})}
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
-        self._stderr = None
+        self._stderr: IO[bytes] | None = None
 
     @property
     def pid(self) -> int:
-        assert self.proc is not None
+        if self.proc is None:
+            raise RuntimeError("server not started")
         return self.proc.pid
 
     def start(self) -> ServerProcess:
-        import tempfile  # noqa: PLC0415
-
+        if self.proc is not None:
+            raise RuntimeError("server already started")
         self._stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            self.argv, env=self.env, stdout=subprocess.DEVNULL, stderr=self._stderr,
-            start_new_session=True,
+            self.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=self._stderr, start_new_session=True,  # its own session and process group
         )
         return self
 
     def stderr_text(self) -> str:
-        if self._stderr is None:
+        if self._stderr is None or self._stderr.closed:
             return ""
         self._stderr.seek(0)
         return self._stderr.read().decode(errors="replace")
 
-    def wait_listening(self, timeout: float = 30.0) -> None:
-        assert self.proc is not None
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with {self.proc.returncode}: {self.stderr_text().strip()}"
-                )
-            if procnet.listening_sockets(self.port):
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"server not listening on {self.port} after {timeout:g} s: "
-                           + self.stderr_text().strip())
+    def _fail(self, what: str) -> ServerStartError:
+        err = self.stderr_text().strip()
+        return ServerStartError(f"{what}: {err}" if err else f"{what} (no stderr)")
 
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
+    def wait_listening(self, timeout: float = 30.0) -> None:
+        """Until the server listens on its port; ServerStartError if it exits or times out."""
+        if self.proc is None:
+            raise RuntimeError("server not started")
+        end = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise self._fail(f"server {self.argv[3]} exited with {self.proc.returncode}")
+            listening = {s.inode for s in procnet.listening_sockets(self.port)}
+            if listening & socket_inodes_of(self.proc.pid):
+                return
+            if time.monotonic() >= end:
+                raise self._fail(
+                    f"server {self.argv[3]} not listening on port {self.port} after {timeout:g} s")
+            time.sleep(0.05)
+
+    def _group_alive(self) -> bool:
+        assert self.proc is not None
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def _signal_group(self, sig: int) -> None:
+        assert self.proc is not None
+        try:
+            os.killpg(self.proc.pid, sig)
         except ProcessLookupError:
             pass
+
+    def _wait_group(self, timeout: float) -> bool:
+        """Reap the leader and wait for the rest of the group; True if all are gone."""
+        assert self.proc is not None
+        end = time.monotonic() + timeout
+        try:
+            self.proc.wait(max(0.0, timeout))
+        except subprocess.TimeoutExpired:
+            return False
+        while self._group_alive():
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.02)
+        return True
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM to the process group, SIGKILL after ``timeout``; returns when all are gone."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None or self._group_alive():
+            self._signal_group(signal.SIGTERM)
+            if not self._wait_group(timeout):
+                self._signal_group(signal.SIGKILL)
+                self._wait_group(10.0)
 
     def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
                  tb: TracebackType | None) -> None:
-        self.stop()
-        if self._stderr is not None:
-            self._stderr.close()
+        try:
+            self.stop()
+        finally:
+            if self._stderr is not None:
+                self._stderr.close()
 
 
 def run_demo(*, duration_s: float, json_path: Path | None, out: Console, err: Console) -> None:
@@ -141,7 +216,10 @@ def run_demo(*, duration_s: float, json_path: Path | None, out: Console, err: Co
         load = subprocess.Popen(
             [sys.executable, "-m", "acceptrace.loadgen", "--port", str(port),
              "--duration", f"{max(1.0, duration_s - 1.5):g}",
-             "--concurrency", str(DEMO_CONCURRENCY)],
+             "--concurrency", str(DEMO_CONCURRENCY),
+             # Dropped SYNs make connects of 1 s and 3 s; cut the 7 s ones short
+             # so the load ends soon after the trace.
+             "--connect-timeout", "4", "--timeout", "5"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             start_new_session=True,
         )
@@ -149,7 +227,7 @@ def run_demo(*, duration_s: float, json_path: Path | None, out: Console, err: Co
     with server:
         try:
             server.wait_listening()
-        except RuntimeError as exc:
+        except ServerStartError as exc:
             raise UserError(f"the demo server did not start: {exc}") from exc
         try:
             trace(TraceOptions(port=port, duration_s=duration_s, json_path=json_path), out, err,

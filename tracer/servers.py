@@ -75,6 +75,10 @@ def pids_with_sockets(inodes: set[int], proc: Path = Path("/proc")) -> list[int]
     return sorted(pids)
 
 
+def alive(pid: int, proc: Path = Path("/proc")) -> bool:
+    return (proc / str(pid)).exists()
+
+
 def server_pids(port: int) -> list[int]:
     return pids_with_sockets(socket_inodes(port))
 

@@ -128,10 +128,16 @@ class DispatchTracker:
     httptools module they map, and says once why dispatch cannot be traced.
     """
 
-    def __init__(self, port: int, backend: Backend) -> None:
+    FULL_SCAN_S = 10.0
+
+    def __init__(self, port: int, backend: Backend,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.port = port
         self.backend = backend
+        self.clock = clock
         self.pids: list[int] = []
+        self._inodes: set[int] = set()
+        self._next_full = 0.0
         self.infos: dict[int, servers.ServerInfo] = {}
         self.tried_paths: set[str] = set()
         self.messages: list[str] = []
@@ -146,8 +152,21 @@ class DispatchTracker:
             self._said.add(key)
             self.messages.append(msg)
 
-    def refresh(self) -> None:
-        pids = servers.server_pids(self.port)
+    def refresh(self, inodes: set[int]) -> None:
+        """Rescan the processes holding ``inodes`` (the port's listening sockets).
+
+        Walking every /proc/PID/fd is the costly part: it is done when the set
+        of listening sockets changes (a server started or restarted), and every
+        FULL_SCAN_S for workers that replace each other on the same socket;
+        in between, processes that exited are dropped.
+        """
+        now = self.clock()
+        if inodes != self._inodes or now >= self._next_full:
+            self._inodes = set(inodes)
+            self._next_full = now + self.FULL_SCAN_S
+            pids = servers.pids_with_sockets(self._inodes)
+        else:
+            pids = [p for p in self.pids if servers.alive(p)]
         if pids != self.pids:
             self.backend.set_server_pids(pids)
             self.pids = pids
@@ -205,7 +224,7 @@ class Session:
         self.netstat_before: dict[str, int] = {}
         self.netstat_after: dict[str, int] = {}
         self.last: KernelSnapshot = KernelSnapshot()
-        self.dispatch = DispatchTracker(port, backend) if backend.dispatch else None
+        self.dispatch = DispatchTracker(port, backend, clock) if backend.dispatch else None
         self._next_scan = 0.0
         self.notes: list[str] = []
 
@@ -222,7 +241,9 @@ class Session:
         now = self.clock()
         if now >= self._next_scan:
             self._next_scan = now + every_s
-            self.dispatch.refresh()
+            if not self.listener_drops.last or now - self.t0 < every_s:
+                self.listener_drops.update()
+            self.dispatch.refresh({ino for ino in self.listener_drops.last if ino})
         msgs = self.dispatch.take_messages()
         self.notes.extend(msgs)
         return msgs
