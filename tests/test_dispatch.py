@@ -216,3 +216,43 @@ def test_doctor_lists_server_processes():
     assert "uvloop" in line and "httptools" in line
     flat = "".join(ch for ch in res.stdout if not ch.isspace() and ch != "│")  # unfold cells
     assert "cb_on_headers_complete" in flat
+
+
+def test_gunicorn_uvicorn_workers(tracer):
+    """gunicorn with two UvicornWorkers: both workers found, every request dispatched."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from acceptrace.procnet import listening_sockets
+    from conftest import wait_until
+
+    n = 30
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-k", "uvicorn.workers.UvicornWorker", "-w", "2",
+         "-b", f"127.0.0.1:{port}", "--log-level", "warning", "acceptrace.demo_app:app"],
+        env={**os.environ, "ACCEPTRACE_DEMO_BLOCK_MS": "0"}, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert wait_until(lambda: listening_sockets(port), timeout=30), proc.stderr
+        assert wait_until(lambda: len(server_pids(port)) == 3, timeout=30)  # arbiter + 2
+        time.sleep(0.5)
+        t = tracer(port).start()
+        try:
+            res = run_load("127.0.0.1", port, duration_s=60, concurrency=4, max_requests=n)
+            time.sleep(0.3)
+        finally:
+            assert t.stop() == 0, t.stderr
+        pids = server_pids(port)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(20)
+    assert res.completed == n
+    run = t.report()
+    workers = set(pids) - {proc.pid}
+    assert len(workers) == 2
+    assert run["connections"]["accepted"] == n
+    assert run["connections"]["dispatched"] == n
+    assert {p["pid"] for p in run["processes"]} <= workers
