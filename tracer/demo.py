@@ -23,6 +23,9 @@ DEMO_APP = "acceptrace.demo_app:app"
 DEMO_BACKLOG = 8
 DEMO_BLOCK_MS = 20
 DEMO_CONCURRENCY = 64
+# Dropped SYNs make connects of 1 s, 2-3 s, 4 s (see loadgen); cut longer ones
+# short so the load ends soon after the trace.
+DEMO_CONNECT_TIMEOUT_S = 4.5
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -217,9 +220,7 @@ def run_demo(*, duration_s: float, json_path: Path | None, out: Console, err: Co
             [sys.executable, "-m", "acceptrace.loadgen", "--port", str(port),
              "--duration", f"{max(1.0, duration_s - 1.5):g}",
              "--concurrency", str(DEMO_CONCURRENCY),
-             # Dropped SYNs make connects of 1 s and 3 s; cut the 7 s ones short
-             # so the load ends soon after the trace.
-             "--connect-timeout", "4", "--timeout", "5"],
+             "--connect-timeout", f"{DEMO_CONNECT_TIMEOUT_S:g}", "--timeout", "5"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             start_new_session=True,
         )
@@ -248,6 +249,13 @@ def _print_load(stdout: str, err: Console) -> None:
     except (IndexError, ValueError):
         return
     errors = ", ".join(f"{k} {v}" for k, v in res.get("errors", {}).items()) or "none"
+    connect_timeouts = int(res.get("connect_timeouts") or 0)
+    if connect_timeouts:
+        errors += (f"; {connect_timeouts} connects had no SYN-ACK within "
+                   f"{DEMO_CONNECT_TIMEOUT_S:g} s: their SYN and every retransmit were dropped")
+    if res.get("errors", {}).get("timeout", 0) > connect_timeouts:
+        errors += (f"; {res['errors']['timeout'] - connect_timeouts} connected but had "
+                   "no response within 5 s")
     err.print(
         f"load generator: {res['completed']} of {res['attempted']} requests completed "
         f"(errors: {errors}); connect p50 {res['connect_p50_ms']} ms, "

@@ -8,8 +8,10 @@ connect_timeout_s + timeout_s``.  Meant for loopback targets (the demo, the
 tests, the benchmarks).
 
 Connect times show the cost of dropped SYNs: a client whose SYN a full
-listener dropped waits for its retransmit (RTO 1 s, then 2 s, 4 s: connects
-of about 1 s, 3 s, 7 s).
+listener dropped waits for its retransmit, 1 s later.  Later retransmits
+back off exponentially (connects of 1 s, 3 s, 7 s ...), or, on kernels with
+``net.ipv4.tcp_syn_linear_timeouts`` (6.18 here: 4), come every second for
+the first 4 retries (connects of 1 s, 2 s, 3 s, 4 s, then 6 s, 10 s ...).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class LoadResult:
     completed: int = 0  # 2xx responses
     # refused / reset / timeout / http (no 2xx response) / other (any other OSError)
     errors: dict[str, int] = field(default_factory=dict)
+    connect_timeouts: int = 0  # of errors["timeout"]: no SYN-ACK within connect_timeout_s
     connect_s: list[float] = field(default_factory=list)  # every connect that succeeded
     total_s: list[float] = field(default_factory=list)    # every completed request
     duration_s: float = 0.0
@@ -53,6 +56,7 @@ class LoadResult:
             "attempted": self.attempted,
             "completed": self.completed,
             "errors": dict(sorted(self.errors.items())),
+            "connect_timeouts": self.connect_timeouts,
             "duration_s": round(self.duration_s, 3),
             "requests_per_s": round(self.completed / self.duration_s, 1)
             if self.duration_s > 0 else None,
@@ -61,7 +65,7 @@ class LoadResult:
             for label, q in (("p50", 0.5), ("p99", 0.99), ("max", 1.0)):
                 v = self.percentile(vals, q)
                 d[f"{name}_{label}_ms"] = None if v is None else round(v * 1000, 2)
-        # A connect of >= 1 s waited for at least one SYN retransmit; >= 3 s for two.
+        # A connect of >= 1 s waited for at least one SYN retransmit; >= 3 s for two or more.
         d["slow_connects_1s"] = sum(1 for v in self.connect_s if v >= 0.9)
         d["slow_connects_3s"] = sum(1 for v in self.connect_s if v >= 2.9)
         return d
@@ -83,8 +87,12 @@ async def _one(host: str, port: int, request: bytes, connect_timeout_s: float,
     t0 = time.monotonic()
     writer: asyncio.StreamWriter | None = None
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port), connect_timeout_s)
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port), connect_timeout_s)
+        except asyncio.TimeoutError:
+            res.connect_timeouts += 1
+            raise
         res.connect_s.append(time.monotonic() - t0)
         writer.write(request)
         await asyncio.wait_for(writer.drain(), timeout_s)
