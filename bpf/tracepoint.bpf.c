@@ -139,6 +139,16 @@ static __always_inline int sk_is_ours(const void *sk, int state)
 	return 1;
 }
 
+/* Cheapest test that a socket is not ours: its local port (2-byte read).
+ * The read/send tracepoints fire for every socket on the machine. */
+static __always_inline int sk_port_is_ours(const void *sk)
+{
+	u16 num = 0;
+
+	READ_KERN(num, sk + AT_OFF_SK_NUM);
+	return num == AT_PORT;
+}
+
 /* Fill the 4-tuple of a child socket from its sock_common. */
 static __always_inline void conn_tuple_from_sk(struct at_conn *c, const void *sk)
 {
@@ -388,14 +398,8 @@ TRACEPOINT_PROBE(sock, sock_recv_length)
 	u64 key = (u64)args->sk;
 	struct at_conn *c;
 	u64 now;
-	u16 num = 0;
 
-	if (args->ret <= 0 || args->protocol != AT_IPPROTO_TCP)
-		return 0;
-	/* Every read on the machine comes here: a 2-byte read is cheaper than a
-	 * hash lookup for the sockets that are not ours. */
-	READ_KERN(num, args->sk + AT_OFF_SK_NUM);
-	if (num != AT_PORT)
+	if (args->ret <= 0 || args->protocol != AT_IPPROTO_TCP || !sk_port_is_ours(args->sk))
 		return 0;
 #ifdef AT_DISPATCH
 	{
@@ -461,12 +465,8 @@ TRACEPOINT_PROBE(sock, sock_send_length)
 	u64 key = (u64)args->sk;
 	struct at_conn *c;
 	u64 now;
-	u16 num = 0;
 
-	if (args->ret <= 0 || args->protocol != AT_IPPROTO_TCP)
-		return 0;
-	READ_KERN(num, args->sk + AT_OFF_SK_NUM);
-	if (num != AT_PORT)
+	if (args->ret <= 0 || args->protocol != AT_IPPROTO_TCP || !sk_port_is_ours(args->sk))
 		return 0;
 	c = conns.lookup(&key);
 	if (!c || !c->dispatch_ns || c->response_ns)

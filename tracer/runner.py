@@ -20,7 +20,7 @@ from rich.console import Console
 
 from . import headers, kernel, procnet
 from .errors import UserError
-from .model import Run
+from .model import Interval, Run
 from .render import render_interval_line, render_summary
 from .session import Session
 
@@ -257,29 +257,50 @@ def _live_loop(session: Session, opts: TraceOptions, out: Console, stop: StopFla
     def draw() -> object:
         return render_dashboard(view["run"], view["iv"], state, out.size.height)
 
+    def on_tick(iv: Interval, _msgs: list[str]) -> None:
+        # Dispatch messages go to meta.notes; the screen belongs to the dashboard.
+        with lock:
+            view["run"], view["iv"] = session.build_run(), iv
+        redraw.set()
+
+    def after_poll() -> None:
+        if redraw.is_set():
+            redraw.clear()
+            with lock:
+                live.update(draw(), refresh=True)
+
     with Live(draw(), console=out, auto_refresh=False, screen=True,
               vertical_overflow="crop") as live, KeyReader(on_key):
-        start = time.monotonic()
-        deadline = start + opts.duration_s if opts.duration_s else None
-        next_tick = start + opts.interval_s
-        while not stop.set:
-            now = time.monotonic()
-            until = next_tick if deadline is None else min(next_tick, deadline)
-            session.poll(max(0, min(100, int((until - now) * 1000))))
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                break
-            if now >= next_tick:
-                iv = session.tick()
-                session.scan_servers()
-                next_tick += opts.interval_s * max(1, int((now - next_tick) // opts.interval_s) + 1)
-                with lock:
-                    view["run"], view["iv"] = session.build_run(), iv
-                redraw.set()
-            if redraw.is_set():
-                redraw.clear()
-                with lock:
-                    live.update(draw(), refresh=True)
+        _run_intervals(session, opts, stop, on_tick, after_poll, poll_ms=100)
+
+
+def _run_intervals(
+    session: Session,
+    opts: TraceOptions,
+    stop: StopFlag,
+    on_tick: Callable[[Interval, list[str]], None],
+    after_poll: Callable[[], None] | None = None,
+    poll_ms: int = 200,
+) -> None:
+    """Poll the ring buffer until --duration or a signal; close an interval on time."""
+    start = time.monotonic()
+    deadline = start + opts.duration_s if opts.duration_s else None
+    next_tick = start + opts.interval_s
+    while not stop.set:
+        now = time.monotonic()
+        until = next_tick if deadline is None else min(next_tick, deadline)
+        session.poll(max(0, min(poll_ms, int((until - now) * 1000))))
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            break
+        if now >= next_tick:
+            iv = session.tick()
+            msgs = session.scan_servers()
+            # Skip intervals that a stall (e.g. a suspended terminal) left behind.
+            next_tick += opts.interval_s * max(1, int((now - next_tick) // opts.interval_s) + 1)
+            on_tick(iv, msgs)
+        if after_poll is not None:
+            after_poll()
 
 
 def _loop(
@@ -290,23 +311,16 @@ def _loop(
     stop: StopFlag,
     listening: bool,
 ) -> None:
-    start = time.monotonic()
-    deadline = start + opts.duration_s if opts.duration_s else None
-    next_tick = start + opts.interval_s
-    while not stop.set:
-        now = time.monotonic()
-        until = next_tick if deadline is None else min(next_tick, deadline)
-        session.poll(max(0, min(200, int((until - now) * 1000))))
-        now = time.monotonic()
-        if deadline is not None and now >= deadline:
-            break
-        if now >= next_tick:
-            iv = session.tick()
-            for msg in session.scan_servers():
-                err.print(f"acceptrace: {msg}")
-            next_tick += opts.interval_s * max(1, int((now - next_tick) // opts.interval_s) + 1)
-            if not listening and session.listener_drops.last:
-                listening = True
-                err.print(f"acceptrace: a listener appeared on port {opts.port}")
-            if not opts.quiet_intervals:
-                out.print(render_interval_line(session.build_run(), iv), highlight=False)
+    """One plain line per interval (no terminal, or --no-tui)."""
+    seen = {"listening": listening}
+
+    def on_tick(iv: Interval, msgs: list[str]) -> None:
+        for msg in msgs:
+            err.print(f"acceptrace: {msg}")
+        if not seen["listening"] and session.listener_drops.last:
+            seen["listening"] = True
+            err.print(f"acceptrace: a listener appeared on port {opts.port}")
+        if not opts.quiet_intervals:
+            out.print(render_interval_line(session.build_run(), iv), highlight=False)
+
+    _run_intervals(session, opts, stop, on_tick)
