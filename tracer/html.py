@@ -36,7 +36,7 @@ def _svg(body: str, label: str, kind: str) -> str:
             f"{body}</svg>")
 
 
-def _axes(xticks: list[tuple[float, str]], ymax: float, yfmt: str = "{:,.0f}") -> str:
+def _axes(xticks: list[tuple[float, str]], ymax: float, yspec: str = ",.0f") -> str:
     x0, y0, x1, y1 = PAD_L, H - PAD_B, W - PAD_R, PAD_T
     out = [f'<line class="axis" x1="{x0}" y1="{y0}" x2="{x1}" y2="{y0}"/>',
            f'<line class="axis" x1="{x0}" y1="{y0}" x2="{x0}" y2="{y1}"/>']
@@ -46,7 +46,7 @@ def _axes(xticks: list[tuple[float, str]], ymax: float, yfmt: str = "{:,.0f}") -
     for frac in (0.5, 1.0):
         y = y0 - frac * (y0 - y1)
         out.append(f'<text x="{x0 - 6}" y="{y + 4:.1f}" text-anchor="end">'
-                   f"{escape(yfmt.format(ymax * frac))}</text>")
+                   f"{escape(format(ymax * frac, yspec))}</text>")
     return "".join(out)
 
 
