@@ -15,8 +15,10 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def _consoles() -> tuple[Console, Console]:
+    # A pipe or log file gets 120 columns rather than rich's default of 80.
+    width = None if sys.stdout.isatty() else 120
     return (
-        Console(highlight=False, soft_wrap=True),
+        Console(highlight=False, soft_wrap=True, width=width),
         Console(stderr=True, highlight=False, soft_wrap=True),
     )
 

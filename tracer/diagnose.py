@@ -59,8 +59,9 @@ def diagnose(run: Run) -> list[Finding]:
         out.append(Finding(
             "syn_dropped", "critical",
             f"{syn:,} SYNs were dropped because the accept queue was full: each of those "
-            "clients waited at least 1 s (SYN retransmit; 3 s, 7 s on repeats) before "
-            "getting in — the latency spikes of exactly 1 s and 3 s in client metrics."))
+            "clients waited at least 1 s (the SYN retransmit timeout; more on repeats: "
+            "1 s each with net.ipv4.tcp_syn_linear_timeouts, else 2 s, 4 s, ...) before "
+            "getting in — the latency spikes of whole seconds in client metrics."))
 
     ack = d.get("ack_dropped")
     if ack:

@@ -146,8 +146,13 @@ def _addr(family: str, a: str, port: int) -> str:
 
 
 def _slowest_table(run: Run, limit: int = 10) -> Table:
-    t = Table(title="slowest connections", title_justify="left", show_edge=False)
-    for col in ("client", "pid", "handshake", "accept_q", "syn→acc", "acc→read", "total", "notes"):
+    t = Table(title="slowest connections (total: SYN → last step seen)", title_justify="left",
+              show_edge=False)
+    dispatch = any(s.read_to_dispatch_us is not None for s in run.slowest)
+    # With the dispatch steps, syn→acc (= handshake + accept_q) makes room for them.
+    cols = ["client", "pid", "handshake", "accept_q", "acc→read", "read→disp", "disp→resp"] \
+        if dispatch else ["client", "pid", "handshake", "accept_q", "syn→acc", "acc→read"]
+    for col in (*cols, "total", "notes"):
         t.add_column(col, justify="left" if col in ("client", "notes") else "right",
                      no_wrap=col != "notes")
     for s in run.slowest[:limit]:
@@ -156,11 +161,14 @@ def _slowest_table(run: Run, limit: int = 10) -> Table:
             notes.append("syncookie")
         if s.synack_retransmits:
             notes.append(f"{s.synack_retransmits} SYN-ACK rtx")
-        t.add_row(
-            _addr(s.family, s.saddr, s.sport), str(s.pid) if s.pid else "-",
-            fmt_us(s.handshake_us), fmt_us(s.accept_queue_us), fmt_us(s.syn_to_accept_us),
-            fmt_us(s.accept_to_read_us), fmt_us(s.total_us), ", ".join(notes),
-        )
+        cells = [_addr(s.family, s.saddr, s.sport), str(s.pid) if s.pid else "-",
+                 fmt_us(s.handshake_us), fmt_us(s.accept_queue_us)]
+        if dispatch:
+            cells += [fmt_us(s.accept_to_read_us), fmt_us(s.read_to_dispatch_us),
+                      fmt_us(s.dispatch_to_response_us)]
+        else:
+            cells += [fmt_us(s.syn_to_accept_us), fmt_us(s.accept_to_read_us)]
+        t.add_row(*cells, fmt_us(s.total_us), ", ".join(notes))
     return t
 
 
