@@ -99,17 +99,27 @@ enum at_counter_id {
 	AT_C_DISPATCHED = 10,      /* connections with a first ASGI dispatch (AT_DISPATCH) */
 	AT_C_REQUESTS = 11,        /* every dispatch: requests, keep-alive ones included */
 	AT_C_RESPONDED = 12,       /* dispatched connections that wrote a first byte back */
-	AT_C_COUNT = 13,
+	/* Decision points inside tcp_conn_request / tcp_v{4,6}_syn_recv_sock:
+	 * only the fentry and kprobe backends see these (tracepoint: 0, reported null). */
+	AT_C_SYNS = 13,                /* SYNs that reached tcp_conn_request of the port */
+	AT_C_SYN_DROPPED_ACCEPTQ = 14, /* SYN dropped, accept queue full (ListenOverflows) */
+	AT_C_SYN_DROPPED_SYNQ = 15,    /* SYN dropped, SYN queue full, no syncookies (TCPReqQFullDrop) */
+	AT_C_SYNCOOKIES_SENT = 16,     /* SYN answered with a syncookie (SyncookiesSent) */
+	AT_C_LISTEN_DROPS_OTHER = 17,  /* other tcp_listendrop()s: no memory, no route, LSM, ... */
+	AT_C_SYN_RETRIED = 18,         /* children whose client had to retransmit its SYN */
+	AT_C_COUNT = 19,
 };
 
 /* Per-connection state, keyed by the child struct sock * (LRU hash). */
 struct at_conn {
-	u64 syn_ns;        /* 0: unknown (syncookie, or not seen) */
+	u64 syn_ns;        /* first SYN of the 4-tuple; 0: unknown (not seen, or a syncookie
+	                    * connection under the tracepoint backend) */
 	u64 queued_ns;     /* 0: unknown */
 	u64 accepted_ns;   /* 0: not accepted yet */
 	u64 first_read_ns; /* 0: not read yet */
 	u64 dispatch_ns;   /* first ASGI dispatch (httptools headers complete); 0: none */
 	u64 response_ns;   /* first byte written after the first dispatch; 0: none */
+	u64 syn_ok_ns;     /* the SYN that got through (== syn_ns unless the client retransmitted) */
 	u32 requests;      /* dispatches on this connection (keep-alive, pipelining) */
 	u32 pid;           /* tgid of the accepting process */
 	u16 family;        /* AF_INET / AF_INET6 */
@@ -118,11 +128,15 @@ struct at_conn {
 	u8 syncookie;
 	u8 synack_retrans; /* request_sock.num_retrans at enqueue */
 	u8 sampled;        /* already sent to userspace */
-	u8 pad[3];
+	u8 syn_retrans;    /* client SYN retransmits before one got through (fentry/kprobe) */
+	u8 flags;          /* AT_CONN_* */
+	u8 pad;
 	u8 saddr[16];      /* client address (IPv4 in the first 4 bytes) */
 	u8 daddr[16];      /* server address */
 	char comm[16];
 };
+
+#define AT_CONN_SYN_SEEN 1 /* syn_retrans is known: the first SYN was seen (fentry/kprobe) */
 
 /* A finished connection sent to userspace when it is among the slowest. */
 struct at_sample {
@@ -148,6 +162,25 @@ struct at_listener {
 	u16 family;
 	u16 port;
 	u32 pad;
+};
+
+/* A 4-tuple as seen in a packet (client = s, server = d), IPv4 in the first 4 bytes. */
+struct at_tuple {
+	u8 saddr[16];
+	u8 daddr[16];
+	u16 sport;         /* host order */
+	u16 dport;
+	u8 family;         /* 4 or 6: the packet's IP version */
+	u8 pad[3];
+};
+
+/* SYNs of one 4-tuple that reached tcp_conn_request, until a child exists. */
+struct at_syn {
+	u64 first_ns;
+	u64 last_ns;
+	u32 count;
+	u8 cookie;         /* the last SYN was answered with a syncookie */
+	u8 pad[3];
 };
 
 #endif /* ACCEPTRACE_H */

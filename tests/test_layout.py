@@ -18,6 +18,8 @@ STRUCTS = {
     "at_sample": L.AtSample,
     "at_proc": L.AtProc,
     "at_listener": L.AtListener,
+    "at_tuple": L.AtTuple,
+    "at_syn": L.AtSyn,
 }
 
 
@@ -70,10 +72,11 @@ def test_sample_reasons_match_header():
     text = (BPF_DIR / "acceptrace.h").read_text()
     assert f"#define AT_SAMPLE_READ {L.SAMPLE_READ}" in text
     assert f"#define AT_SAMPLE_CLOSE {L.SAMPLE_CLOSE}" in text
+    assert f"#define AT_CONN_SYN_SEEN {L.CONN_SYN_SEEN}" in text
 
 
 def test_bpf_sources_ship_in_package():
     import importlib.resources
 
     names = {p.name for p in importlib.resources.files("acceptrace.bpf").iterdir()}
-    assert {"acceptrace.h", "tracepoint.bpf.c"} <= names
+    assert {"acceptrace.h", "acceptrace.bpf.c"} <= names

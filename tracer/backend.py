@@ -1,6 +1,6 @@
 """The seam between a tracing backend (kernel side) and the session.
 
-A backend (tracepoint today; fentry and kprobe next) attaches its programs
+A backend (fentry, kprobe or tracepoint) attaches its programs
 and, when asked, returns a cumulative :class:`KernelSnapshot` and the slow
 connections it sent since the last poll.  Everything here is pure Python so
 the session logic is testable without root; bpfloader.py is the only module
@@ -62,6 +62,8 @@ class ConnRecord:
     dispatch_ns: int | None = None
     response_ns: int | None = None
     requests: int = 0
+    syn_ok_ns: int | None = None        # the SYN that got through (fentry/kprobe)
+    syn_retransmits: int | None = None  # client SYNs before that one; None: not seen
 
 
 class Backend(Protocol):
@@ -70,6 +72,8 @@ class Backend(Protocol):
     notes: list[str]
     ack_overflow_observable: bool
     dispatch: bool
+    exact_drops: bool           # drop counters taken at the kernel's decision points
+    missing_stages: set[str]    # stages this kernel's hooks cannot measure (null)
 
     def snapshot(self) -> KernelSnapshot: ...
 

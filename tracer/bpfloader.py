@@ -14,7 +14,7 @@ from . import layout as L
 from .backend import ConnRecord, KernelSnapshot, ListenerSnapshot, ProcSnapshot
 from .errors import UserError
 from .hist import NBUCKETS, Histogram
-from .kernel import cflags
+from .kernel import FUNC_HOOKS, cflags
 from .servers import DispatchTarget
 
 _bcc: Any = None
@@ -33,6 +33,12 @@ COUNTER_NAMES: dict[int, str] = {
     L.C_DISPATCHED: "dispatched",
     L.C_REQUESTS: "requests",
     L.C_RESPONDED: "responded",
+    L.C_SYNS: "syns",
+    L.C_SYN_DROPPED_ACCEPTQ: "syn_dropped_acceptq_full",
+    L.C_SYN_DROPPED_SYNQ: "syn_dropped_synq_full",
+    L.C_SYNCOOKIES_SENT: "syncookies_sent",
+    L.C_LISTEN_DROPS_OTHER: "listen_drops_other",
+    L.C_SYN_RETRIED: "syn_retried",
 }
 HIST_NAMES: dict[int, tuple[str, str, int]] = {
     L.H_HANDSHAKE: ("handshake", "us", 1000),
@@ -112,30 +118,40 @@ def _compile(src_name: str, flags: list[str]) -> Any:
             return bcc.BPF(src_file=str(src_path).encode(), cflags=[f"-I{src_path.parent}", *flags])
         except Exception as exc:  # bcc raises plain Exception
             detail = cap.first_error() or str(exc)
+    if "super-user" in detail and os.geteuid() == 0:
+        # BCC's wording for EPERM; as root that is a policy, not a missing privilege.
+        detail = ("EPERM although running as root: a kernel security policy (lockdown, an "
+                  "LSM) refuses this program type")
     raise UserError(f"BPF program {src_name} failed to load: {detail}")
 
 
-class TracepointBackend:
-    """The tracepoint-only backend (bpf/tracepoint.bpf.c)."""
+BPF_SOURCE = "acceptrace.bpf.c"
 
-    name = "tracepoint"
+
+class _BccBackend:
+    """One compiled bpf/acceptrace.bpf.c with this backend's hooks (-DAT_BACKEND_*)."""
+
+    name = ""
+    exact_drops = False  # the drop counters come from the decision points
 
     def __init__(
         self,
         port: int,
         defines: dict[str, int],
         *,
-        ack_overflow_observable: bool,
+        ack_overflow_observable: bool = False,
         conn_max: int = 65536,
         ringbuf_pages: int = 64,
         notes: list[str] | None = None,
         dispatch: bool = False,
+        missing_stages: set[str] | None = None,
     ) -> None:
         if not 1 <= port <= 65535:
             raise ValueError(f"port out of range: {port}")
         all_defines = dict(defines)
         all_defines.update(
-            {"AT_PORT": port, "AT_CONN_MAX": conn_max, "AT_RINGBUF_PAGES": ringbuf_pages}
+            {"AT_PORT": port, "AT_CONN_MAX": conn_max, "AT_RINGBUF_PAGES": ringbuf_pages,
+             f"AT_BACKEND_{self.name.upper()}": 1}
         )
         if dispatch:
             all_defines["AT_DISPATCH"] = 1
@@ -144,15 +160,14 @@ class TracepointBackend:
         self.dispatch_targets: list[DispatchTarget] = []
         self.notes = list(notes or [])
         self.ack_overflow_observable = ack_overflow_observable
-        self.hooks = list(TRACEPOINT_HOOKS)
-        if ack_overflow_observable:
-            self.hooks.append("tracepoint:skb:kfree_skb")
-        if dispatch:
-            self.hooks.append("tracepoint:sock:sock_send_length")
+        self.missing_stages: set[str] = set(missing_stages or ())
+        self.hooks: list[str] = []
+        self.defines = all_defines
         self._pending: list[ConnRecord] = []
         self._ncpu = len(import_bcc().utils.get_online_cpus())
-        self.bpf = _compile("tracepoint.bpf.c", cflags(all_defines))
+        self.bpf = _compile(BPF_SOURCE, cflags(all_defines))
         try:
+            self._attach()
             self._hists = self.bpf.get_table("hists")
             self._counters = self.bpf.get_table("counters")
             self._procs = self.bpf.get_table("procs")
@@ -163,6 +178,10 @@ class TracepointBackend:
             self.close()
             raise
 
+    def _attach(self) -> None:
+        """Attach what BCC does not attach by itself; fill self.hooks."""
+        raise NotImplementedError
+
     # -- ring buffer -------------------------------------------------------------
     def _on_sample(self, _ctx: Any, data: Any, _size: int) -> None:
         s = ct.cast(data, ct.POINTER(L.AtSample)).contents
@@ -171,6 +190,7 @@ class TracepointBackend:
         def ts(v: int) -> int | None:
             return int(v) or None
 
+        syn_seen = bool(c.flags & L.CONN_SYN_SEEN)
         self._pending.append(
             ConnRecord(
                 family=int(c.family),
@@ -189,6 +209,8 @@ class TracepointBackend:
                 dispatch_ns=ts(c.dispatch_ns),
                 response_ns=ts(c.response_ns),
                 requests=int(c.requests),
+                syn_ok_ns=ts(c.syn_ok_ns),
+                syn_retransmits=int(c.syn_retrans) if syn_seen else None,
             )
         )
 
@@ -269,33 +291,130 @@ class TracepointBackend:
             self.bpf = None
 
 
-def try_load_kprobe() -> tuple[bool, str]:
-    """Can this kernel run a kprobe program?  Tries to attach one, then detaches."""
-    bcc = import_bcc()
-    try:
-        b = bcc.BPF(text=b"int probe(void *ctx) { return 0; }")
-    except Exception as exc:
-        return False, f"cannot compile a test program: {exc}"
-    try:
-        with _CaptureFd2():  # libbcc prints its own complaint on fd 2
-            b.attach_kprobe(event=b"tcp_conn_request", fn_name=b"probe")
-        return True, "a kprobe on tcp_conn_request attached"
-    except Exception as exc:
-        return False, f"kprobe attach failed ({str(exc).strip() or type(exc).__name__})"
-    finally:
-        b.cleanup()
+class TracepointBackend(_BccBackend):
+    """Tracepoints only (Linux 6.3+): works where kprobes and fentry cannot be loaded."""
+
+    name = "tracepoint"
+
+    def _attach(self) -> None:
+        # BCC attached every TRACEPOINT_PROBE when it loaded the program.
+        self.hooks = list(TRACEPOINT_HOOKS)
+        if self.ack_overflow_observable:
+            self.hooks.append("tracepoint:skb:kfree_skb")
+        if self.dispatch:
+            self.hooks.append("tracepoint:sock:sock_send_length")
 
 
-def try_load_fentry() -> tuple[bool, str]:
-    """Can this kernel load an fentry program?  Loads one on tcp_conn_request."""
-    bcc = import_bcc()
-    if not bcc.BPF.support_kfunc():
+FUNC_TRACEPOINT_HOOKS = ["tracepoint:sock:inet_sock_set_state",
+                         "tracepoint:tcp:tcp_retransmit_synack"]
+
+# define (None: always compiled) -> the fentry programs BCC loads for it.
+FENTRY_PROGRAMS: list[tuple[str | None, list[str]]] = [
+    (None, ["fentry:tcp_conn_request", "fexit:tcp_conn_request",
+            "fentry:tcp_v4_syn_recv_sock", "fexit:tcp_v4_syn_recv_sock"]),
+    ("AT_HAVE_TCP_V6_SYN_RECV_SOCK", ["fentry:tcp_v6_syn_recv_sock",
+                                      "fexit:tcp_v6_syn_recv_sock"]),
+    ("AT_HAVE_COOKIE_V4_INIT_SEQUENCE", ["fentry:cookie_v4_init_sequence"]),
+    ("AT_HAVE_COOKIE_V6_INIT_SEQUENCE", ["fentry:cookie_v6_init_sequence"]),
+    ("AT_HAVE_REQSK_HASH_ADD", ["fentry:inet_csk_reqsk_queue_hash_add"]),
+    ("AT_HAVE_REQSK_QUEUE_ADD", ["fexit:inet_csk_reqsk_queue_add"]),
+    ("AT_HAVE_INET_CSK_ACCEPT", ["fexit:inet_csk_accept"]),
+    ("AT_HAVE_TCP_RECVMSG", ["fexit:tcp_recvmsg"]),
+]
+
+
+class FentryBackend(_BccBackend):
+    """fentry/fexit on the accept path's kernel functions (BPF trampolines)."""
+
+    name = "fentry"
+    exact_drops = True
+
+    def _attach(self) -> None:
+        # BCC loaded and attached every KFUNC_PROBE/KRETFUNC_PROBE compiled in.
+        hooks: list[str] = []
+        for define, names in FENTRY_PROGRAMS:
+            if define is None or define in self.defines:
+                hooks += names
+        if self.dispatch and "AT_HAVE_TCP_SENDMSG" in self.defines:
+            hooks.append("fexit:tcp_sendmsg")
+        self.hooks = hooks + FUNC_TRACEPOINT_HOOKS
+
+
+# (entry fn, return fn, kernel functions, define the C was built with, required)
+KPROBES: list[tuple[str | None, str | None, list[str], str | None, bool]] = [
+    ("kp_tcp_conn_request", "kr_tcp_conn_request", ["tcp_conn_request"], None, True),
+    ("kp_tcp_v4_syn_recv_sock", "kr_tcp_v4_syn_recv_sock", ["tcp_v4_syn_recv_sock"], None,
+     True),
+    ("kp_tcp_v6_syn_recv_sock", "kr_tcp_v6_syn_recv_sock", ["tcp_v6_syn_recv_sock"],
+     "AT_HAVE_TCP_V6_SYN_RECV_SOCK", False),
+    ("kp_cookie_init_sequence", None, ["cookie_v4_init_sequence"],
+     "AT_HAVE_COOKIE_V4_INIT_SEQUENCE", False),
+    ("kp_cookie_init_sequence", None, ["cookie_v6_init_sequence"],
+     "AT_HAVE_COOKIE_V6_INIT_SEQUENCE", False),
+    # The C's drop attribution relies on these two when built with their define:
+    ("kp_reqsk_queue_hash_add", None, ["inet_csk_reqsk_queue_hash_add"],
+     "AT_HAVE_REQSK_HASH_ADD", True),
+    ("kp_reqsk_queue_add", "kr_reqsk_queue_add", ["inet_csk_reqsk_queue_add"],
+     "AT_HAVE_REQSK_QUEUE_ADD", True),
+    (None, "kr_inet_csk_accept", ["inet_csk_accept"], "AT_HAVE_INET_CSK_ACCEPT", False),
+    ("kp_tcp_recvmsg", "kr_tcp_recvmsg", ["tcp_recvmsg"], "AT_HAVE_TCP_RECVMSG", False),
+]
+# Calls that sleep (accept, recvmsg): a kretprobe instance per sleeping task.
+KRETPROBE_MAXACTIVE = 512
+
+
+class KprobeBackend(_BccBackend):
+    """kprobes/kretprobes on the same functions, where fentry is not allowed."""
+
+    name = "kprobe"
+    exact_drops = True
+
+    def _attach(self) -> None:
+        probes = list(KPROBES)
+        if self.dispatch and "AT_HAVE_TCP_SENDMSG" in self.defines:
+            probes.append(("kp_tcp_sendmsg", "kr_tcp_sendmsg", ["tcp_sendmsg"],
+                           "AT_HAVE_TCP_SENDMSG", False))
+        for entry, ret, funcs, define, required in probes:
+            if define is not None and define not in self.defines:
+                continue
+            for func in funcs:
+                try:
+                    with _CaptureFd2():
+                        if entry:
+                            self.bpf.attach_kprobe(event=func.encode(), fn_name=entry.encode())
+                        if ret:
+                            self.bpf.attach_kretprobe(event=func.encode(), fn_name=ret.encode(),
+                                                      maxactive=KRETPROBE_MAXACTIVE)
+                except Exception as exc:  # bcc raises plain Exception
+                    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else "failed"
+                    if required or define is None:
+                        raise UserError(f"kprobe on {func} failed: {msg}") from exc
+                    self.notes.append(f"kprobe on {func} failed ({msg}): not traced")
+                    self.missing_stages.update(_stages_without(func))
+                    continue
+                if entry:
+                    self.hooks.append(f"kprobe:{func}")
+                if ret:
+                    self.hooks.append(f"kretprobe:{func}")
+        self.hooks += FUNC_TRACEPOINT_HOOKS
+
+
+def _stages_without(func: str) -> tuple[str, ...]:
+    for hook in FUNC_HOOKS:
+        if hook.func == func:
+            return hook.stages
+    return ()
+
+
+BACKENDS: dict[str, type[_BccBackend]] = {
+    "fentry": FentryBackend,
+    "kprobe": KprobeBackend,
+    "tracepoint": TracepointBackend,
+}
+
+
+def fentry_supported() -> tuple[bool, str]:
+    """Does BCC and this kernel offer BPF trampolines at all?  (Loading tells the rest.)"""
+    if not import_bcc().BPF.support_kfunc():
         return False, "BCC or the kernel lacks fentry (BPF trampoline) support"
-    try:
-        with _CaptureFd2():
-            b = bcc.BPF(text=b"KFUNC_PROBE(tcp_conn_request) { return 0; }")
-        b.cleanup()
-        return True, "an fentry program on tcp_conn_request loaded"
-    except Exception as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return False, f"fentry program refused at load ({msg})"
+    return True, "BPF trampolines supported"

@@ -81,6 +81,21 @@ ENUMS: dict[str, str] = {
     "AT_TCP_SYN_RECV": "TCP_SYN_RECV",
     "AT_TCP_CLOSE": "TCP_CLOSE",
 }
+# Offsets only the kernel-function hooks (fentry, kprobe) read.
+FUNC_OFFSETS: dict[str, tuple[str, str]] = {
+    "AT_OFF_SKB_HEAD": ("sk_buff", "head"),
+    "AT_OFF_SKB_NETWORK_HEADER": ("sk_buff", "network_header"),
+    "AT_OFF_SKB_TRANSPORT_HEADER": ("sk_buff", "transport_header"),
+    "AT_OFF_SK_NET": ("sock", "__sk_common.skc_net.net"),
+    "AT_OFF_NET_SYNCOOKIES": ("net", "ipv4.sysctl_tcp_syncookies"),
+}
+EXPECTED_SIZES.update({
+    "AT_OFF_SKB_HEAD": 8,
+    "AT_OFF_SKB_NETWORK_HEADER": 2,
+    "AT_OFF_SKB_TRANSPORT_HEADER": 2,
+    "AT_OFF_SK_NET": 8,
+    "AT_OFF_NET_SYNCOOKIES": 1,
+})
 OPTIONAL_ENUMS: dict[str, str] = {
     "AT_DROP_REASON_LISTEN_OVERFLOW": "SKB_DROP_REASON_TCP_LISTEN_OVERFLOW",
 }
@@ -141,6 +156,12 @@ def ensure_tracefs() -> tuple[Path, bool]:
         f"tracefs is not mounted and mounting it failed ({reason}); "
         f"run: mount -t tracefs nodev {target}"
     )
+
+
+def kprobes_available() -> bool:
+    """A kernel with kprobes has kprobe_events in tracefs (CONFIG_KPROBE_EVENTS)."""
+    tracefs = find_tracefs()
+    return tracefs is not None and (tracefs / "kprobe_events").exists()
 
 
 def tracepoint_fields(tracefs: Path, category: str, name: str) -> dict[str, str] | None:
@@ -230,12 +251,120 @@ def probe_features(btf: BTF, tracefs: Path) -> KernelFeatures:
             "AT_DROP_REASON_LISTEN_OVERFLOW",
         )
     )
-    if not feats.ack_overflow_observable:
-        feats.notes.append(
-            "skb:kfree_skb has no TCP_LISTEN_OVERFLOW reason with rx_sk here (Linux 6.15+): "
-            "final-ACK overflows cannot be told apart, so ack_dropped and syn_dropped are null"
-        )
     return feats
+
+
+ACK_OVERFLOW_NOTE = (
+    "skb:kfree_skb has no TCP_LISTEN_OVERFLOW reason with rx_sk here (Linux 6.15+): "
+    "final-ACK overflows cannot be told apart, so ack_dropped and syn_dropped are null"
+)
+
+
+@dataclass(frozen=True)
+class FuncHook:
+    """A kernel function the fentry/kprobe backends hook.
+
+    ``min_args``: the arguments the C reads (by position), so a kernel whose
+    function has fewer is treated as not having it.  ``define``: set when the
+    function is there (None: the backend cannot run without it).  ``stages``:
+    what becomes null without it.
+    """
+
+    func: str
+    min_args: int
+    define: str | None
+    stages: tuple[str, ...] = ()
+    why: str = ""
+
+
+DISPATCH_STAGE_NAMES = ("accept_to_dispatch", "read_to_dispatch", "syn_to_dispatch",
+                        "dispatch_to_response")
+FUNC_HOOKS: tuple[FuncHook, ...] = (
+    FuncHook("tcp_conn_request", 4, None, why="every SYN to a listener"),
+    FuncHook("tcp_v4_syn_recv_sock", 3, None, why="the child socket of each final ACK"),
+    FuncHook("tcp_v6_syn_recv_sock", 3, "AT_HAVE_TCP_V6_SYN_RECV_SOCK",
+             why="IPv6 children are not seen"),
+    FuncHook("cookie_v4_init_sequence", 0, "AT_HAVE_COOKIE_V4_INIT_SEQUENCE",
+             why="IPv4 syncookies sent are not counted"),
+    FuncHook("cookie_v6_init_sequence", 0, "AT_HAVE_COOKIE_V6_INIT_SEQUENCE",
+             why="IPv6 syncookies sent are not counted"),
+    FuncHook("inet_csk_reqsk_queue_hash_add", 1, "AT_HAVE_REQSK_HASH_ADD",
+             why="a dropped SYN is judged by the queue tests alone (other drops not seen)"),
+    FuncHook("inet_csk_reqsk_queue_add", 3, "AT_HAVE_REQSK_QUEUE_ADD",
+             why="the queue time is the child's creation, microseconds earlier"),
+    FuncHook("inet_csk_accept", 0, "AT_HAVE_INET_CSK_ACCEPT",
+             ("accept_queue", "syn_to_accept", "accept_to_read", *DISPATCH_STAGE_NAMES),
+             why="accept() is not seen"),
+    FuncHook("tcp_recvmsg", 1, "AT_HAVE_TCP_RECVMSG",
+             ("accept_to_read", *DISPATCH_STAGE_NAMES), why="reads are not seen"),
+    FuncHook("tcp_sendmsg", 1, "AT_HAVE_TCP_SENDMSG", ("dispatch_to_response",),
+             why="responses are not seen"),
+)
+
+
+@dataclass
+class FuncFeatures:
+    """Which accept-path functions this kernel has, their signatures, and what follows."""
+
+    defines: dict[str, int] = field(default_factory=dict)
+    present: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)       # optional ones absent
+    missing_required: list[str] = field(default_factory=list)
+    missing_stages: set[str] = field(default_factory=set)
+    signatures: dict[str, str] = field(default_factory=dict)  # func -> one-line C signature
+    notes: list[str] = field(default_factory=list)
+
+
+def _signature(btf: BTF, func: str) -> str:
+    proto = btf.func_proto(func)
+    args = ", ".join(f"{t} {n}".strip() if not t.endswith("*") else f"{t}{n}"
+                     for n, t in proto.args)
+    return f"{proto.ret} {func}({args})"
+
+
+def probe_functions(btf: BTF) -> FuncFeatures:
+    """The function hooks' view of this kernel, from BTF only (feature checks:
+    does the function exist, how many arguments does it take)."""
+    ff = FuncFeatures()
+    for define, (struct, path) in FUNC_OFFSETS.items():
+        try:
+            off, size = btf.member_offset(struct, path), btf.member_size(struct, path)
+        except BTFError as exc:
+            ff.missing_required.append(f"{struct}.{path} ({exc})")
+            continue
+        if size != EXPECTED_SIZES[define]:
+            ff.missing_required.append(f"{struct}.{path} is {size} bytes")
+            continue
+        ff.defines[define] = off
+    for hook in FUNC_HOOKS:
+        nargs = btf.func_arg_count(hook.func)
+        if nargs is not None and nargs < hook.min_args:
+            ff.notes.append(f"{hook.func} takes {nargs} arguments here, fewer than the "
+                            f"{hook.min_args} acceptrace reads: not hooked")
+            nargs = None
+        if nargs is None:
+            if hook.define is None:
+                ff.missing_required.append(f"function {hook.func} ({hook.why})")
+            else:
+                ff.missing.append(hook.func)
+                ff.missing_stages.update(hook.stages)
+                ff.notes.append(f"{hook.func} is not in this kernel's BTF (inlined or "
+                                f"absent): {hook.why}")
+            continue
+        ff.present.append(hook.func)
+        ff.signatures[hook.func] = _signature(btf, hook.func)
+        if hook.define:
+            ff.defines[hook.define] = 1
+    accept = ff.signatures.get("inet_csk_accept")
+    if accept:
+        form = ("(sk, struct proto_accept_arg *), 6.10+" if btf.func_arg_count("inet_csk_accept")
+                == 2 else "(sk, flags, err, kern), up to 6.9")
+        ff.notes.append(f"inet_csk_accept is {form}: its return value is read either way")
+    srs = btf.func_arg_count("tcp_v4_syn_recv_sock")
+    if srs is not None:
+        ff.notes.append(f"tcp_v4_syn_recv_sock takes {srs} arguments: the child is its "
+                        "return value, read by position-independent means")
+    return ff
 
 
 def cflags(defines: dict[str, int]) -> list[str]:

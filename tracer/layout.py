@@ -41,7 +41,15 @@ C_QUEUE_MISSED = 9
 C_DISPATCHED = 10
 C_REQUESTS = 11
 C_RESPONDED = 12
-C_COUNT = 13
+C_SYNS = 13
+C_SYN_DROPPED_ACCEPTQ = 14
+C_SYN_DROPPED_SYNQ = 15
+C_SYNCOOKIES_SENT = 16
+C_LISTEN_DROPS_OTHER = 17
+C_SYN_RETRIED = 18
+C_COUNT = 19
+
+CONN_SYN_SEEN = 1
 
 SAMPLE_READ = 1
 SAMPLE_CLOSE = 2
@@ -66,6 +74,7 @@ class AtConn(ct.Structure):
         ("first_read_ns", ct.c_uint64),
         ("dispatch_ns", ct.c_uint64),
         ("response_ns", ct.c_uint64),
+        ("syn_ok_ns", ct.c_uint64),
         ("requests", ct.c_uint32),
         ("pid", ct.c_uint32),
         ("family", ct.c_uint16),
@@ -74,10 +83,33 @@ class AtConn(ct.Structure):
         ("syncookie", ct.c_uint8),
         ("synack_retrans", ct.c_uint8),
         ("sampled", ct.c_uint8),
-        ("pad", ct.c_uint8 * 3),
+        ("syn_retrans", ct.c_uint8),
+        ("flags", ct.c_uint8),
+        ("pad", ct.c_uint8),
         ("saddr", ct.c_uint8 * 16),
         ("daddr", ct.c_uint8 * 16),
         ("comm", ct.c_char * 16),
+    ]
+
+
+class AtTuple(ct.Structure):
+    _fields_ = [
+        ("saddr", ct.c_uint8 * 16),
+        ("daddr", ct.c_uint8 * 16),
+        ("sport", ct.c_uint16),
+        ("dport", ct.c_uint16),
+        ("family", ct.c_uint8),
+        ("pad", ct.c_uint8 * 3),
+    ]
+
+
+class AtSyn(ct.Structure):
+    _fields_ = [
+        ("first_ns", ct.c_uint64),
+        ("last_ns", ct.c_uint64),
+        ("count", ct.c_uint32),
+        ("cookie", ct.c_uint8),
+        ("pad", ct.c_uint8 * 3),
     ]
 
 
