@@ -15,8 +15,13 @@ class FakeBackend:
 
     dispatch = False
 
-    def __init__(self, observable: bool = True) -> None:
+    def __init__(self, observable: bool = True, exact: bool = False,
+                 missing_stages: set[str] | None = None) -> None:
         self.ack_overflow_observable = observable
+        self.exact_drops = exact
+        self.missing_stages = missing_stages or set()
+        if exact:
+            self.name = "fentry"
         self.snaps: list[KernelSnapshot] = []
         self.records: list[list[ConnRecord]] = []
         self.thresholds: list[int] = []
@@ -140,3 +145,65 @@ def test_span_rejects_unordered():
     assert S.span(10, 5) is None
     assert S.span(None, 5) is None
     assert S.span(5, 10) == 5
+
+
+def exact_snap(syn_acc: int, synq: int, cookies: int, ack: int, other: int,
+               retried: int) -> KernelSnapshot:
+    s = snap(3, 1, ack, [100])
+    s.counters.update({
+        "syn_dropped_acceptq_full": syn_acc, "syn_dropped_synq_full": synq,
+        "syncookies_sent": cookies, "listen_drops_other": other, "syn_retried": retried,
+    })
+    return s
+
+
+def test_exact_backend_takes_drops_from_decision_points(monkeypatch):
+    """fentry/kprobe: the split comes from the kernel's own tests, not from the
+    sk_drops / ListenOverflows bounds (which would say otherwise here)."""
+    be = FakeBackend(exact=True)
+    be.snaps = [exact_snap(3, 0, 0, 1, 0, 2), exact_snap(7, 4, 9, 2, 1, 5)]
+    sess = make_session(monkeypatch, be, drops=[0, 50, 60], overflows=[0, 50, 60])
+    assert sess.tick().syn_dropped == 3
+    iv = sess.tick()
+    assert iv.syn_dropped == 4 and iv.listen_overflow == 4 + 1
+    run = sess.build_run()
+    d = run.drops
+    assert (d["syn_dropped"], d["ack_dropped"], d["listen_overflow"]) == (7, 2, 9)
+    assert d["syn_dropped_acceptq_full"] == 7 and d["ack_dropped_acceptq_full"] == 2
+    assert (d["syn_dropped_synq_full"], d["syncookies_sent"], d["listen_drops_other"]) == (4, 9, 1)
+    assert run.connections["syn_retried"] == 5
+
+
+def test_tracepoint_backend_reports_unsplittable_drops_as_null(monkeypatch):
+    be = FakeBackend()
+    be.snaps = [snap(3, 1, 1, [100])]
+    sess = make_session(monkeypatch, be, drops=[0, 3], overflows=[0, 2])
+    sess.tick()
+    run = sess.build_run()
+    for key in ("syn_dropped_acceptq_full", "syn_dropped_synq_full", "syncookies_sent",
+                "listen_drops_other"):
+        assert run.drops[key] is None, key
+    assert run.drops["ack_dropped_acceptq_full"] == 1  # kfree_skb's reason says so
+    assert run.connections["syn_retried"] is None
+
+
+def test_stage_without_a_hook_is_null(monkeypatch):
+    be = FakeBackend(exact=True, missing_stages={"accept_to_read"})
+    be.snaps = [exact_snap(0, 0, 0, 0, 0, 0)]
+    sess = make_session(monkeypatch, be, drops=[0, 0])
+    iv = sess.tick()
+    assert "accept_to_read" not in iv.stages
+    run = sess.build_run()
+    assert run.stages["accept_to_read"] is None
+    assert run.stages["accept_queue"] is not None
+
+
+def test_syn_retry_in_the_sample():
+    r = ConnRecord(2, "10.0.0.2", 40000, "10.0.0.1", 8000, 42, "srv", False, 1,
+                   1_000_000, 1_002_000_000, 1_002_050_000, 1_002_100_000,
+                   syn_ok_ns=1_001_000_000, syn_retransmits=1)
+    s = S.record_to_sample(r)
+    assert s.syn_retransmits == 1
+    assert s.syn_retry_us == 1_000_000.0       # first SYN -> the one that got through
+    assert s.handshake_us == 1_000.0           # that SYN -> queued, not from the first
+    assert s.syn_to_accept_us == 1_001_050.0   # the whole wait, from the first SYN

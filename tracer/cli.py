@@ -50,6 +50,10 @@ def _positive(name: str, value: float | None) -> float | None:
 @click.option("--explain", is_flag=True, help="Explain every figure of the dashboard and exit.")
 @click.option("--no-dispatch", is_flag=True,
               help="Do not follow connections into the server (no uprobe on httptools).")
+@click.option("--backend", "-b", default="auto", show_default=True, metavar="NAME",
+              type=click.Choice(["auto", "fentry", "kprobe", "tracepoint"]),
+              help="How to hook the kernel: fentry, kprobe or tracepoint; auto tries them in "
+                   "that order by loading each.")
 @click.version_option(__version__, prog_name="acceptrace")
 @click.pass_context
 def cli(
@@ -63,6 +67,7 @@ def cli(
     hist_stage: str | None,
     explain: bool,
     no_dispatch: bool,
+    backend: str,
 ) -> None:
     """Trace where TCP connections to PORT wait: SYN queue, accept queue, accept(), first read.
 
@@ -95,6 +100,7 @@ def cli(
         tui=not no_tui and sys.stdout.isatty() and sys.stdin.isatty(),
         hist_stage=hist_stage,
         dispatch=not no_dispatch,
+        backend=backend,
     )
     out, err = _consoles()
     trace(opts, out, err)

@@ -63,6 +63,22 @@ def diagnose(run: Run) -> list[Finding]:
             "1 s each with net.ipv4.tcp_syn_linear_timeouts, else 2 s, 4 s, ...) before "
             "getting in — the latency spikes of whole seconds in client metrics."))
 
+    retried = run.connections.get("syn_retried")
+    if retried:
+        out.append(Finding(
+            "syn_retried", "critical",
+            f"{retried:,} connection{'s' if retried != 1 else ''} waited ≥ 1 s because their "
+            "first SYN was dropped: the client's SYN retransmit timeout (1 s, then 2 s, "
+            "4 s, ...) is the floor of their connect time, before the server saw anything."))
+
+    synq = d.get("syn_dropped_synq_full")
+    if synq:
+        out.append(Finding(
+            "syn_dropped_synq_full", "critical",
+            f"{synq:,} SYNs were dropped because the SYN queue was full and syncookies are "
+            "off (net.ipv4.tcp_syncookies=0): a SYN flood, or handshakes not completing. "
+            "Turn syncookies on (1) or raise the backlog."))
+
     ack = d.get("ack_dropped")
     if ack:
         out.append(Finding(

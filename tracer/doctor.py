@@ -84,9 +84,14 @@ def gather() -> tuple[list[Check], bool, str]:
         for cat, name in (*kernel.TRACEPOINTS_REQUIRED, *kernel.TRACEPOINTS_OPTIONAL):
             present = kernel.tracepoint_fields(tracefs, cat, name) is not None
             required = (cat, name) in kernel.TRACEPOINTS_REQUIRED
-            status = OK if present else (FAIL if required else WARN)
-            add(Check(f"{cat}:{name}", status, "tracepoint present" if present else
-                      ("tracepoint absent" + ("" if required else " (optional)"))))
+            add(Check(f"{cat}:{name}", OK if present else WARN, "tracepoint present"
+                      if present else "tracepoint absent" + (
+                          " (the tracepoint backend needs it)" if required else " (optional)")))
+        ff = kernel.probe_functions(btf)
+        for hook in kernel.FUNC_HOOKS:
+            sig = ff.signatures.get(hook.func)
+            add(Check(f"function {hook.func}", OK if sig else (FAIL if hook.define is None
+                      else WARN), sig or f"not in BTF: {hook.why}"))
         if feats is not None:
             add(Check(
                 "ACK overflow drops",
@@ -104,41 +109,34 @@ def gather() -> tuple[list[Check], bool, str]:
         add(Check("header tree", FAIL, str(exc)))
 
     kp_cfg = kconfig("CONFIG_KPROBES")
-    can_try = root and ver is not None and tree is not None
+    can_try = root and ver is not None and tree is not None and feats is not None
+    works: list[str] = []
     if can_try:
-        assert tree is not None
+        assert tree is not None and feats is not None and btf is not None
         headers.activate(tree)
-        from .bpfloader import try_load_fentry, try_load_kprobe  # noqa: PLC0415
+        from .runner import AUTO_ORDER, Prepared, open_backend  # noqa: PLC0415
 
-        ok, why = try_load_kprobe()
-        add(Check("kprobes", OK if ok else WARN,
-                  why + (f"; CONFIG_KPROBES={kp_cfg}" if kp_cfg else "")))
-        ok, why = try_load_fentry()
-        add(Check("fentry", OK if ok else WARN, why))
+        prep = Prepared(defines=feats.defines, notes=[],
+                        ack_overflow_observable=feats.ack_overflow_observable,
+                        header_line=None, tracefs_mounted=False,
+                        missing_tracepoints=feats.missing_tracepoints,
+                        funcs=kernel.probe_functions(btf))
+        for name in AUTO_ORDER:
+            try:
+                open_backend(name, 1, prep, dispatch=False).close()
+            except UserError as exc:
+                extra = f"; CONFIG_KPROBES={kp_cfg}" if name == "kprobe" and kp_cfg else ""
+                add(Check(f"{name} backend", WARN, f"{exc}{extra}"))
+                continue
+            works.append(name)
+            add(Check(f"{name} backend", OK, "compiled, loaded and attached, then detached"))
     else:
-        add(Check("kprobes", WARN, f"not tried (needs root and BCC); CONFIG_KPROBES={kp_cfg}"))
-        add(Check("fentry", WARN, "not tried (needs root and BCC)"))
-
-    works = False
-    if can_try and feats is not None and not feats.missing_tracepoints:
-        from .bpfloader import TracepointBackend  # noqa: PLC0415
-
-        try:
-            TracepointBackend(
-                1, feats.defines, ack_overflow_observable=feats.ack_overflow_observable
-            ).close()
-            works = True
-            add(Check("tracepoint backend", OK, "compiled, loaded and attached, then detached"))
-        except UserError as exc:
-            add(Check("tracepoint backend", FAIL, str(exc)))
+        add(Check("backends", WARN, "not tried (needs root, BCC, BTF and tracefs)"))
     if works:
-        backend = (
-            "tracepoint: the only backend of this version; it needs no kprobes or fentry "
-            "(fentry/kprobe backends, which also see dropped SYNs, are planned)"
-        )
+        backend = f"{works[0]} (what --backend auto picks; loadable here: {', '.join(works)})"
     else:
         backend = "none: fix the failed checks above"
-    return checks, works, backend
+    return checks, bool(works), backend
 
 
 def server_checks(port: int) -> list[Check]:

@@ -27,6 +27,9 @@ CONNECTION_KEYS = ("syn", "queued", "accepted", "read")
 DROP_KEYS = (
     "listen_overflow", "syn_dropped", "ack_dropped", "synack_retransmits", "syncookies",
     "lost_events",
+    # Counted at the kernel's decision points (fentry/kprobe backends; null otherwise):
+    "syn_dropped_acceptq_full", "syn_dropped_synq_full", "syncookies_sent",
+    "ack_dropped_acceptq_full", "listen_drops_other",
 )
 
 
@@ -162,6 +165,10 @@ class Sample:
     syn_to_dispatch_us: float | None = None
     dispatch_to_response_us: float | None = None
     requests: int | None = None
+    # fentry/kprobe: client SYNs before the one that got through, and how long
+    # that took (first SYN -> that SYN); None when the first SYN was not seen.
+    syn_retransmits: int | None = None
+    syn_retry_us: float | None = None
 
 
 

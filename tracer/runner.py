@@ -19,6 +19,7 @@ from types import FrameType
 from rich.console import Console
 
 from . import headers, kernel, procnet
+from .backend import Backend
 from .errors import UserError
 from .model import Interval, Run
 from .render import render_interval_line, render_summary
@@ -36,6 +37,11 @@ class TraceOptions:
     tui: bool = False
     hist_stage: str | None = None
     dispatch: bool = True
+    backend: str = "auto"
+
+
+BACKEND_CHOICES = ("auto", "fentry", "kprobe", "tracepoint")
+AUTO_ORDER = ("fentry", "kprobe", "tracepoint")
 
 
 def parse_port(value: str | int) -> int:
@@ -65,6 +71,8 @@ class Prepared:
     ack_overflow_observable: bool
     header_line: str | None
     tracefs_mounted: bool
+    missing_tracepoints: list[str]
+    funcs: kernel.FuncFeatures
 
 
 def prepare() -> Prepared:
@@ -76,13 +84,6 @@ def prepare() -> Prepared:
     btf = kernel.load_btf()
     tracefs, mounted = kernel.ensure_tracefs()
     feats = kernel.probe_features(btf, tracefs)
-    if feats.missing_tracepoints:
-        raise UserError(
-            "this kernel lacks the tracepoint(s) "
-            + ", ".join(feats.missing_tracepoints)
-            + " that the tracepoint backend needs (sock:sk_data_ready and "
-            "sock:sock_recv_length appeared in Linux 6.3)"
-        )
     tree = headers.find_header_tree()
     headers.activate(tree)
     return Prepared(
@@ -91,7 +92,67 @@ def prepare() -> Prepared:
         ack_overflow_observable=feats.ack_overflow_observable,
         header_line=tree.description if tree.kind == "merged" else None,
         tracefs_mounted=mounted,
+        missing_tracepoints=feats.missing_tracepoints,
+        funcs=kernel.probe_functions(btf),
     )
+
+
+def open_backend(name: str, port: int, prep: Prepared, dispatch: bool) -> Backend:
+    """Load one backend's programs; UserError (one line) when this kernel refuses it."""
+    from . import bpfloader  # noqa: PLC0415
+
+    if name == "tracepoint":
+        if prep.missing_tracepoints:
+            raise UserError(
+                "this kernel lacks the tracepoint(s) " + ", ".join(prep.missing_tracepoints)
+                + " (sock:sk_data_ready and sock:sock_recv_length appeared in Linux 6.3)"
+            )
+        notes = list(prep.notes)
+        if not prep.ack_overflow_observable:
+            notes.append(kernel.ACK_OVERFLOW_NOTE)
+        return bpfloader.TracepointBackend(
+            port, prep.defines, ack_overflow_observable=prep.ack_overflow_observable,
+            notes=notes, dispatch=dispatch,
+        )
+    ff = prep.funcs
+    if ff.missing_required:
+        raise UserError("this kernel lacks " + "; ".join(ff.missing_required))
+    if name == "fentry":
+        ok, why = bpfloader.fentry_supported()
+        if not ok:
+            raise UserError(why)
+    if name == "kprobe" and not kernel.kprobes_available():
+        raise UserError("kprobes are not available (no kprobe_events in tracefs: "
+                        "the kernel is built without CONFIG_KPROBES)")
+    defines = {**prep.defines, **ff.defines}
+    return bpfloader.BACKENDS[name](
+        port, defines, ack_overflow_observable=True, notes=prep.notes + ff.notes,
+        dispatch=dispatch, missing_stages=ff.missing_stages,
+    )
+
+
+def choose_backend(
+    choice: str, port: int, prep: Prepared, dispatch: bool, say: Callable[[str], None]
+) -> Backend:
+    """--backend NAME, or auto: fentry, then kprobe, then tracepoint, by loading each."""
+    if choice not in BACKEND_CHOICES:
+        raise UserError(f"--backend must be one of {', '.join(BACKEND_CHOICES)}, not {choice!r}")
+    if choice != "auto":
+        try:
+            return open_backend(choice, port, prep, dispatch)
+        except UserError as exc:
+            raise UserError(f"the {choice} backend cannot run here: {exc}") from None
+    refused: list[str] = []
+    for name in AUTO_ORDER:
+        try:
+            backend = open_backend(name, port, prep, dispatch)
+        except UserError as exc:
+            refused.append(f"{name}: {exc}")
+            say(f"{name} backend unavailable ({exc}); falling back")
+            continue
+        backend.notes[:0] = [f"backend auto: {r}" for r in refused]
+        return backend
+    raise UserError("no backend can run on this kernel: " + "; ".join(refused))
 
 
 class KeyReader:
@@ -175,8 +236,6 @@ def trace(
         err.print("acceptrace: mounted tracefs at /sys/kernel/tracing")
     if prep.header_line:
         err.print(f"acceptrace: {prep.header_line}")
-    for note in prep.notes:
-        err.print(f"acceptrace: note: {note}", style="dim")
     listening = bool(procnet.listening_sockets(opts.port))
     if not listening:
         err.print(
@@ -185,15 +244,12 @@ def trace(
             style="yellow",
         )
 
-    from .bpfloader import TracepointBackend  # noqa: PLC0415
-
-    backend = TracepointBackend(
-        opts.port,
-        prep.defines,
-        ack_overflow_observable=prep.ack_overflow_observable,
-        notes=prep.notes,
-        dispatch=opts.dispatch,
+    backend = choose_backend(
+        opts.backend, opts.port, prep, opts.dispatch,
+        lambda msg: err.print(f"acceptrace: {msg}", style="dim"),
     )
+    for note in backend.notes:
+        err.print(f"acceptrace: note: {note}", style="dim")
     stop = stop or StopFlag()
     session = Session(backend, opts.port, opts.interval_s, slowest_n=opts.slowest_n)
     run: Run | None = None

@@ -61,7 +61,7 @@ def record_to_sample(r: ConnRecord) -> Sample:
         comm=r.comm,
         syncookie=r.syncookie,
         synack_retransmits=r.synack_retransmits,
-        handshake_us=us(span(r.syn_ns, r.queued_ns)),
+        handshake_us=us(span(r.syn_ok_ns or r.syn_ns, r.queued_ns)),
         accept_queue_us=us(span(r.queued_ns, r.accepted_ns)),
         syn_to_accept_us=us(span(r.syn_ns, r.accepted_ns)),
         accept_to_read_us=us(span(r.accepted_ns, r.first_read_ns)),
@@ -71,6 +71,8 @@ def record_to_sample(r: ConnRecord) -> Sample:
         syn_to_dispatch_us=us(span(r.syn_ns, r.dispatch_ns)),
         dispatch_to_response_us=us(span(r.dispatch_ns, r.response_ns)),
         requests=r.requests if r.dispatch_ns else None,
+        syn_retransmits=r.syn_retransmits,
+        syn_retry_us=us(span(r.syn_ns, r.syn_ok_ns)) if r.syn_retransmits is not None else None,
     )
 
 
@@ -296,6 +298,8 @@ class Session:
             h = cur.hists.get(name)
             if h is None or (name in DISPATCH_STAGES and not dispatch_on):
                 continue
+            if name in getattr(self.backend, "missing_stages", ()):
+                continue
             p = prev.hists.get(name)
             dh = h.delta(p) if p is not None else h
             stages[name] = {
@@ -306,11 +310,14 @@ class Session:
             dh = h.delta(p) if h is not None and p is not None else h
             return int(dh.max) if dh is not None and dh.max is not None else None
 
-        syn = self._syn_dropped(
-            d("ack_overflow"),
-            ground[0] - self._prev_ground[0],
-            ground[1] - self._prev_ground[1],
-        )
+        if self.backend.exact_drops:
+            syn: int | None = d("syn_dropped_acceptq_full")
+        else:
+            syn = self._syn_dropped(
+                d("ack_overflow"),
+                ground[0] - self._prev_ground[0],
+                ground[1] - self._prev_ground[1],
+            )
         self._syn_dropped_total += syn or 0
         overflow = None if syn is None else syn + d("ack_overflow")
         return Interval(
@@ -366,6 +373,7 @@ class Session:
         sk_drops = self._prev_ground[0]
         ack = c.get("ack_overflow", 0)
         observable = self.backend.ack_overflow_observable
+        exact = self.backend.exact_drops
         syn_dropped = self._syn_dropped_total if observable else None
         after = self.netstat_after
         run = Run.new(port=self.port, backend=self.backend.name)
@@ -383,7 +391,14 @@ class Session:
             "queued": c.get("queued", 0),
             "accepted": c.get("accepted", 0),
             "read": c.get("read", 0),
+            # connections whose client had to send its SYN again (first one dropped)
+            "syn_retried": c.get("syn_retried", 0) if exact else None,
         }
+        def at_decision(name: str) -> int | None:
+            return c.get(name, 0) if exact else None
+
+        if exact:
+            syn_dropped = c.get("syn_dropped_acceptq_full", 0)
         run.drops = {
             "listen_overflow": None if syn_dropped is None else syn_dropped + ack,
             "syn_dropped": syn_dropped,
@@ -391,6 +406,12 @@ class Session:
             "synack_retransmits": c.get("synack_retransmits", 0),
             "syncookies": c.get("syncookies", 0),
             "lost_events": c.get("lost_events", 0),
+            "syn_dropped_acceptq_full": at_decision("syn_dropped_acceptq_full"),
+            "syn_dropped_synq_full": at_decision("syn_dropped_synq_full"),
+            "syncookies_sent": at_decision("syncookies_sent"),
+            # The tracepoint backend sees these from kfree_skb's reason (6.15+).
+            "ack_dropped_acceptq_full": ack if observable else None,
+            "listen_drops_other": at_decision("listen_drops_other"),
         }
         run.kernel_counters = procnet.counter_deltas(self.netstat_before, after, KERNEL_COUNTERS)
         # Before the first read of the kernel's maps every stage is empty, not unknown.
@@ -399,6 +420,8 @@ class Session:
         if not dispatch_on:
             for name in DISPATCH_STAGES:
                 run.stages[name] = None
+        for name in getattr(self.backend, "missing_stages", ()):
+            run.stages[name] = None  # no hook on this kernel measures it
         run.connections["dispatched"] = c.get("dispatched", 0) if dispatch_on else None
         run.connections["requests"] = c.get("requests", 0) if dispatch_on else None
         run.queues.accept_queue_depth = snap.hists.get("accept_queue_depth")
@@ -417,6 +440,8 @@ class Session:
             "accept_untracked": c.get("accept_untracked", 0),
             "queue_missed": c.get("queue_missed", 0),
             "listener_sk_drops": sk_drops,
+            # SYNs that reached tcp_conn_request (fentry/kprobe): retransmits included
+            "syns": c.get("syns", 0) if exact else None,
         }
         return run
 
