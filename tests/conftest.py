@@ -43,6 +43,50 @@ def read_netstat() -> dict[str, int]:
     return out
 
 
+# The QEMU guest suite (tests/test_vm.py) runs the root tests once per backend.
+BACKEND_ENV = "ACCEPTRACE_TEST_BACKEND"
+
+
+def requested_backend() -> str:
+    """The backend the root tests ask for: auto unless the guest runner says otherwise."""
+    return os.environ.get(BACKEND_ENV, "auto")
+
+
+def backend_args() -> list[str]:
+    return ["--backend", requested_backend()]
+
+
+def exact_drops_expected(report: dict) -> bool:
+    """Does this run count drops at the kernel's decision points (fentry, kprobe)?"""
+    return report["meta"]["backend"] in ("fentry", "kprobe")
+
+
+EXACT_DROP_KEYS = ("syn_dropped_acceptq_full", "syn_dropped_synq_full", "ack_dropped_acceptq_full",
+                   "listen_drops_other")
+
+
+def check_drop_attribution(run: dict, before: dict[str, int], after: dict[str, int]) -> None:
+    """fentry/kprobe: each decision-point counter equals its kernel counter's delta,
+    and together they are every listen drop.  tracepoint: what it cannot split is null."""
+    d = run["drops"]
+
+    def delta(name: str) -> int:
+        return after[name] - before[name]
+
+    if not exact_drops_expected(run):
+        for key in ("syn_dropped_acceptq_full", "syn_dropped_synq_full", "syncookies_sent",
+                    "listen_drops_other"):
+            assert d[key] is None, (key, d)
+        return
+    assert d["syn_dropped_acceptq_full"] + d["ack_dropped_acceptq_full"] == delta(
+        "TcpExtListenOverflows"), d
+    assert d["syn_dropped_synq_full"] == delta("TcpExtTCPReqQFullDrop"), d
+    assert d["syncookies_sent"] == delta("TcpExtSyncookiesSent"), d
+    assert sum(d[k] for k in EXACT_DROP_KEYS) == delta("TcpExtListenDrops"), d
+    assert d["syn_dropped"] == d["syn_dropped_acceptq_full"]
+    assert d["ack_dropped"] == d["ack_dropped_acceptq_full"]
+
+
 class TracerProcess:
     """`python -m acceptrace --port P --json F` as a subprocess, stopped by a signal."""
 
@@ -50,7 +94,7 @@ class TracerProcess:
         self.json_path = json_path
         self.argv = [
             sys.executable, "-m", "acceptrace", "--port", str(port),
-            "--json", str(json_path), "--interval", "0.5", *extra,
+            "--json", str(json_path), "--interval", "0.5", *backend_args(), *extra,
         ]
         self.proc: subprocess.Popen[str] | None = None
         self.stderr_lines: list[str] = []

@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from conftest import read_netstat, wait_until
+from conftest import check_drop_attribution, read_netstat, wait_until
 
 pytestmark = pytest.mark.root
 
@@ -141,6 +141,7 @@ def test_listen_overflow_matches_kernel_counters(tracer):
     assert run["kernel_counters"]["TcpExtListenOverflows"] == overflows
     assert run["drops"]["listen_overflow"] == overflows
     assert run["drops"]["syn_dropped"] + run["drops"]["ack_dropped"] == overflows
+    check_drop_attribution(run, before, after)
     depth = run["queues"]["accept_queue_depth"]
     assert depth["max"] == backlog + 1
     assert run["queues"]["backlog"] == backlog
@@ -261,3 +262,4 @@ def test_final_ack_overflow_is_told_apart(tracer):
     assert drops["synack_retransmits"] > 0
     assert drops["listen_overflow"] == overflows == run["kernel_counters"]["TcpExtListenOverflows"]
     assert drops["syn_dropped"] + drops["ack_dropped"] == overflows
+    check_drop_attribution(run, before, after)
