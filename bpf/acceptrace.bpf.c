@@ -17,8 +17,8 @@
  *              first SYN of the 4-tuple (kept    the accept-queue tail when
  *              by 4-tuple until a child          sock:sk_data_ready fires on the
  *              exists: syncookies included)      listener (0 for syncookies)
- *   queued     inet_csk_reqsk_queue_add exit     that sk_data_ready event
- *              (else the child's creation)
+ *   queued     inet_csk_complete_hashdance and   that sk_data_ready event
+ *              inet_csk_reqsk_queue_add exits
  *   accepted   inet_csk_accept exit (its         syscalls:sys_exit_accept{,4}:
  *              return value: any signature)      fd -> file -> socket -> sk
  *   first_read tcp_recvmsg exit, ret > 0         sock:sock_recv_length, ret > 0
@@ -49,7 +49,7 @@
  * stable; return values always come from bpf_get_func_ret() (fexit) or the
  * return register (kretprobe), whatever the number of arguments.
  */
-#ifdef AT_BACKEND_KPROBE
+#if defined(AT_BACKEND_KPROBE) || defined(AT_KPROBE_SYN_RECV)
 /* struct pt_regs: the architecture's register ABI (PT_REGS_PARMn/RC), not a
  * kernel-internal layout. */
 #include <uapi/linux/ptrace.h>
@@ -143,15 +143,21 @@ struct at_synctx {
 BPF_PERCPU_ARRAY(synctx, struct at_synctx, 1);
 
 /* tcp_v{4,6}_syn_recv_sock on this CPU: [0] v4, [1] v6 (v6 calls v4 for a
- * v4-mapped peer).  fexit has the arguments; a kretprobe needs them kept. */
+ * v4-mapped peer).  What its exit needs of the entry. */
 struct at_rsctx {
 	u64 lsk;
 	u64 skb;
-	u64 req;
 	u8 acceptq_full;
 	u8 pad[7];
 };
 BPF_PERCPU_ARRAY(rsctx, struct at_rsctx, 2);
+
+/* The child inet_csk_reqsk_queue_add() last queued on this CPU (see on_queued). */
+struct at_qmark {
+	u64 child;
+	u64 ns;
+};
+BPF_PERCPU_ARRAY(qmark, struct at_qmark, 1);
 #endif
 
 #define READ_KERN(dst, ptr) bpf_probe_read_kernel(&(dst), sizeof(dst), (const void *)(ptr))
@@ -772,8 +778,7 @@ static __always_inline void on_syn_done(const void *lsk)
 }
 
 /* tcp_v{4,6}_syn_recv_sock() entry: note what its exit needs.  `v6` picks the slot. */
-static __always_inline void on_child_start(u32 v6, const void *lsk, const void *skb,
-					   const void *req)
+static __always_inline void on_ack_start(u32 v6, const void *lsk, const void *skb)
 {
 	u32 backlog = 0, max_backlog = 0;
 	struct at_rsctx *r = rsctx.lookup(&v6);
@@ -787,41 +792,108 @@ static __always_inline void on_child_start(u32 v6, const void *lsk, const void *
 	READ_KERN(max_backlog, lsk + AT_OFF_SK_MAX_ACK_BACKLOG);
 	r->lsk = (u64)lsk;
 	r->skb = (u64)skb;
-	r->req = (u64)req;
 	r->acceptq_full = backlog > max_backlog;
 }
 
 /*
- * tcp_v{4,6}_syn_recv_sock() exit: `child` is the new socket, or NULL when the
- * final ACK was dropped (tcp_listendrop(); sk_acceptq_is_full() is its first
- * test).  The v6 function handles an IPv4 packet (a v4-mapped peer) by calling
- * the v4 one: each packet is counted by the function of its own IP version.
+ * tcp_v{4,6}_syn_recv_sock() exit: NULL means the final ACK was dropped with
+ * tcp_listendrop(); sk_acceptq_is_full() is the function's first test.  The
+ * v6 function handles an IPv4 packet (a v4-mapped peer) by calling the v4 one:
+ * each packet is counted by the function of its own IP version.
  */
-static __always_inline void on_child(u32 v6, const void *child)
+static __always_inline void on_ack_done(u32 v6, const void *child)
 {
 	struct at_rsctx *r = rsctx.lookup(&v6);
-	struct at_tuple t = {};
-	struct at_syn *s;
-	struct at_conn c = {};
-	u64 key, now;
+	const u8 *head = NULL;
+	u16 nh = 0;
+	u8 ver = 0;
 
 	if (!r || !r->lsk)
 		return;
 	r->lsk = 0;
-	if (skb_tuple((const void *)r->skb, &t) < 0 || t.family != (v6 ? 6 : 4))
+	if (child)
+		return; /* the child is followed from inet_csk_reqsk_queue_add() */
+	READ_KERN(head, (const void *)r->skb + AT_OFF_SKB_HEAD);
+	READ_KERN(nh, (const void *)r->skb + AT_OFF_SKB_NETWORK_HEADER);
+	if (head)
+		READ_KERN(ver, head + nh);
+	if ((ver >> 4) != (v6 ? 6 : 4))
 		return;
-	if (!child) {
-		count(r->acceptq_full ? AT_C_ACK_OVERFLOW : AT_C_LISTEN_DROPS_OTHER);
-		return;
+	count(r->acceptq_full ? AT_C_ACK_OVERFLOW : AT_C_LISTEN_DROPS_OTHER);
+}
+
+/* The 4-tuple of a child socket, keyed as its SYN was (v4-mapped peers as IPv4). */
+static __always_inline void sk_tuple(const void *sk, struct at_tuple *t)
+{
+	u16 family = 0, dport_be = 0;
+	u8 v6d[16] = {};
+
+	READ_KERN(family, sk + AT_OFF_SK_FAMILY);
+	READ_KERN(dport_be, sk + AT_OFF_SK_DPORT);
+	t->sport = (u16)((dport_be >> 8) | (dport_be << 8));
+	t->dport = AT_PORT;
+	t->family = 4;
+#if defined(AT_OFF_SK_V6_DADDR) && defined(AT_OFF_SK_V6_RCV_SADDR)
+	if (family == AT_AF_INET6) {
+		bpf_probe_read_kernel(v6d, 16, sk + AT_OFF_SK_V6_DADDR);
+		/* ::ffff:a.b.c.d came as an IPv4 packet */
+		if (*(u64 *)v6d != 0 || *(u16 *)(v6d + 8) != 0 || *(u16 *)(v6d + 10) != 0xffff) {
+			__builtin_memcpy(t->saddr, v6d, 16);
+			bpf_probe_read_kernel(t->daddr, 16, sk + AT_OFF_SK_V6_RCV_SADDR);
+			t->family = 6;
+			return;
+		}
 	}
+#endif
+	bpf_probe_read_kernel(t->saddr, 4, sk + AT_OFF_SK_DADDR);
+	bpf_probe_read_kernel(t->daddr, 4, sk + AT_OFF_SK_RCV_SADDR);
+}
+
+/*
+ * inet_csk_reqsk_queue_add() exit: `child` is now on listener `lsk`'s accept
+ * queue (ret == child; NULL: refused, the listener stopped listening).  Every
+ * child passes here -- after a final ACK (inet_csk_complete_hashdance), a
+ * syncookie ACK (tcp_get_cookie_sock) or a Fast Open SYN -- so this is where a
+ * connection starts being followed, with the SYN times kept by its 4-tuple.
+ */
+static __always_inline void on_queued(const void *lsk, const void *req, const void *child,
+				      const void *ret, int from_add)
+{
+	struct at_tuple t = {};
+	struct at_syn *s;
+	struct at_conn c = {};
+	struct at_qmark *m;
+	u64 key = (u64)child, now;
+	u32 zero = 0;
+
+	if (!ret || !child || !sk_is_ours(lsk, AT_TCP_LISTEN))
+		return;
 	now = bpf_ktime_get_ns();
-	c.queued_ns = now; /* until inet_csk_reqsk_queue_add() says when */
-	c.family = v6 ? AT_AF_INET6 : AT_AF_INET;
+	/* inet_csk_complete_hashdance() calls inet_csk_reqsk_queue_add() -- inlined
+	 * on some builds, not on others.  When both exits fire, the inner one
+	 * (queue_add) came first: the outer one skips the same child. */
+	m = qmark.lookup(&zero);
+	if (m) {
+		if (from_add) {
+			m->child = key;
+			m->ns = now;
+		} else if (m->child == key && now - m->ns < 1000000) {
+			m->child = 0;
+			return;
+		}
+	}
+	syn_outcome(lsk, AT_OUT_CHILD); /* Fast Open: queued from tcp_conn_request */
+	queue_depths(lsk, now);
+
+	sk_tuple(child, &t);
+	c.queued_ns = now;
+	c.family = t.family == 6 ? AT_AF_INET6 : AT_AF_INET;
 	__builtin_memcpy(c.saddr, t.saddr, 16);
 	__builtin_memcpy(c.daddr, t.daddr, 16);
 	c.sport = t.sport;
 	c.dport = AT_PORT;
-	READ_KERN(c.synack_retrans, (const void *)r->req + AT_OFF_REQ_NUM_RETRANS);
+	if (req)
+		READ_KERN(c.synack_retrans, req + AT_OFF_REQ_NUM_RETRANS);
 	s = syns.lookup(&t);
 	if (s && now - s->first_ns < AT_SYN_WINDOW_NS) {
 		c.syn_ns = s->first_ns;
@@ -835,34 +907,9 @@ static __always_inline void on_child(u32 v6, const void *child)
 			count(AT_C_SYN_RETRIED);
 		if (c.syncookie)
 			count(AT_C_SYNCOOKIE);
-	}
-	key = (u64)child;
-	conns.update(&key, &c);
-#ifndef AT_HAVE_REQSK_QUEUE_ADD
-	if (c.syn_ok_ns && now >= c.syn_ok_ns)
 		hist_add(AT_H_HANDSHAKE, now - c.syn_ok_ns, 1000);
-	queue_depths((const void *)r->lsk, now);
-#endif
-}
-
-/* inet_csk_reqsk_queue_add() exit: `child` is on listener `lsk`'s accept queue
- * (ret == child), or was refused because the listener stopped listening. */
-static __always_inline void on_queued(const void *lsk, const void *child, const void *ret)
-{
-	u64 key = (u64)child, now;
-	struct at_conn *c;
-
-	if (!ret || !sk_is_ours(lsk, AT_TCP_LISTEN))
-		return;
-	syn_outcome(lsk, AT_OUT_CHILD); /* Fast Open: queued from tcp_conn_request */
-	now = bpf_ktime_get_ns();
-	queue_depths(lsk, now);
-	c = conns.lookup(&key);
-	if (!c || c->accepted_ns)
-		return;
-	c->queued_ns = now;
-	if (c->syn_ok_ns && now >= c->syn_ok_ns)
-		hist_add(AT_H_HANDSHAKE, now - c->syn_ok_ns, 1000);
+	}
+	conns.update(&key, &c);
 }
 
 /* Close of a child of the port (tracepoint, present since 4.16). */
@@ -930,36 +977,47 @@ KFUNC_PROBE(inet_csk_reqsk_queue_hash_add, void *sk)
 }
 #endif
 
-KFUNC_PROBE(tcp_v4_syn_recv_sock, void *sk, void *skb, void *req)
+#ifdef AT_FENTRY_SYN_RECV
+/* Only where BPF trampolines carry all its arguments: 7 since a 2026 stable
+ * backport, and x86 trampolines took at most 6 before Linux 6.5.  Userspace
+ * tries, and falls back to a kretprobe (AT_KPROBE_SYN_RECV). */
+KFUNC_PROBE(tcp_v4_syn_recv_sock, void *sk, void *skb)
 {
-	on_child_start(0, sk, skb, req);
+	on_ack_start(0, sk, skb);
 	return 0;
 }
 
 KRETFUNC_PROBE(tcp_v4_syn_recv_sock)
 {
-	on_child(0, (const void *)func_ret(ctx));
+	on_ack_done(0, (const void *)func_ret(ctx));
 	return 0;
 }
 
 #ifdef AT_HAVE_TCP_V6_SYN_RECV_SOCK
-KFUNC_PROBE(tcp_v6_syn_recv_sock, void *sk, void *skb, void *req)
+KFUNC_PROBE(tcp_v6_syn_recv_sock, void *sk, void *skb)
 {
-	on_child_start(1, sk, skb, req);
+	on_ack_start(1, sk, skb);
 	return 0;
 }
 
 KRETFUNC_PROBE(tcp_v6_syn_recv_sock)
 {
-	on_child(1, (const void *)func_ret(ctx));
+	on_ack_done(1, (const void *)func_ret(ctx));
 	return 0;
 }
 #endif
+#endif /* AT_FENTRY_SYN_RECV */
+
+KRETFUNC_PROBE(inet_csk_complete_hashdance, void *sk, void *child, void *req)
+{
+	on_queued(sk, req, child, (const void *)func_ret(ctx), 0);
+	return 0;
+}
 
 #ifdef AT_HAVE_REQSK_QUEUE_ADD
 KRETFUNC_PROBE(inet_csk_reqsk_queue_add, void *sk, void *req, void *child)
 {
-	on_queued(sk, child, (const void *)func_ret(ctx));
+	on_queued(sk, req, child, (const void *)func_ret(ctx), 1);
 	return 0;
 }
 #endif
@@ -1003,9 +1061,10 @@ BPF_TABLE("lru_hash", u32, u64, send_sk, 16384);   /* tid -> sk in tcp_sendmsg *
 #endif
 struct at_qactx {
 	u64 lsk;
+	u64 req;
 	u64 child;
 };
-BPF_PERCPU_ARRAY(qactx, struct at_qactx, 1);
+BPF_PERCPU_ARRAY(qactx, struct at_qactx, 2); /* [0] queue_add, [1] hashdance */
 
 int kp_tcp_conn_request(struct pt_regs *ctx)
 {
@@ -1031,32 +1090,6 @@ int kp_reqsk_queue_hash_add(struct pt_regs *ctx)
 	return 0;
 }
 
-int kp_tcp_v4_syn_recv_sock(struct pt_regs *ctx)
-{
-	on_child_start(0, (const void *)PT_REGS_PARM1(ctx), (const void *)PT_REGS_PARM2(ctx),
-		       (const void *)PT_REGS_PARM3(ctx));
-	return 0;
-}
-
-int kr_tcp_v4_syn_recv_sock(struct pt_regs *ctx)
-{
-	on_child(0, (const void *)PT_REGS_RC(ctx));
-	return 0;
-}
-
-int kp_tcp_v6_syn_recv_sock(struct pt_regs *ctx)
-{
-	on_child_start(1, (const void *)PT_REGS_PARM1(ctx), (const void *)PT_REGS_PARM2(ctx),
-		       (const void *)PT_REGS_PARM3(ctx));
-	return 0;
-}
-
-int kr_tcp_v6_syn_recv_sock(struct pt_regs *ctx)
-{
-	on_child(1, (const void *)PT_REGS_RC(ctx));
-	return 0;
-}
-
 int kp_reqsk_queue_add(struct pt_regs *ctx)
 {
 	u32 zero = 0;
@@ -1064,6 +1097,7 @@ int kp_reqsk_queue_add(struct pt_regs *ctx)
 
 	if (q) {
 		q->lsk = PT_REGS_PARM1(ctx);
+		q->req = PT_REGS_PARM2(ctx);
 		q->child = PT_REGS_PARM3(ctx);
 	}
 	return 0;
@@ -1075,7 +1109,36 @@ int kr_reqsk_queue_add(struct pt_regs *ctx)
 	struct at_qactx *q = qactx.lookup(&zero);
 
 	if (q && q->lsk) {
-		on_queued((const void *)q->lsk, (const void *)q->child, (const void *)PT_REGS_RC(ctx));
+		on_queued((const void *)q->lsk, (const void *)q->req, (const void *)q->child,
+			  (const void *)PT_REGS_RC(ctx), 1);
+		q->lsk = 0;
+	}
+	return 0;
+}
+
+/* inet_csk_complete_hashdance(sk, child, req, own_req): softirq, like queue_add,
+ * but it may call queue_add: its own slot. */
+int kp_complete_hashdance(struct pt_regs *ctx)
+{
+	u32 one = 1;
+	struct at_qactx *q = qactx.lookup(&one);
+
+	if (q) {
+		q->lsk = PT_REGS_PARM1(ctx);
+		q->child = PT_REGS_PARM2(ctx);
+		q->req = PT_REGS_PARM3(ctx);
+	}
+	return 0;
+}
+
+int kr_complete_hashdance(struct pt_regs *ctx)
+{
+	u32 one = 1;
+	struct at_qactx *q = qactx.lookup(&one);
+
+	if (q && q->lsk) {
+		on_queued((const void *)q->lsk, (const void *)q->req, (const void *)q->child,
+			  (const void *)PT_REGS_RC(ctx), 0);
 		q->lsk = 0;
 	}
 	return 0;
@@ -1135,3 +1198,31 @@ int kr_tcp_sendmsg(struct pt_regs *ctx)
 }
 #endif
 #endif /* AT_BACKEND_KPROBE */
+
+#if defined(AT_BACKEND_KPROBE) || defined(AT_KPROBE_SYN_RECV)
+/* tcp_v{4,6}_syn_recv_sock with kprobes: the kprobe backend's, and the fentry
+ * backend's where trampolines cannot carry its 7 arguments. */
+int kp_tcp_v4_syn_recv_sock(struct pt_regs *ctx)
+{
+	on_ack_start(0, (const void *)PT_REGS_PARM1(ctx), (const void *)PT_REGS_PARM2(ctx));
+	return 0;
+}
+
+int kr_tcp_v4_syn_recv_sock(struct pt_regs *ctx)
+{
+	on_ack_done(0, (const void *)PT_REGS_RC(ctx));
+	return 0;
+}
+
+int kp_tcp_v6_syn_recv_sock(struct pt_regs *ctx)
+{
+	on_ack_start(1, (const void *)PT_REGS_PARM1(ctx), (const void *)PT_REGS_PARM2(ctx));
+	return 0;
+}
+
+int kr_tcp_v6_syn_recv_sock(struct pt_regs *ctx)
+{
+	on_ack_done(1, (const void *)PT_REGS_RC(ctx));
+	return 0;
+}
+#endif

@@ -192,6 +192,7 @@ def test_first_syn_dropped_client_waits_a_second(tracer, syncookies):
         t0 = time.monotonic()
         c.connect(("127.0.0.1", port))
         took.append(time.monotonic() - t0)
+        c.sendall(b"x")   # the server's first read ends the connection's story
         clients.append(c)
 
     try:
@@ -207,12 +208,11 @@ def test_first_syn_dropped_client_waits_a_second(tracer, syncookies):
         srv.settimeout(5)
         for _ in range(3):
             conn, _ = srv.accept()   # two at once; the third after its SYN retransmit
-            conn.sendall(b"x")
+            conn.settimeout(5)
+            assert conn.recv(1) == b"x"
             accepted.append(conn)
         for th in threads:
             th.join(5)
-        for c in clients:
-            c.recv(1)
         time.sleep(0.2)
         after = read_netstat()
     finally:

@@ -66,7 +66,9 @@ def test_delayed_accept_known_answer(tracer):
     assert aq["min"] >= delay_us
     hs = run["stages"]["handshake"]
     assert hs["count"] == n
-    assert hs["p99"] < 1000, hs  # loopback handshake: well under a millisecond
+    # A loopback handshake is far shorter than the imposed wait (under a millisecond
+    # on hardware, a few under QEMU's emulation): it must not include the wait.
+    assert hs["p99"] < delay_us / 2, hs
     s2a = run["stages"]["syn_to_accept"]
     assert s2a["count"] == n and s2a["min"] >= aq["min"]
     assert run["stages"]["accept_to_read"]["count"] == n

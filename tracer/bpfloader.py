@@ -165,9 +165,9 @@ class _BccBackend:
         self.defines = all_defines
         self._pending: list[ConnRecord] = []
         self._ncpu = len(import_bcc().utils.get_online_cpus())
-        self.bpf = _compile(BPF_SOURCE, cflags(all_defines))
+        self.bpf: Any = None
         try:
-            self._attach()
+            self._load()
             self._hists = self.bpf.get_table("hists")
             self._counters = self.bpf.get_table("counters")
             self._procs = self.bpf.get_table("procs")
@@ -177,6 +177,11 @@ class _BccBackend:
         except BaseException:
             self.close()
             raise
+
+    def _load(self) -> None:
+        """Compile and load the program (BCC attaches its tracepoints/fentry), then attach."""
+        self.bpf = _compile(BPF_SOURCE, cflags(self.defines))
+        self._attach()
 
     def _attach(self) -> None:
         """Attach what BCC does not attach by itself; fill self.hooks."""
@@ -311,16 +316,18 @@ FUNC_TRACEPOINT_HOOKS = ["tracepoint:sock:inet_sock_set_state",
 # define (None: always compiled) -> the fentry programs BCC loads for it.
 FENTRY_PROGRAMS: list[tuple[str | None, list[str]]] = [
     (None, ["fentry:tcp_conn_request", "fexit:tcp_conn_request",
-            "fentry:tcp_v4_syn_recv_sock", "fexit:tcp_v4_syn_recv_sock"]),
-    ("AT_HAVE_TCP_V6_SYN_RECV_SOCK", ["fentry:tcp_v6_syn_recv_sock",
-                                      "fexit:tcp_v6_syn_recv_sock"]),
+            "fexit:inet_csk_complete_hashdance"]),
+    ("AT_HAVE_REQSK_QUEUE_ADD", ["fexit:inet_csk_reqsk_queue_add"]),
     ("AT_HAVE_COOKIE_V4_INIT_SEQUENCE", ["fentry:cookie_v4_init_sequence"]),
     ("AT_HAVE_COOKIE_V6_INIT_SEQUENCE", ["fentry:cookie_v6_init_sequence"]),
     ("AT_HAVE_REQSK_HASH_ADD", ["fentry:inet_csk_reqsk_queue_hash_add"]),
-    ("AT_HAVE_REQSK_QUEUE_ADD", ["fexit:inet_csk_reqsk_queue_add"]),
     ("AT_HAVE_INET_CSK_ACCEPT", ["fexit:inet_csk_accept"]),
     ("AT_HAVE_TCP_RECVMSG", ["fexit:tcp_recvmsg"]),
 ]
+SYN_RECV = [("tcp_v4_syn_recv_sock", "AT_HAVE_TCP_V4_SYN_RECV_SOCK", "kp_tcp_v4_syn_recv_sock",
+             "kr_tcp_v4_syn_recv_sock"),
+            ("tcp_v6_syn_recv_sock", "AT_HAVE_TCP_V6_SYN_RECV_SOCK", "kp_tcp_v6_syn_recv_sock",
+             "kr_tcp_v6_syn_recv_sock")]
 
 
 class FentryBackend(_BccBackend):
@@ -329,33 +336,90 @@ class FentryBackend(_BccBackend):
     name = "fentry"
     exact_drops = True
 
+    def _load(self) -> None:
+        # tcp_v{4,6}_syn_recv_sock takes 7 arguments since a 2026 stable backport;
+        # x86 trampolines carried at most 6 before Linux 6.5.  Try, then fall back to
+        # kretprobes for just those two (or to not counting final-ACK drops).
+        has_syn_recv = any(define in self.defines for _f, define, _e, _r in SYN_RECV)
+        if has_syn_recv:
+            try:
+                self.bpf = _compile(BPF_SOURCE, cflags({**self.defines, "AT_FENTRY_SYN_RECV": 1}))
+                self.defines["AT_FENTRY_SYN_RECV"] = 1
+                self._attach()
+                return
+            except UserError as exc:
+                if "security policy" in str(exc):
+                    raise  # no fentry program at all can load here
+                first = str(exc)
+        else:
+            first = "not in BTF"
+        from .kernel import kprobes_available  # noqa: PLC0415
+
+        extra = {"AT_KPROBE_SYN_RECV": 1} if has_syn_recv and kprobes_available() else {}
+        self.bpf = _compile(BPF_SOURCE, cflags({**self.defines, **extra}))
+        self.defines.update(extra)
+        self._attach()
+        if not has_syn_recv:
+            self.ack_overflow_observable = False
+            return
+        self.notes.append(f"fexit on tcp_v4_syn_recv_sock refused ({first})")
+        if not extra:
+            self.ack_overflow_observable = False
+            self.notes.append("no kprobes either: final-ACK drops are not counted (null)")
+            return
+        for func, define, entry, ret in SYN_RECV:
+            if define not in self.defines:
+                continue
+            try:
+                with _CaptureFd2():
+                    self.bpf.attach_kprobe(event=func.encode(), fn_name=entry.encode())
+                    self.bpf.attach_kretprobe(event=func.encode(), fn_name=ret.encode())
+            except Exception as exc:  # bcc raises plain Exception
+                self.ack_overflow_observable = False
+                self.notes.append(f"kprobe on {func} failed too ({_first_line(exc)}): "
+                                  "final-ACK drops are not counted (null)")
+                return
+            self.hooks[-2:-2] = [f"kprobe:{func}", f"kretprobe:{func}"]
+        self.notes.append("tcp_v{4,6}_syn_recv_sock hooked with kretprobes instead")
+
     def _attach(self) -> None:
         # BCC loaded and attached every KFUNC_PROBE/KRETFUNC_PROBE compiled in.
         hooks: list[str] = []
         for define, names in FENTRY_PROGRAMS:
             if define is None or define in self.defines:
                 hooks += names
+        if "AT_FENTRY_SYN_RECV" in self.defines:
+            for func, define, _e, _r in SYN_RECV:
+                if define in self.defines:
+                    hooks += [f"fentry:{func}", f"fexit:{func}"]
         if self.dispatch and "AT_HAVE_TCP_SENDMSG" in self.defines:
             hooks.append("fexit:tcp_sendmsg")
         self.hooks = hooks + FUNC_TRACEPOINT_HOOKS
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 # (entry fn, return fn, kernel functions, define the C was built with, required)
 KPROBES: list[tuple[str | None, str | None, list[str], str | None, bool]] = [
     ("kp_tcp_conn_request", "kr_tcp_conn_request", ["tcp_conn_request"], None, True),
-    ("kp_tcp_v4_syn_recv_sock", "kr_tcp_v4_syn_recv_sock", ["tcp_v4_syn_recv_sock"], None,
+    ("kp_complete_hashdance", "kr_complete_hashdance", ["inet_csk_complete_hashdance"], None,
      True),
+    ("kp_reqsk_queue_add", "kr_reqsk_queue_add", ["inet_csk_reqsk_queue_add"],
+     "AT_HAVE_REQSK_QUEUE_ADD", False),
+    ("kp_tcp_v4_syn_recv_sock", "kr_tcp_v4_syn_recv_sock", ["tcp_v4_syn_recv_sock"],
+     "AT_HAVE_TCP_V4_SYN_RECV_SOCK", False),
     ("kp_tcp_v6_syn_recv_sock", "kr_tcp_v6_syn_recv_sock", ["tcp_v6_syn_recv_sock"],
      "AT_HAVE_TCP_V6_SYN_RECV_SOCK", False),
     ("kp_cookie_init_sequence", None, ["cookie_v4_init_sequence"],
      "AT_HAVE_COOKIE_V4_INIT_SEQUENCE", False),
     ("kp_cookie_init_sequence", None, ["cookie_v6_init_sequence"],
      "AT_HAVE_COOKIE_V6_INIT_SEQUENCE", False),
-    # The C's drop attribution relies on these two when built with their define:
+    # The C's drop attribution relies on this one when built with its define:
     ("kp_reqsk_queue_hash_add", None, ["inet_csk_reqsk_queue_hash_add"],
      "AT_HAVE_REQSK_HASH_ADD", True),
-    ("kp_reqsk_queue_add", "kr_reqsk_queue_add", ["inet_csk_reqsk_queue_add"],
-     "AT_HAVE_REQSK_QUEUE_ADD", True),
     (None, "kr_inet_csk_accept", ["inet_csk_accept"], "AT_HAVE_INET_CSK_ACCEPT", False),
     ("kp_tcp_recvmsg", "kr_tcp_recvmsg", ["tcp_recvmsg"], "AT_HAVE_TCP_RECVMSG", False),
 ]
@@ -374,6 +438,8 @@ class KprobeBackend(_BccBackend):
         if self.dispatch and "AT_HAVE_TCP_SENDMSG" in self.defines:
             probes.append(("kp_tcp_sendmsg", "kr_tcp_sendmsg", ["tcp_sendmsg"],
                            "AT_HAVE_TCP_SENDMSG", False))
+        if "AT_HAVE_TCP_V4_SYN_RECV_SOCK" not in self.defines:
+            self.ack_overflow_observable = False
         for entry, ret, funcs, define, required in probes:
             if define is not None and define not in self.defines:
                 continue
@@ -386,11 +452,13 @@ class KprobeBackend(_BccBackend):
                             self.bpf.attach_kretprobe(event=func.encode(), fn_name=ret.encode(),
                                                       maxactive=KRETPROBE_MAXACTIVE)
                 except Exception as exc:  # bcc raises plain Exception
-                    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else "failed"
+                    msg = _first_line(exc)
                     if required or define is None:
                         raise UserError(f"kprobe on {func} failed: {msg}") from exc
                     self.notes.append(f"kprobe on {func} failed ({msg}): not traced")
                     self.missing_stages.update(_stages_without(func))
+                    if func == "tcp_v4_syn_recv_sock":
+                        self.ack_overflow_observable = False
                     continue
                 if entry:
                     self.hooks.append(f"kprobe:{func}")

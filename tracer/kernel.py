@@ -281,17 +281,21 @@ DISPATCH_STAGE_NAMES = ("accept_to_dispatch", "read_to_dispatch", "syn_to_dispat
                         "dispatch_to_response")
 FUNC_HOOKS: tuple[FuncHook, ...] = (
     FuncHook("tcp_conn_request", 4, None, why="every SYN to a listener"),
-    FuncHook("tcp_v4_syn_recv_sock", 3, None, why="the child socket of each final ACK"),
-    FuncHook("tcp_v6_syn_recv_sock", 3, "AT_HAVE_TCP_V6_SYN_RECV_SOCK",
-             why="IPv6 children are not seen"),
+    FuncHook("inet_csk_complete_hashdance", 3, None,
+             why="each child queued after its final ACK (where a connection starts being "
+                 "followed)"),
+    FuncHook("inet_csk_reqsk_queue_add", 3, "AT_HAVE_REQSK_QUEUE_ADD",
+             why="syncookie and Fast Open children are not followed"),
+    FuncHook("tcp_v4_syn_recv_sock", 2, "AT_HAVE_TCP_V4_SYN_RECV_SOCK",
+             why="final ACKs dropped for a full accept queue are not counted"),
+    FuncHook("tcp_v6_syn_recv_sock", 2, "AT_HAVE_TCP_V6_SYN_RECV_SOCK",
+             why="IPv6 final ACKs dropped for a full accept queue are not counted"),
     FuncHook("cookie_v4_init_sequence", 0, "AT_HAVE_COOKIE_V4_INIT_SEQUENCE",
              why="IPv4 syncookies sent are not counted"),
     FuncHook("cookie_v6_init_sequence", 0, "AT_HAVE_COOKIE_V6_INIT_SEQUENCE",
              why="IPv6 syncookies sent are not counted"),
     FuncHook("inet_csk_reqsk_queue_hash_add", 1, "AT_HAVE_REQSK_HASH_ADD",
              why="a dropped SYN is judged by the queue tests alone (other drops not seen)"),
-    FuncHook("inet_csk_reqsk_queue_add", 3, "AT_HAVE_REQSK_QUEUE_ADD",
-             why="the queue time is the child's creation, microseconds earlier"),
     FuncHook("inet_csk_accept", 0, "AT_HAVE_INET_CSK_ACCEPT",
              ("accept_queue", "syn_to_accept", "accept_to_read", *DISPATCH_STAGE_NAMES),
              why="accept() is not seen"),
@@ -313,6 +317,7 @@ class FuncFeatures:
     missing_stages: set[str] = field(default_factory=set)
     signatures: dict[str, str] = field(default_factory=dict)  # func -> one-line C signature
     notes: list[str] = field(default_factory=list)
+    syn_recv_args: int | None = None  # 6, or 7 with the 2026 opt_child_init backport
 
 
 def _signature(btf: BTF, func: str) -> str:
@@ -360,10 +365,7 @@ def probe_functions(btf: BTF) -> FuncFeatures:
         form = ("(sk, struct proto_accept_arg *), 6.10+" if btf.func_arg_count("inet_csk_accept")
                 == 2 else "(sk, flags, err, kern), up to 6.9")
         ff.notes.append(f"inet_csk_accept is {form}: its return value is read either way")
-    srs = btf.func_arg_count("tcp_v4_syn_recv_sock")
-    if srs is not None:
-        ff.notes.append(f"tcp_v4_syn_recv_sock takes {srs} arguments: the child is its "
-                        "return value, read by position-independent means")
+    ff.syn_recv_args = btf.func_arg_count("tcp_v4_syn_recv_sock")
     return ff
 
 
