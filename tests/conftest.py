@@ -162,6 +162,20 @@ def tracer(tmp_path: Path) -> Iterator[type[TracerProcess]]:
             t.proc.wait()
 
 
+def settle(counters: tuple[str, ...], quiet_s: float = 1.5, timeout: float = 20.0) -> None:
+    """Wait until the kernel's counters have not moved for quiet_s."""
+    last = {k: read_netstat()[k] for k in counters}
+    since = time.monotonic()
+    end = since + timeout
+    while time.monotonic() < end:
+        time.sleep(0.1)
+        now = {k: read_netstat()[k] for k in counters}
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+
+
 def wait_until(pred, timeout: float = 10.0, step: float = 0.05) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
