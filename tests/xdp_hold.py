@@ -18,9 +18,10 @@ from types import TracebackType
 
 XDP_SRC = r"""
 #include <uapi/linux/bpf.h>
-#include <linux/if_ether.h>
-#include <linux/ip.h>
-#include <linux/tcp.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/tcp.h>
 BPF_ARRAY(held, u32, 1);
 int hold_acks(struct xdp_md *ctx)
 {
