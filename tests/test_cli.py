@@ -137,7 +137,10 @@ def bpf_prog_names() -> list[str]:
     return [p.get("name", "") for p in json.loads(out or "[]")]
 
 
-OUR_PROGS = ("tracepoint__soc", "tracepoint__sys", "tracepoint__tcp", "tracepoint__skb")
+# BCC names (truncated to 15 characters by the kernel): the tracepoint programs,
+# the fentry/fexit ones (kfunc__/kretfunc__) and the kprobe ones (kp_/kr_).
+OUR_PROGS = ("tracepoint__soc", "tracepoint__sys", "tracepoint__tcp", "tracepoint__skb",
+             "kfunc__", "kretfunc__", "kp_", "kr_")
 
 
 def ours_attached() -> int:
@@ -195,8 +198,8 @@ def test_duration_expiry_and_no_listener(tracer, tmp_path):
 def test_doctor():
     res = run_cli("doctor")
     assert res.returncode == 0, res.stdout + res.stderr
-    for needle in ("BTF", "tracefs", "kprobes", "fentry", "header tree", "BCC",
-                   "tracepoint backend", "backend:"):
+    for needle in ("BTF", "tracefs", "kprobe backend", "fentry backend", "header tree", "BCC",
+                   "tracepoint backend", "function tcp_conn_request", "backend:"):
         assert needle in res.stdout, needle
 
 
