@@ -21,8 +21,10 @@
  *              inet_csk_reqsk_queue_add exits
  *   accepted   inet_csk_accept exit (its         syscalls:sys_exit_accept{,4}:
  *              return value: any signature)      fd -> file -> socket -> sk
- *   first_read tcp_recvmsg exit, ret > 0         sock:sock_recv_length, ret > 0
- *   response   tcp_sendmsg exit, ret > 0         sock:sock_send_length, ret > 0
+ *   first_read sock:sock_recv_length (6.3+),      sock:sock_recv_length, ret > 0
+ *              else tcp_recvmsg exit; ret > 0
+ *   response   sock:sock_send_length (6.3+),      sock:sock_send_length, ret > 0
+ *              else tcp_sendmsg exit; ret > 0
  *
  * fentry/kprobe also count each drop at its decision point (AT_C_SYN_DROPPED_*,
  * AT_C_SYNCOOKIES_SENT, AT_C_ACK_OVERFLOW, AT_C_LISTEN_DROPS_OTHER: together
@@ -468,6 +470,33 @@ TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 	return 0;
 }
 
+#if defined(AT_BACKEND_TRACEPOINT) || defined(AT_READ_TRACEPOINTS)
+/*
+ * Reads and writes, where the kernel has these tracepoints (6.3+): every
+ * backend prefers them to tcp_recvmsg/tcp_sendmsg hooks -- no kretprobe, no
+ * per-thread stash, the socket and the byte count in one event.
+ */
+/* sock_recvmsg() of any socket: the first one with bytes after accept(). */
+TRACEPOINT_PROBE(sock, sock_recv_length)
+{
+	if (args->protocol != AT_IPPROTO_TCP)
+		return 0;
+	on_read(args->sk, args->ret);
+	return 0;
+}
+
+#ifdef AT_DISPATCH
+/* sock_sendmsg() of any socket. */
+TRACEPOINT_PROBE(sock, sock_send_length)
+{
+	if (args->protocol != AT_IPPROTO_TCP)
+		return 0;
+	on_send(args->sk, args->ret);
+	return 0;
+}
+#endif
+#endif
+
 /* ======================================================================
  * Tracepoint backend
  * ====================================================================== */
@@ -602,26 +631,6 @@ TRACEPOINT_PROBE(syscalls, sys_exit_accept)
 {
 	return on_accept_exit(args->ret);
 }
-
-/* sock_recvmsg() of any socket: the first one with bytes after accept(). */
-TRACEPOINT_PROBE(sock, sock_recv_length)
-{
-	if (args->protocol != AT_IPPROTO_TCP)
-		return 0;
-	on_read(args->sk, args->ret);
-	return 0;
-}
-
-#ifdef AT_DISPATCH
-/* sock_sendmsg() of any socket. */
-TRACEPOINT_PROBE(sock, sock_send_length)
-{
-	if (args->protocol != AT_IPPROTO_TCP)
-		return 0;
-	on_send(args->sk, args->ret);
-	return 0;
-}
-#endif
 
 #if defined(AT_HAVE_KFREE_SKB_REASON) && defined(AT_DROP_REASON_LISTEN_OVERFLOW) && \
     defined(AT_HAVE_KFREE_SKB_RX_SK)
@@ -1030,7 +1039,7 @@ KRETFUNC_PROBE(inet_csk_accept)
 }
 #endif
 
-#ifdef AT_HAVE_TCP_RECVMSG
+#if defined(AT_HAVE_TCP_RECVMSG) && !defined(AT_READ_TRACEPOINTS)
 KRETFUNC_PROBE(tcp_recvmsg, void *sk)
 {
 	on_read(sk, (long)func_ret(ctx));
@@ -1038,7 +1047,7 @@ KRETFUNC_PROBE(tcp_recvmsg, void *sk)
 }
 #endif
 
-#if defined(AT_DISPATCH) && defined(AT_HAVE_TCP_SENDMSG)
+#if defined(AT_DISPATCH) && defined(AT_HAVE_TCP_SENDMSG) && !defined(AT_READ_TRACEPOINTS)
 KRETFUNC_PROBE(tcp_sendmsg, void *sk)
 {
 	on_send(sk, (long)func_ret(ctx));

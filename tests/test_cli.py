@@ -121,7 +121,9 @@ def test_no_btf(tmp_path):
 def test_tracefs_unmounted_is_mounted(tmp_path):
     """In a private mount namespace without tracefs, acceptrace mounts it and runs."""
     script = (
+        # debugfs too: with it mounted, /sys/kernel/debug/tracing automounts tracefs.
         "umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug/tracing 2>/dev/null; "
+        "umount /sys/kernel/debug 2>/dev/null; "
         "test ! -e /sys/kernel/tracing/events || exit 99; "
         f"exec {sys.executable} -m acceptrace --port 1 --duration 0.5"
     )

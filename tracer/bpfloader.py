@@ -394,7 +394,14 @@ class FentryBackend(_BccBackend):
                     hooks += [f"fentry:{func}", f"fexit:{func}"]
         if self.dispatch and "AT_HAVE_TCP_SENDMSG" in self.defines:
             hooks.append("fexit:tcp_sendmsg")
-        self.hooks = hooks + FUNC_TRACEPOINT_HOOKS
+        self.hooks = hooks + FUNC_TRACEPOINT_HOOKS + _read_tracepoint_hooks(self)
+
+
+def _read_tracepoint_hooks(backend: _BccBackend) -> list[str]:
+    if "AT_READ_TRACEPOINTS" not in backend.defines:
+        return []
+    return ["tracepoint:sock:sock_recv_length"] + (
+        ["tracepoint:sock:sock_send_length"] if backend.dispatch else [])
 
 
 def _first_line(exc: BaseException) -> str:
@@ -464,7 +471,7 @@ class KprobeBackend(_BccBackend):
                     self.hooks.append(f"kprobe:{func}")
                 if ret:
                     self.hooks.append(f"kretprobe:{func}")
-        self.hooks += FUNC_TRACEPOINT_HOOKS
+        self.hooks += FUNC_TRACEPOINT_HOOKS + _read_tracepoint_hooks(self)
 
 
 def _stages_without(func: str) -> tuple[str, ...]:

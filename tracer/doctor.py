@@ -120,7 +120,8 @@ def gather() -> tuple[list[Check], bool, str]:
                         ack_overflow_observable=feats.ack_overflow_observable,
                         header_line=None, tracefs_mounted=False,
                         missing_tracepoints=feats.missing_tracepoints,
-                        funcs=kernel.probe_functions(btf))
+                        funcs=kernel.probe_functions(btf),
+                        read_tracepoints=kernel.has_read_tracepoints(tracefs))
         for name in AUTO_ORDER:
             try:
                 open_backend(name, 1, prep, dispatch=False).close()

@@ -158,6 +158,12 @@ def ensure_tracefs() -> tuple[Path, bool]:
     )
 
 
+def has_read_tracepoints(tracefs: Path) -> bool:
+    """sock:sock_recv_length and sock:sock_send_length (Linux 6.3+)."""
+    return all(tracepoint_fields(tracefs, "sock", n) is not None
+               for n in ("sock_recv_length", "sock_send_length"))
+
+
 def kprobes_available() -> bool:
     """A kernel with kprobes has kprobe_events in tracefs (CONFIG_KPROBE_EVENTS)."""
     tracefs = find_tracefs()
@@ -227,8 +233,7 @@ def resolve_offsets(btf: BTF) -> tuple[dict[str, int], list[str]]:
                 defines[define] = btf.enum_value(name)
             elif required:
                 raise UserError(f"this kernel's BTF has no enum value {name}")
-            else:
-                notes.append(f"{name} not in this kernel's BTF")
+            # An optional enum value missing is said where it matters (ACK_OVERFLOW_NOTE).
     return defines, notes
 
 
@@ -360,11 +365,6 @@ def probe_functions(btf: BTF) -> FuncFeatures:
         ff.signatures[hook.func] = _signature(btf, hook.func)
         if hook.define:
             ff.defines[hook.define] = 1
-    accept = ff.signatures.get("inet_csk_accept")
-    if accept:
-        form = ("(sk, struct proto_accept_arg *), 6.10+" if btf.func_arg_count("inet_csk_accept")
-                == 2 else "(sk, flags, err, kern), up to 6.9")
-        ff.notes.append(f"inet_csk_accept is {form}: its return value is read either way")
     ff.syn_recv_args = btf.func_arg_count("tcp_v4_syn_recv_sock")
     return ff
 

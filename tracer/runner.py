@@ -73,6 +73,7 @@ class Prepared:
     tracefs_mounted: bool
     missing_tracepoints: list[str]
     funcs: kernel.FuncFeatures
+    read_tracepoints: bool = False  # sock:sock_{recv,send}_length (6.3+)
 
 
 def prepare() -> Prepared:
@@ -94,6 +95,7 @@ def prepare() -> Prepared:
         tracefs_mounted=mounted,
         missing_tracepoints=feats.missing_tracepoints,
         funcs=kernel.probe_functions(btf),
+        read_tracepoints=kernel.has_read_tracepoints(tracefs),
     )
 
 
@@ -125,9 +127,20 @@ def open_backend(name: str, port: int, prep: Prepared, dispatch: bool) -> Backen
         raise UserError("kprobes are not available (no kprobe_events in tracefs: "
                         "the kernel is built without CONFIG_KPROBES)")
     defines = {**prep.defines, **ff.defines}
+    replaced: set[str] = set()
+    if prep.read_tracepoints:
+        # Reads and writes from the 6.3+ tracepoints: no tcp_recvmsg/sendmsg hooks.
+        defines["AT_READ_TRACEPOINTS"] = 1
+        defines.pop("AT_HAVE_TCP_RECVMSG", None)
+        defines.pop("AT_HAVE_TCP_SENDMSG", None)
+        replaced = {"tcp_recvmsg", "tcp_sendmsg"}
+    missing: set[str] = set()
+    for hook in kernel.FUNC_HOOKS:
+        if hook.func in ff.missing and hook.func not in replaced:
+            missing.update(hook.stages)
     return bpfloader.BACKENDS[name](
         port, defines, ack_overflow_observable=True, notes=prep.notes + ff.notes,
-        dispatch=dispatch, missing_stages=ff.missing_stages,
+        dispatch=dispatch, missing_stages=missing,
     )
 
 
