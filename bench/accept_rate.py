@@ -138,6 +138,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--no-dispatch", action="store_true",
                     help="trace without the uvicorn dispatch uprobe")
+    ap.add_argument("--backend", default="auto", choices=("auto", "fentry", "kprobe", "tracepoint"),
+                    help="acceptrace's --backend (compare backends' costs on one kernel)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root (it runs acceptrace)", file=sys.stderr)
@@ -152,7 +154,8 @@ def main() -> int:
                 base, base_err = measure(port, args.clients, args.phase)
             with tempfile.TemporaryDirectory() as tmp:
                 jp = Path(tmp) / "run.json"
-                tr = start_tracer(port, jp, ["--no-dispatch"] if args.no_dispatch else [])
+                tr = start_tracer(port, jp, ["--backend", args.backend,
+                                             *(["--no-dispatch"] if args.no_dispatch else [])])
                 time.sleep(0.5)
                 cpu0, t0 = cpu_seconds(tr.pid), time.monotonic()
                 traced, traced_err = measure(port, args.clients, args.phase)
@@ -175,6 +178,7 @@ def main() -> int:
     summary = {
         "server": args.server, "clients": args.clients, "phase_s": args.phase,
         "dispatch": not args.no_dispatch,
+        "backend": args.backend,
         "cpus": os.cpu_count(), "kernel": os.uname().release,
         "median_ratio": statistics.median(r["ratio"] for r in rows),
         "min_ratio": min(r["ratio"] for r in rows),

@@ -101,3 +101,21 @@ def test_lost_events_and_no_traffic():
 def test_nulls_do_not_fire():
     run = base_run(listen_overflow=None, syn_dropped=None, ack_dropped=None)
     assert rules(run) == {"healthy"}
+
+
+def test_first_syn_dropped_is_said_with_its_count():
+    run = base_run()
+    run.connections["syn_retried"] = 37
+    fs = [f for f in diagnose(run) if f.rule == "syn_retried"]
+    assert len(fs) == 1
+    assert fs[0].text.startswith("37 connections waited ≥ 1 s because their first SYN was dropped")
+    run.connections["syn_retried"] = 1
+    assert "1 connection waited" in [f for f in diagnose(run) if f.rule == "syn_retried"][0].text
+    for quiet in (0, None):   # none retried, or a backend that cannot tell
+        run.connections["syn_retried"] = quiet
+        assert "syn_retried" not in rules(run)
+
+
+def test_syn_queue_full_without_syncookies():
+    assert "syn_dropped_synq_full" in rules(base_run(syn_dropped_synq_full=12))
+    assert "syn_dropped_synq_full" not in rules(base_run(syn_dropped_synq_full=None))

@@ -161,6 +161,9 @@ def _slowest_table(run: Run, limit: int = 10) -> Table:
             notes.append("syncookie")
         if s.synack_retransmits:
             notes.append(f"{s.synack_retransmits} SYN-ACK rtx")
+        if s.syn_retransmits:
+            notes.append(f"first SYN dropped: {s.syn_retransmits} SYN rtx, "
+                         f"+{fmt_us(s.syn_retry_us)}")
         cells = [_addr(s.family, s.saddr, s.sport), str(s.pid) if s.pid else "-",
                  fmt_us(s.handshake_us), fmt_us(s.accept_queue_us)]
         if dispatch:
@@ -182,6 +185,8 @@ def render_summary(run: Run) -> RenderableType:
     counts = Text(
         "connections: "
         + "  ".join(f"{k} {fmt_count(c.get(k))}" for k in ("syn", "queued", "accepted", "read"))
+        + (f"  syn_retried {fmt_count(c['syn_retried'])}" if c.get("syn_retried") is not None
+           else "")
     )
     legend = Text(
         "\n".join(f"  {k}: {v}" for k, v in STAGE_MEANING.items()
