@@ -265,3 +265,43 @@ def test_final_ack_overflow_is_told_apart(tracer):
     assert drops["listen_overflow"] == overflows == run["kernel_counters"]["TcpExtListenOverflows"]
     assert drops["syn_dropped"] + drops["ack_dropped"] == overflows
     check_drop_attribution(run, before, after)
+
+
+def test_synack_retransmit_known_answer(tracer):
+    """One client whose final ACK is held back: the server retransmits its SYN-ACK
+    after ~1 s, the client ACKs again and gets in.  That connection's record says
+    1 SYN-ACK retransmit and a handshake of at least that second."""
+    from xdp_hold import HoldAcks
+
+    srv = listener(16)
+    port = srv.getsockname()[1]
+    t = tracer(port, "--no-dispatch").start()   # the first read ends its story
+    try:
+        with HoldAcks(port) as hold:
+            hold.hold(True)
+            c = socket.create_connection(("127.0.0.1", port))  # connected, as it believes
+            time.sleep(0.4)
+            assert not select.select([srv], [], [], 0)[0], "queued although the ACK was held"
+            hold.hold(False)
+            # The SYN-ACK retransmit (~1 s after the first) brings a new ACK.
+            assert select.select([srv], [], [], 5)[0], "never queued"
+            conn, _ = srv.accept()
+            c.sendall(b"x")
+            assert conn.recv(1) == b"x"
+        time.sleep(0.2)
+    finally:
+        assert t.stop() == 0, t.stderr
+        srv.close()
+    sport = c.getsockname()[1]
+    c.close()
+    conn.close()
+    run = t.report()
+    mine = [s for s in run["slowest"] if s["sport"] == sport]
+    assert len(mine) == 1, run["slowest"]
+    s = mine[0]
+    assert s["synack_retransmits"] == 1, s
+    assert s["handshake_us"] >= 0.9e6, s         # SYN -> queued spans the retransmit
+    assert s["accept_queue_us"] < s["handshake_us"]
+    assert run["drops"]["synack_retransmits"] >= 1
+    if run["meta"]["backend"] in ("fentry", "kprobe"):
+        assert s["syn_retransmits"] == 0          # the client's SYN got through at once
