@@ -154,7 +154,7 @@ struct at_rsctx {
 };
 BPF_PERCPU_ARRAY(rsctx, struct at_rsctx, 2);
 
-/* The child inet_csk_reqsk_queue_add() last queued on this CPU (see on_queued). */
+/* The child inet_csk_reqsk_queue_add() last queued on this CPU (see on_queue_done). */
 struct at_qmark {
 	u64 child;
 	u64 ns;
@@ -859,41 +859,27 @@ static __always_inline void sk_tuple(const void *sk, struct at_tuple *t)
 }
 
 /*
- * inet_csk_reqsk_queue_add() exit: `child` is now on listener `lsk`'s accept
- * queue (ret == child; NULL: refused, the listener stopped listening).  Every
- * child passes here -- after a final ACK (inet_csk_complete_hashdance), a
- * syncookie ACK (tcp_get_cookie_sock) or a Fast Open SYN -- so this is where a
- * connection starts being followed, with the SYN times kept by its 4-tuple.
+ * inet_csk_complete_hashdance() / inet_csk_reqsk_queue_add() entry: `child` is
+ * about to be put on listener `lsk`'s accept queue.  Every child passes here --
+ * after a final ACK (the hashdance), a syncookie ACK (tcp_get_cookie_sock) or
+ * a Fast Open SYN (both queue_add) -- so this is where a connection starts
+ * being followed, with the SYN times kept by its 4-tuple.  It must be the
+ * entry: once the child is linked, accept() on another CPU may take it before
+ * the exit runs.
  */
-static __always_inline void on_queued(const void *lsk, const void *req, const void *child,
-				      const void *ret, int from_add)
+static __always_inline void on_queue_start(const void *lsk, const void *req, const void *child)
 {
 	struct at_tuple t = {};
 	struct at_syn *s;
-	struct at_conn c = {};
-	struct at_qmark *m;
+	struct at_conn c = {}, *old;
 	u64 key = (u64)child, now;
-	u32 zero = 0;
 
-	if (!ret || !child || !sk_is_ours(lsk, AT_TCP_LISTEN))
+	if (!child || !sk_is_ours(lsk, AT_TCP_LISTEN))
 		return;
 	now = bpf_ktime_get_ns();
-	/* inet_csk_complete_hashdance() calls inet_csk_reqsk_queue_add() -- inlined
-	 * on some builds, not on others.  When both exits fire, the inner one
-	 * (queue_add) came first: the outer one skips the same child. */
-	m = qmark.lookup(&zero);
-	if (m) {
-		if (from_add) {
-			m->child = key;
-			m->ns = now;
-		} else if (m->child == key && now - m->ns < 1000000) {
-			m->child = 0;
-			return;
-		}
-	}
-	syn_outcome(lsk, AT_OUT_CHILD); /* Fast Open: queued from tcp_conn_request */
-	queue_depths(lsk, now);
-
+	old = conns.lookup(&key);
+	if (old && !old->accepted_ns && old->queued_ns && now - old->queued_ns < 1000000)
+		return; /* queue_add called from the hashdance: the outer entry did it */
 	sk_tuple(child, &t);
 	c.queued_ns = now;
 	c.family = t.family == 6 ? AT_AF_INET6 : AT_AF_INET;
@@ -911,14 +897,55 @@ static __always_inline void on_queued(const void *lsk, const void *req, const vo
 		c.syncookie = s->cookie;
 		c.flags = AT_CONN_SYN_SEEN;
 		syns.delete(&t);
-		count(AT_C_SYN_TIMED);
-		if (c.syn_retrans)
-			count(AT_C_SYN_RETRIED);
-		if (c.syncookie)
-			count(AT_C_SYNCOOKIE);
-		hist_add(AT_H_HANDSHAKE, now - c.syn_ok_ns, 1000);
 	}
 	conns.update(&key, &c);
+}
+
+/*
+ * ... and its exit: ret == child when the child is on the queue, NULL when it
+ * was refused (the listener stopped listening, or another CPU owned the
+ * request).  The hashdance calls queue_add -- inlined on some builds, not on
+ * others; when both exits fire, the inner one (queue_add) came first and the
+ * outer one skips the same child.
+ */
+static __always_inline void on_queue_done(const void *lsk, const void *child, const void *ret,
+					  int from_add)
+{
+	struct at_conn *c;
+	struct at_qmark *m;
+	u64 key = (u64)child, now;
+	u32 zero = 0;
+
+	if (!child || !sk_is_ours(lsk, AT_TCP_LISTEN))
+		return;
+	now = bpf_ktime_get_ns();
+	m = qmark.lookup(&zero);
+	if (m) {
+		if (from_add) {
+			m->child = key;
+			m->ns = now;
+		} else if (m->child == key && now - m->ns < 1000000) {
+			m->child = 0;
+			return;
+		}
+	}
+	c = conns.lookup(&key);
+	if (!ret) {
+		if (c && !c->accepted_ns)
+			conns.delete(&key);
+		return;
+	}
+	syn_outcome(lsk, AT_OUT_CHILD); /* Fast Open: queued from tcp_conn_request */
+	queue_depths(lsk, now);
+	if (!c || !(c->flags & AT_CONN_SYN_SEEN))
+		return;
+	count(AT_C_SYN_TIMED);
+	if (c->syn_retrans)
+		count(AT_C_SYN_RETRIED);
+	if (c->syncookie)
+		count(AT_C_SYNCOOKIE);
+	if (c->queued_ns >= c->syn_ok_ns)
+		hist_add(AT_H_HANDSHAKE, c->queued_ns - c->syn_ok_ns, 1000);
 }
 
 /* Close of a child of the port (tracepoint, present since 4.16). */
@@ -1017,16 +1044,28 @@ KRETFUNC_PROBE(tcp_v6_syn_recv_sock)
 #endif
 #endif /* AT_FENTRY_SYN_RECV */
 
-KRETFUNC_PROBE(inet_csk_complete_hashdance, void *sk, void *child, void *req)
+KFUNC_PROBE(inet_csk_complete_hashdance, void *sk, void *child, void *req)
 {
-	on_queued(sk, req, child, (const void *)func_ret(ctx), 0);
+	on_queue_start(sk, req, child);
+	return 0;
+}
+
+KRETFUNC_PROBE(inet_csk_complete_hashdance, void *sk, void *child)
+{
+	on_queue_done(sk, child, (const void *)func_ret(ctx), 0);
 	return 0;
 }
 
 #ifdef AT_HAVE_REQSK_QUEUE_ADD
+KFUNC_PROBE(inet_csk_reqsk_queue_add, void *sk, void *req, void *child)
+{
+	on_queue_start(sk, req, child);
+	return 0;
+}
+
 KRETFUNC_PROBE(inet_csk_reqsk_queue_add, void *sk, void *req, void *child)
 {
-	on_queued(sk, req, child, (const void *)func_ret(ctx), 1);
+	on_queue_done(sk, child, (const void *)func_ret(ctx), 1);
 	return 0;
 }
 #endif
@@ -1070,7 +1109,6 @@ BPF_TABLE("lru_hash", u32, u64, send_sk, 16384);   /* tid -> sk in tcp_sendmsg *
 #endif
 struct at_qactx {
 	u64 lsk;
-	u64 req;
 	u64 child;
 };
 BPF_PERCPU_ARRAY(qactx, struct at_qactx, 2); /* [0] queue_add, [1] hashdance */
@@ -1104,9 +1142,10 @@ int kp_reqsk_queue_add(struct pt_regs *ctx)
 	u32 zero = 0;
 	struct at_qactx *q = qactx.lookup(&zero);
 
+	on_queue_start((const void *)PT_REGS_PARM1(ctx), (const void *)PT_REGS_PARM2(ctx),
+		       (const void *)PT_REGS_PARM3(ctx));
 	if (q) {
 		q->lsk = PT_REGS_PARM1(ctx);
-		q->req = PT_REGS_PARM2(ctx);
 		q->child = PT_REGS_PARM3(ctx);
 	}
 	return 0;
@@ -1118,24 +1157,25 @@ int kr_reqsk_queue_add(struct pt_regs *ctx)
 	struct at_qactx *q = qactx.lookup(&zero);
 
 	if (q && q->lsk) {
-		on_queued((const void *)q->lsk, (const void *)q->req, (const void *)q->child,
-			  (const void *)PT_REGS_RC(ctx), 1);
+		on_queue_done((const void *)q->lsk, (const void *)q->child,
+			      (const void *)PT_REGS_RC(ctx), 1);
 		q->lsk = 0;
 	}
 	return 0;
 }
 
 /* inet_csk_complete_hashdance(sk, child, req, own_req): softirq, like queue_add,
- * but it may call queue_add: its own slot. */
+ * which it may call: its own slot. */
 int kp_complete_hashdance(struct pt_regs *ctx)
 {
 	u32 one = 1;
 	struct at_qactx *q = qactx.lookup(&one);
 
+	on_queue_start((const void *)PT_REGS_PARM1(ctx), (const void *)PT_REGS_PARM3(ctx),
+		       (const void *)PT_REGS_PARM2(ctx));
 	if (q) {
 		q->lsk = PT_REGS_PARM1(ctx);
 		q->child = PT_REGS_PARM2(ctx);
-		q->req = PT_REGS_PARM3(ctx);
 	}
 	return 0;
 }
@@ -1146,8 +1186,8 @@ int kr_complete_hashdance(struct pt_regs *ctx)
 	struct at_qactx *q = qactx.lookup(&one);
 
 	if (q && q->lsk) {
-		on_queued((const void *)q->lsk, (const void *)q->req, (const void *)q->child,
-			  (const void *)PT_REGS_RC(ctx), 0);
+		on_queue_done((const void *)q->lsk, (const void *)q->child,
+			      (const void *)PT_REGS_RC(ctx), 0);
 		q->lsk = 0;
 	}
 	return 0;

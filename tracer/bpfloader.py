@@ -316,8 +316,9 @@ FUNC_TRACEPOINT_HOOKS = ["tracepoint:sock:inet_sock_set_state",
 # define (None: always compiled) -> the fentry programs BCC loads for it.
 FENTRY_PROGRAMS: list[tuple[str | None, list[str]]] = [
     (None, ["fentry:tcp_conn_request", "fexit:tcp_conn_request",
-            "fexit:inet_csk_complete_hashdance"]),
-    ("AT_HAVE_REQSK_QUEUE_ADD", ["fexit:inet_csk_reqsk_queue_add"]),
+            "fentry:inet_csk_complete_hashdance", "fexit:inet_csk_complete_hashdance"]),
+    ("AT_HAVE_REQSK_QUEUE_ADD", ["fentry:inet_csk_reqsk_queue_add",
+                                 "fexit:inet_csk_reqsk_queue_add"]),
     ("AT_HAVE_COOKIE_V4_INIT_SEQUENCE", ["fentry:cookie_v4_init_sequence"]),
     ("AT_HAVE_COOKIE_V6_INIT_SEQUENCE", ["fentry:cookie_v6_init_sequence"]),
     ("AT_HAVE_REQSK_HASH_ADD", ["fentry:inet_csk_reqsk_queue_hash_add"]),
