@@ -538,8 +538,17 @@ TRACEPOINT_PROBE(sock, sk_data_ready)
 		if (!c)
 			return 0;
 	}
-	if (c->accepted_ns)
-		return 0; /* the tail is stale: this child was accepted already */
+	if (c->accepted_ns) {
+		if (c->queued_ns)
+			return 0; /* the tail is stale: this child was accepted already */
+		/* Accepted on another CPU between the enqueue and this event (an
+		 * accept loop): it waited no time in the queue. */
+		count(AT_C_ACCEPT_EARLY);
+		now = c->accepted_ns;
+		hist_add(AT_H_ACCEPT_QUEUE, 0, 1000);
+		if (snt_us && snt_us * 1000 <= now)
+			hist_add(AT_H_SYN_TO_ACCEPT, now - snt_us * 1000, 1000);
+	}
 	conn_tuple_from_sk(c, child);
 	c->queued_ns = now;
 	c->synack_retrans = retrans;

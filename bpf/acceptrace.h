@@ -107,7 +107,9 @@ enum at_counter_id {
 	AT_C_SYNCOOKIES_SENT = 16,     /* SYN answered with a syncookie (SyncookiesSent) */
 	AT_C_LISTEN_DROPS_OTHER = 17,  /* other tcp_listendrop()s: no memory, no route, LSM, ... */
 	AT_C_SYN_RETRIED = 18,         /* children whose client had to retransmit its SYN */
-	AT_C_COUNT = 19,
+	AT_C_ACCEPT_EARLY = 19,    /* tracepoint: accepted on another CPU before sk_data_ready
+	                            * (counted in AT_C_ACCEPT_UNTRACKED first, then fixed up) */
+	AT_C_COUNT = 20,
 };
 
 /* Per-connection state, keyed by the child struct sock * (LRU hash). */

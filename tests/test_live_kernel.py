@@ -15,7 +15,13 @@ import threading
 import time
 
 import pytest
-from conftest import check_drop_attribution, read_netstat, wait_until
+from conftest import (
+    assert_listen_overflow,
+    check_drop_attribution,
+    read_netstat,
+    split_unobservable,
+    wait_until,
+)
 
 pytestmark = pytest.mark.root
 
@@ -72,7 +78,7 @@ def test_delayed_accept_known_answer(tracer):
     s2a = run["stages"]["syn_to_accept"]
     assert s2a["count"] == n and s2a["min"] >= aq["min"]
     assert run["stages"]["accept_to_read"]["count"] == n
-    assert run["drops"]["listen_overflow"] == 0
+    assert_listen_overflow(run, 0)
     assert [p["pid"] for p in run["processes"]] == [__import__("os").getpid()]
     assert run["processes"][0]["accepted"] == n
     # The slowest sample carries every stage, client and server addresses right.
@@ -141,8 +147,9 @@ def test_listen_overflow_matches_kernel_counters(tracer):
     overflows = after["TcpExtListenOverflows"] - before["TcpExtListenOverflows"]
     assert overflows > 0
     assert run["kernel_counters"]["TcpExtListenOverflows"] == overflows
-    assert run["drops"]["listen_overflow"] == overflows
-    assert run["drops"]["syn_dropped"] + run["drops"]["ack_dropped"] == overflows
+    assert_listen_overflow(run, overflows)
+    if not split_unobservable(run):
+        assert run["drops"]["syn_dropped"] + run["drops"]["ack_dropped"] == overflows
     check_drop_attribution(run, before, after)
     depth = run["queues"]["accept_queue_depth"]
     assert depth["max"] == backlog + 1
@@ -257,6 +264,9 @@ def test_final_ack_overflow_is_told_apart(tracer):
     run = t.report()
     overflows = after["TcpExtListenOverflows"] - before["TcpExtListenOverflows"]
     drops = run["drops"]
+    if split_unobservable(run):
+        pytest.skip("tracepoint backend before Linux 6.15: final-ACK drops cannot be told "
+                    "apart (the report says null, checked above)")
     assert drops["ack_dropped"] > 0
     # The held requests' SYN-ACKs were retransmitted (that is what re-sent the ACKs).
     # (ack_dropped may exceed them: a syncookie client's FIN+ACK on close meets the

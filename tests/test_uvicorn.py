@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from acceptrace.demo import ServerProcess, free_port
 from acceptrace.loadgen import run_load
+from conftest import assert_listen_overflow
 
 pytestmark = pytest.mark.root
 
@@ -32,7 +33,7 @@ def test_uvicorn_requests_counted_and_attributed(tracer, loop):
     assert [(p["pid"], p["accepted"]) for p in run["processes"]] == [(pid, n)]
     for stage in ("handshake", "accept_queue", "syn_to_accept", "accept_to_read"):
         assert run["stages"][stage]["count"] == n, stage
-    assert run["drops"]["listen_overflow"] == 0
+    assert_listen_overflow(run, 0)
     for s in run["slowest"]:
         assert s["pid"] == pid and s["dport"] == port
         assert s["accept_to_read_us"] is not None and s["accept_to_read_us"] >= 0
@@ -58,7 +59,7 @@ def test_demo_target_overflows_and_counts_match_kernel(tracer):
     run = t.report()
     overflows = after["TcpExtListenOverflows"] - before["TcpExtListenOverflows"]
     assert overflows > 0
-    assert run["drops"]["listen_overflow"] == overflows, (run["drops"], run["kernel_counters"])
+    assert_listen_overflow(run, overflows)
     check_drop_attribution(run, before, after)
     assert run["queues"]["accept_queue_depth"]["max"] == 9
     assert run["connections"]["accepted"] >= res.completed

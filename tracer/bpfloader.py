@@ -39,6 +39,7 @@ COUNTER_NAMES: dict[int, str] = {
     L.C_SYNCOOKIES_SENT: "syncookies_sent",
     L.C_LISTEN_DROPS_OTHER: "listen_drops_other",
     L.C_SYN_RETRIED: "syn_retried",
+    L.C_ACCEPT_EARLY: "accept_early",
 }
 HIST_NAMES: dict[int, tuple[str, str, int]] = {
     L.H_HANDSHAKE: ("handshake", "us", 1000),

@@ -437,7 +437,7 @@ class Session:
         run.slowest = [record_to_sample(r) for r in self.slowest.records()]
         run.intervals = list(self.intervals)
         run.extra = {
-            "accept_untracked": c.get("accept_untracked", 0),
+            "accept_untracked": c.get("accept_untracked", 0) - c.get("accept_early", 0),
             "queue_missed": c.get("queue_missed", 0),
             "listener_sk_drops": sk_drops,
             # SYNs that reached tcp_conn_request (fentry/kprobe): retransmits included
