@@ -61,5 +61,9 @@ def test_demo_target_overflows_and_counts_match_kernel(tracer):
     assert overflows > 0
     assert_listen_overflow(run, overflows)
     check_drop_attribution(run, before, after)
-    assert run["queues"]["accept_queue_depth"]["max"] == 9
+    # Full is depth > backlog (8), so one more fits -- per CPU: the test and the
+    # increment are not atomic, and two CPUs can both pass the test at depth 8.
+    import os
+
+    assert 9 <= run["queues"]["accept_queue_depth"]["max"] <= 8 + (os.cpu_count() or 1)
     assert run["connections"]["accepted"] >= res.completed
