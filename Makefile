@@ -9,8 +9,11 @@ PYTEST_ARGS ?=
 # a kernel header tree for BCC's compiler, and what the tests and tools use.
 APT_PACKAGES := python3-bpfcc bpfcc-tools python3-venv python3-pip iproute2 bpftool \
 	gcc libc6-dev make binutils xz-utils procps tmux chromium
+# The QEMU guest suite (tests/test_vm.py, docs/vm.md): TCG emulator, debootstrap
+# for the guest root filesystem, mkfs.ext4 -d for its image.
+VM_APT_PACKAGES := qemu-system-x86 debootstrap e2fsprogs
 
-.PHONY: setup system-packages demo test test-root test-unit lint bench clean
+.PHONY: setup system-packages vm-packages demo test test-host test-vm lint bench clean
 
 setup: system-packages $(STAMP)
 
@@ -41,15 +44,39 @@ system-packages:
 	  if [ -n "$$missing" ]; then apt-get install -y -qq $$missing; fi; \
 	fi
 
+vm-packages:
+	@[ "$$(id -u)" = 0 ] || { echo "make test-vm: needs root: sudo make test-vm" >&2; exit 1; }
+	@set -e; missing=""; \
+	for p in $(VM_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq; \
+	  apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
 demo: setup
 	$(VENV)/bin/acceptrace demo
 
 lint: setup
 	$(VENV)/bin/ruff check tracer tests bench
 
-# The whole suite but the QEMU guest tests (those: make test-vm).
-test: setup lint
+# The host suite, then the QEMU guest suite (both run; either failing fails).
+test: setup lint vm-packages
+	@rc=0; \
+	echo "$(PY) -m pytest -m \"not vm\" $(PYTEST_ARGS)"; \
+	$(PY) -m pytest -m "not vm" $(PYTEST_ARGS) || rc=$$?; \
+	echo "$(PY) -m pytest -m vm $(PYTEST_ARGS)"; \
+	$(PY) -m pytest -m vm $(PYTEST_ARGS) || { s=$$?; [ $$rc != 0 ] || rc=$$s; }; \
+	exit $$rc
+
+# Only the host suite (about 2 min): no QEMU.
+test-host: setup lint
 	$(PY) -m pytest -m "not vm" $(PYTEST_ARGS)
+
+# Only the guest suite: the root tests inside QEMU guests booting Debian's
+# 6.1 and 6.12 kernels, once per backend (docs/vm.md).
+test-vm: setup vm-packages
+	$(PY) -m pytest -m vm $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) bench/accept_rate.py

@@ -1,0 +1,153 @@
+"""The root suite for real inside QEMU guests booting Debian's own kernels.
+
+One guest per kernel of tests/vm/run.py's MATRIX, booted once per session, runs
+the guest test list once per backend; each (kernel, backend) here reads that
+run's junit XML. Slow (TCG): run alone with `make test-vm` or `pytest -m vm`
+(docs/vm.md). Needs root, qemu-system-x86, debootstrap and e2fsprogs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.vm
+
+VM_DIR = Path(__file__).resolve().parent / "vm"
+
+
+def _load_runner():
+    spec = importlib.util.spec_from_file_location("acceptrace_vm_run", VM_DIR / "run.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+vmrun = _load_runner()
+
+# ACCEPTRACE_VM_KERNELS="6.1" narrows the matrix (as does -k 6.1-: mind the dash,
+# since "6.1" is also a substring of "6.12").
+KERNELS = [k for k in vmrun.MATRIX
+           if k in (os.environ.get("ACCEPTRACE_VM_KERNELS") or " ".join(vmrun.MATRIX)).split()]
+# The whole guest suite's time limit, rootfs build included (CI has 45 min for
+# everything): a guest gets what is left, and is killed when it runs out.
+BUDGET = float(os.environ.get("ACCEPTRACE_VM_BUDGET", "2100"))
+CELLS = [pytest.param(k, b, id=f"{k}-{b}") for k in KERNELS for b in vmrun.MATRIX[k].backends]
+
+
+def _asked_for(config: pytest.Config) -> bool:
+    """Only when selected on purpose (-m vm, this file, or ACCEPTRACE_VM=1): a
+    plain `pytest` as root must not spend twenty minutes in QEMU."""
+    if os.environ.get("ACCEPTRACE_VM") == "1":
+        return True
+    markexpr = config.getoption("markexpr", "") or ""
+    if "vm" in markexpr.replace("not vm", ""):
+        return True
+    return any(Path(str(a).split("::")[0]).name == "test_vm.py" for a in config.args)
+
+
+@pytest.fixture(scope="session")
+def vm_guest(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """guest(label) -> GuestResult: boots that kernel's guest on first use only."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: debootstrap and QEMU's 9p shares (sudo make test-vm)")
+    if not _asked_for(request.config):
+        pytest.skip("QEMU guest suite: run it with -m vm (make test-vm)")
+    t0 = time.monotonic()
+    missing = vmrun.missing_tools()
+    if missing:
+        pytest.fail("missing packages " + " ".join(missing) + " (make test-vm installs them)",
+                    pytrace=False)
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    try:
+        with capman.global_and_fixture_disabled():   # a first build takes minutes: show it
+            image_dir = vmrun.build_rootfs()
+    except vmrun.GuestError as e:
+        pytest.fail(str(e), pytrace=False)
+    done: dict[str, object] = {}
+
+    def guest(label: str, backend: str | None = None):
+        """The guest's results; a test fails here when the guest did not finish,
+        unless `backend` did finish before that (its results are then judged)."""
+        if label not in done:
+            # The boot and each backend's progress go to the terminal as they happen.
+            plan = vmrun.MATRIX[label]
+            timeout = vmrun.guest_timeout(len(plan.backends), plan.backend_timeout, True)
+            left = BUDGET - (time.monotonic() - t0)
+            with capman.global_and_fixture_disabled():
+                try:
+                    if left < 120:
+                        raise vmrun.GuestError(f"not booted: ACCEPTRACE_VM_BUDGET={BUDGET:.0f} s "
+                                               "spent by the guests before it")
+                    res = vmrun.run_guest(label, checks=True, image_dir=image_dir, echo="progress",
+                                          results_dir=tmp_path_factory.mktemp(f"vm-{label}-"),
+                                          timeout=min(timeout, left))
+                    print(vmrun.summary(res), file=sys.stderr)
+                    done[label] = res
+                except vmrun.GuestError as e:
+                    done[label] = e
+        res = done[label]
+        if isinstance(res, vmrun.GuestError):
+            partial = res.result
+            if (backend is not None and partial is not None
+                    and partial.backends.get(backend) and partial.backends[backend].rc is not None):
+                return partial
+            pytest.fail(str(res), pytrace=False)
+        return res
+
+    return guest
+
+
+@pytest.mark.parametrize("kernel", [pytest.param(k, id=f"{k}-kernel") for k in KERNELS])
+def test_guest_kernel(vm_guest, kernel):
+    """The guest booted the intended Debian kernel, with BTF and its own headers,
+    and plain BCC programs attach to the hooks the backends use."""
+    res = vm_guest(kernel)
+    info = res.text("info.txt")
+    print(info)
+    assert res.release.startswith(kernel + "."), res.release
+    assert f" {res.release} " in info, info
+    assert "/sys/kernel/btf/vmlinux" in info and "No such file" not in info, info
+    assert "headers: /usr/src/linux-headers-" + res.release in info, info
+    checks = vmrun.hook_checks(res)
+    failed = {h: checks.get(h, (False, "not run"))[1]
+              for h in vmrun.MATRIX[kernel].hooks if not checks.get(h, (False,))[0]}
+    assert not failed, (f"{res.release}: hooks that do not attach: {failed}\n"
+                        + res.text(f"{kernel}-checks.log")[-3000:])
+
+
+@pytest.mark.parametrize(("kernel", "backend"), CELLS)
+def test_guest_suite(vm_guest, kernel, backend):
+    """The guest's root tests under one backend: none failed, some passed."""
+    res = vm_guest(kernel, backend)
+    br = res.backends[backend]
+    where = f"{res.release}, backend {backend}"
+    skipped = br.by_outcome("skipped")
+    for c in skipped:
+        print(f"{where}: skipped {c.name}: {c.message}")
+    if skipped:
+        warnings.warn(f"{where}: {len(skipped)} guest test(s) skipped: "
+                      + "; ".join(f"{c.name} ({c.message})" for c in skipped), stacklevel=1)
+    bad = br.by_outcome("failed", "error")
+    if bad:
+        pytest.fail(f"{where}: {len(bad)} guest test(s) failed (log: {br.log}):\n"
+                    + "\n".join(f"- {c.outcome.upper()} {c.name}: "
+                                + c.message.replace("\n", "\n    ") for c in bad),
+                    pytrace=False)
+    if br.rc == 124:
+        pytest.fail(f"{where}: timed out after {vmrun.MATRIX[kernel].backend_timeout} s "
+                    f"(log: {br.log}):\n" + vmrun.tail(br.log, 30), pytrace=False)
+    if not br.by_outcome("passed"):
+        pytest.fail(f"{where}: no guest test ran (pytest exit {br.rc}; log: {br.log}):\n"
+                    + vmrun.tail(br.log, 30), pytrace=False)
+    if br.rc != 0:
+        pytest.fail(f"{where}: guest pytest exited {br.rc} (log: {br.log}):\n"
+                    + vmrun.tail(br.log, 30), pytrace=False)
