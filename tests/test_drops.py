@@ -241,3 +241,44 @@ def test_first_syn_dropped_client_waits_a_second(tracer, syncookies):
         [sys.executable, "-m", "acceptrace", "report", str(t.json_path)],
         capture_output=True, text=True).stdout
     assert f"{waited} connection" in text and "first SYN was dropped" in text, text
+
+
+def test_syncookie_connection_gets_a_handshake_time(tracer, syncookies):
+    """tcp_syncookies=2 answers every SYN with a cookie: no request is kept, so the
+    tracepoint backend (which reads the request's SYN-ACK time) has no SYN time,
+    while fentry/kprobe saw the SYN itself and time the handshake like any other."""
+    syncookies(2)
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    port = srv.getsockname()[1]
+    t = tracer(port, "--no-dispatch").start()
+    try:
+        before = read_netstat()
+        c = socket.create_connection(("127.0.0.1", port))
+        conn, _ = srv.accept()
+        c.sendall(b"x")
+        assert conn.recv(1) == b"x"
+        time.sleep(0.2)
+        after = read_netstat()
+    finally:
+        assert t.stop() == 0, t.stderr
+        srv.close()
+    c.close()
+    conn.close()
+    assert after["TcpExtSyncookiesSent"] - before["TcpExtSyncookiesSent"] == 1
+    assert after["TcpExtSyncookiesRecv"] - before["TcpExtSyncookiesRecv"] == 1
+    run = t.report()
+    assert run["drops"]["syncookies"] == 1          # the queued connection came by cookie
+    (s,) = run["slowest"]
+    assert s["syncookie"] is True
+    check_drop_attribution(run, before, after)
+    if exact_drops_expected(run):
+        assert run["drops"]["syncookies_sent"] == 1
+        assert run["stages"]["handshake"]["count"] == 1
+        assert s["handshake_us"] is not None and s["syn_to_accept_us"] >= s["handshake_us"]
+        assert s["syn_retransmits"] == 0
+    else:
+        assert run["stages"]["handshake"]["count"] == 0
+        assert s["handshake_us"] is None and s["syn_to_accept_us"] is None
