@@ -65,11 +65,8 @@ MATRIX: dict[str, KernelPlan] = {
     # bookworm's own kernel (linux-image-amd64): kprobes and fentry, but no
     # sock:sk_data_ready / sock_recv_length, so no tracepoint backend (6.3+).
     "6.1": KernelPlan("6.1", backends=("fentry", "kprobe"), hooks=HOOKS),
-    # bookworm's 6.12 (linux-image-6.12.*+deb12-amd64-unsigned): all three.  The
-    # uvicorn tests run on 6.1 (both function backends) and on the host
-    # (tracepoint); here the kernel-facing ones, to stay inside CI's budget.
+    # bookworm's 6.12 (linux-image-6.12.*+deb12-amd64-unsigned): all three.
     "6.12": KernelPlan("6.12", backends=("fentry", "kprobe", "tracepoint"),
-                       tests=tuple(t for t in GUEST_TESTS if t != "tests/test_uvicorn.py"),
                        hooks=HOOKS + ("tracepoint:sock:sk_data_ready",)),
 }
 
