@@ -667,19 +667,28 @@ TRACEPOINT_PROBE(skb, kfree_skb)
  * ====================================================================== */
 #ifdef AT_FUNCS
 /* The 4-tuple of a TCP packet (SYN or final ACK) from its headers. */
+/* The IP version (4 or 6; 0 if unknown) of a packet, and where its IP header is. */
+static __always_inline u8 skb_ip_version(const void *skb, const u8 **head, u16 *nh)
+{
+	u8 ver = 0;
+
+	READ_KERN(*head, skb + AT_OFF_SKB_HEAD);
+	READ_KERN(*nh, skb + AT_OFF_SKB_NETWORK_HEADER);
+	if (!*head || *nh == 0xffff)
+		return 0;
+	READ_KERN(ver, *head + *nh);
+	return ver >> 4;
+}
+
 static __always_inline int skb_tuple(const void *skb, struct at_tuple *t)
 {
 	const u8 *head = NULL;
 	u16 nh = 0, th = 0, ports[2] = {};
-	u8 ver = 0;
+	u8 ver = skb_ip_version(skb, &head, &nh);
 
-	READ_KERN(head, skb + AT_OFF_SKB_HEAD);
-	READ_KERN(nh, skb + AT_OFF_SKB_NETWORK_HEADER);
 	READ_KERN(th, skb + AT_OFF_SKB_TRANSPORT_HEADER);
-	if (!head || nh == 0xffff || th == 0xffff)
+	if (th == 0xffff)
 		return -1;
-	READ_KERN(ver, head + nh);
-	ver >>= 4;
 	if (ver == 4) {
 		bpf_probe_read_kernel(t->saddr, 4, head + nh + 12);
 		bpf_probe_read_kernel(t->daddr, 4, head + nh + 16);
@@ -824,18 +833,13 @@ static __always_inline void on_ack_done(u32 v6, const void *child)
 	struct at_rsctx *r = rsctx.lookup(&v6);
 	const u8 *head = NULL;
 	u16 nh = 0;
-	u8 ver = 0;
 
 	if (!r || !r->lsk)
 		return;
 	r->lsk = 0;
 	if (child)
-		return; /* the child is followed from inet_csk_reqsk_queue_add() */
-	READ_KERN(head, (const void *)r->skb + AT_OFF_SKB_HEAD);
-	READ_KERN(nh, (const void *)r->skb + AT_OFF_SKB_NETWORK_HEADER);
-	if (head)
-		READ_KERN(ver, head + nh);
-	if ((ver >> 4) != (v6 ? 6 : 4))
+		return; /* the child is followed from the queue insert (on_queue_start) */
+	if (skb_ip_version((const void *)r->skb, &head, &nh) != (v6 ? 6 : 4))
 		return;
 	count(r->acceptq_full ? AT_C_ACK_OVERFLOW : AT_C_LISTEN_DROPS_OTHER);
 }

@@ -14,7 +14,7 @@ from . import layout as L
 from .backend import ConnRecord, KernelSnapshot, ListenerSnapshot, ProcSnapshot
 from .errors import UserError
 from .hist import NBUCKETS, Histogram
-from .kernel import FUNC_HOOKS, cflags
+from .kernel import cflags, kprobes_available, stages_fed_by
 from .servers import DispatchTarget
 
 _bcc: Any = None
@@ -355,8 +355,6 @@ class FentryBackend(_BccBackend):
                 first = str(exc)
         else:
             first = "not in BTF"
-        from .kernel import kprobes_available  # noqa: PLC0415
-
         extra = {"AT_KPROBE_SYN_RECV": 1} if has_syn_recv and kprobes_available() else {}
         self.bpf = _compile(BPF_SOURCE, cflags({**self.defines, **extra}))
         self.defines.update(extra)
@@ -465,7 +463,7 @@ class KprobeBackend(_BccBackend):
                     if required or define is None:
                         raise UserError(f"kprobe on {func} failed: {msg}") from exc
                     self.notes.append(f"kprobe on {func} failed ({msg}): not traced")
-                    self.missing_stages.update(_stages_without(func))
+                    self.missing_stages.update(stages_fed_by({func}))
                     if func == "tcp_v4_syn_recv_sock":
                         self.ack_overflow_observable = False
                     continue
@@ -474,13 +472,6 @@ class KprobeBackend(_BccBackend):
                 if ret:
                     self.hooks.append(f"kretprobe:{func}")
         self.hooks += FUNC_TRACEPOINT_HOOKS + _read_tracepoint_hooks(self)
-
-
-def _stages_without(func: str) -> tuple[str, ...]:
-    for hook in FUNC_HOOKS:
-        if hook.func == func:
-            return hook.stages
-    return ()
 
 
 BACKENDS: dict[str, type[_BccBackend]] = {

@@ -311,6 +311,11 @@ FUNC_HOOKS: tuple[FuncHook, ...] = (
 )
 
 
+def stages_fed_by(funcs: set[str] | list[str]) -> set[str]:
+    """The stages that become null when these hooked functions are missing."""
+    return {stage for hook in FUNC_HOOKS if hook.func in funcs for stage in hook.stages}
+
+
 @dataclass
 class FuncFeatures:
     """Which accept-path functions this kernel has, their signatures, and what follows."""
@@ -357,7 +362,6 @@ def probe_functions(btf: BTF) -> FuncFeatures:
                 ff.missing_required.append(f"function {hook.func} ({hook.why})")
             else:
                 ff.missing.append(hook.func)
-                ff.missing_stages.update(hook.stages)
                 ff.notes.append(f"{hook.func} is not in this kernel's BTF (inlined or "
                                 f"absent): {hook.why}")
             continue
@@ -366,6 +370,7 @@ def probe_functions(btf: BTF) -> FuncFeatures:
         if hook.define:
             ff.defines[hook.define] = 1
     ff.syn_recv_args = btf.func_arg_count("tcp_v4_syn_recv_sock")
+    ff.missing_stages = stages_fed_by(ff.missing)
     return ff
 
 

@@ -134,10 +134,7 @@ def open_backend(name: str, port: int, prep: Prepared, dispatch: bool) -> Backen
         defines.pop("AT_HAVE_TCP_RECVMSG", None)
         defines.pop("AT_HAVE_TCP_SENDMSG", None)
         replaced = {"tcp_recvmsg", "tcp_sendmsg"}
-    missing: set[str] = set()
-    for hook in kernel.FUNC_HOOKS:
-        if hook.func in ff.missing and hook.func not in replaced:
-            missing.update(hook.stages)
+    missing = kernel.stages_fed_by(set(ff.missing) - replaced)
     return bpfloader.BACKENDS[name](
         port, defines, ack_overflow_observable=True, notes=prep.notes + ff.notes,
         dispatch=dispatch, missing_stages=missing,
