@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 from conftest import check_drop_attribution, exact_drops_expected, read_netstat, wait_until
+from test_live_kernel import listener
 
 pytestmark = pytest.mark.root
 
@@ -178,10 +179,7 @@ def test_first_syn_dropped_client_waits_a_second(tracer, syncookies):
     and retransmitted after 1 s, by when the queue was drained.  The report
     counts exactly the clients whose connect() took a retransmit."""
     syncookies(1)
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(1)
+    srv = listener(1)
     port = srv.getsockname()[1]
     t = tracer(port, "--no-dispatch").start()
     took: list[float] = []
@@ -248,10 +246,7 @@ def test_syncookie_connection_gets_a_handshake_time(tracer, syncookies):
     tracepoint backend (which reads the request's SYN-ACK time) has no SYN time,
     while fentry/kprobe saw the SYN itself and time the handshake like any other."""
     syncookies(2)
-    srv = socket.socket()
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
+    srv = listener(8)
     port = srv.getsockname()[1]
     t = tracer(port, "--no-dispatch").start()
     try:
