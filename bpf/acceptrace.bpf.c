@@ -461,6 +461,74 @@ static __always_inline void on_send(const void *sk, long ret)
 }
 #endif
 
+#if defined(AT_KSYM_PER_CPU_OFFSET) && defined(AT_KSYM_BPF_PROG_ACTIVE) && \
+    defined(AT_NET_RX_SOFTIRQ) && defined(AT_TIMER_SOFTIRQ)
+/*
+ * Blind spots.  The kernel runs a kprobe or (perf) tracepoint program only if
+ * no other such program is running on the CPU (bpf_prog_active, also held by
+ * BPF map syscalls and, on older kernels, uprobe programs), and a kprobe only
+ * if no kprobe handler is (current_kprobe).  When a network or timer softirq
+ * starts on top of such a program -- an interrupt landed in acceptrace's own
+ * process-context hooks (accept, reads, state changes) or another tool's --
+ * every kprobe and tracepoint program in that softirq is skipped, silently
+ * before Linux 6.7: SYNs, drops and queue inserts not seen.
+ * Count those softirqs, so a report can say its counts may be short.
+ * fentry programs and this raw tracepoint are not affected (per-program
+ * recursion checks only).  Per-CPU addresses: the variable's address plus
+ * __per_cpu_offset[cpu], both from /proc/kallsyms.
+ */
+#if defined(AT_BACKEND_KPROBE) || defined(AT_KPROBE_SYN_RECV)
+/* Drop counters come from kprobes: also count the port's packets in blind
+ * softirqs (netif_receive_skb below), the most those counters can be short. */
+#define AT_COUNT_UNSEEN 1
+/* 1 while this CPU runs a NET_RX softirq that began busy. */
+BPF_PERCPU_ARRAY(blind, u32, 1);
+#endif
+
+RAW_TRACEPOINT_PROBE(softirq_entry)
+{
+	u32 vec = (u32)ctx->args[0], zero = 0, busy;
+	u64 off = 0;
+	int active = 0;
+	u64 kp = 0;
+
+	if (vec != AT_NET_RX_SOFTIRQ && vec != AT_TIMER_SOFTIRQ)
+		return 0;
+	if (bpf_probe_read_kernel(&off, sizeof(off),
+				  (void *)(AT_KSYM_PER_CPU_OFFSET + 8ULL * bpf_get_smp_processor_id())))
+		return 0;
+	bpf_probe_read_kernel(&active, sizeof(active), (void *)(AT_KSYM_BPF_PROG_ACTIVE + off));
+#ifdef AT_KSYM_CURRENT_KPROBE
+	bpf_probe_read_kernel(&kp, sizeof(kp), (void *)(AT_KSYM_CURRENT_KPROBE + off));
+#endif
+	busy = active > 0 || kp;
+	if (busy)
+		count(AT_C_SOFTIRQ_BUSY);
+#ifdef AT_COUNT_UNSEEN
+	if (vec == AT_NET_RX_SOFTIRQ) {
+		u32 *f = blind.lookup(&zero);
+		if (f)
+			*f = busy;
+	}
+#endif
+	return 0;
+}
+
+#ifdef AT_COUNT_UNSEEN
+RAW_TRACEPOINT_PROBE(softirq_exit)
+{
+	u32 zero = 0, *f;
+
+	if ((u32)ctx->args[0] != AT_NET_RX_SOFTIRQ)
+		return 0;
+	f = blind.lookup(&zero);
+	if (f)
+		*f = 0;
+	return 0;
+}
+#endif
+#endif /* the busy-softirq counter */
+
 /* A SYN-ACK retransmitted by a listener of the port (skaddr = listener). */
 TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
 {
@@ -704,6 +772,41 @@ static __always_inline int skb_tuple(const void *skb, struct at_tuple *t)
 	t->dport = (u16)((ports[1] >> 8) | (ports[1] << 8));
 	return 0;
 }
+
+#ifdef AT_COUNT_UNSEEN
+/*
+ * A packet entering the stack (skb->data at the IP header, network_header set)
+ * on a CPU whose NET_RX softirq began busy: if it is TCP to the port, the
+ * kprobes that would have seen it (its SYN, its drop, its child) did not run.
+ */
+RAW_TRACEPOINT_PROBE(netif_receive_skb)
+{
+	u32 zero = 0, *f = blind.lookup(&zero);
+	const void *skb = (const void *)ctx->args[0];
+	const u8 *head = NULL;
+	u16 nh = 0, dport_be = 0;
+	u8 ver, proto = 0, ihl = 0;
+	u32 l4 = 0;
+
+	if (!f || !*f)
+		return 0;
+	ver = skb_ip_version(skb, &head, &nh);
+	if (ver == 4) {
+		READ_KERN(ihl, head + nh);
+		READ_KERN(proto, head + nh + 9);
+		l4 = nh + (ihl & 0xf) * 4;
+	} else if (ver == 6) {
+		READ_KERN(proto, head + nh + 6); /* next header: TCP without extension headers */
+		l4 = nh + 40;
+	}
+	if (proto != 6) /* IPPROTO_TCP, a wire constant */
+		return 0;
+	READ_KERN(dport_be, head + l4 + 2);
+	if ((u16)((dport_be >> 8) | (dport_be << 8)) == AT_PORT)
+		count(AT_C_PACKETS_UNSEEN);
+	return 0;
+}
+#endif
 
 /* tcp_conn_request() entry: a SYN reached listener `lsk`. */
 static __always_inline void on_syn(const void *lsk, const void *skb)

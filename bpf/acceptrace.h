@@ -109,7 +109,11 @@ enum at_counter_id {
 	AT_C_SYN_RETRIED = 18,         /* children whose client had to retransmit its SYN */
 	AT_C_ACCEPT_EARLY = 19,    /* tracepoint: accepted on another CPU before sk_data_ready
 	                            * (counted in AT_C_ACCEPT_UNTRACKED first, then fixed up) */
-	AT_C_COUNT = 20,
+	AT_C_SOFTIRQ_BUSY = 20,    /* network/timer softirqs that began while this CPU was in a
+	                            * kprobe or tracepoint BPF program (AT_KSYM_*)      */
+	AT_C_PACKETS_UNSEEN = 21,  /* TCP packets to the port received in such a NET_RX softirq
+	                            * (kprobe-fed drop counters only) */
+	AT_C_COUNT = 22,
 };
 
 /* Per-connection state, keyed by the child struct sock * (LRU hash). */

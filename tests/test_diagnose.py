@@ -91,6 +91,20 @@ def test_unbalanced_workers():
     assert "workers_unbalanced" not in rules(run)
 
 
+def test_softirqs_busy_says_counts_may_be_short():
+    run = base_run()
+    assert "softirqs_busy" not in rules(run)
+    run.extra["softirqs_busy"] = None  # not countable on this kernel: no sentence
+    assert "softirqs_busy" not in rules(run)
+    run.extra["softirqs_busy"] = 3
+    text = next(f.text for f in diagnose(run) if f.rule == "softirqs_busy")
+    assert text.startswith("3 network/timer softirqs") and "kernel_counters" in text
+    assert "packets" not in text
+    run.extra["packets_unseen"] = 7
+    text = next(f.text for f in diagnose(run) if f.rule == "softirqs_busy")
+    assert "7 packets to the port arrived in them" in text
+
+
 def test_lost_events_and_no_traffic():
     assert "lost_events" in rules(base_run(lost_events=4))
     run = base_run()

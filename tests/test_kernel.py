@@ -58,6 +58,40 @@ def test_cflags_only_ints():
         with pytest.raises(ValueError):
             kernel.cflags(bad)  # type: ignore[arg-type]
 
+    # 64-bit kernel addresses: unsigned hex, as clang takes them without a warning.
+    assert kernel.cflags({"AT_KSYM_X": 0xFFFFFFFF82A0B000, "AT_Y": 0x7FFFFFFF}) == [
+        "-DAT_KSYM_X=0xffffffff82a0b000ULL", "-DAT_Y=2147483647"]
+
+
+KALLSYMS = """\
+0000000000000000 A fixed_percpu_data
+000000000002c4a8 D bpf_prog_active
+000000000001f880 D current_kprobe
+ffffffff82a0b000 R __per_cpu_offset
+ffffffffc0a01000 t current_kprobe\t[some_module]
+ffffffff81000000 T _stext
+"""
+
+
+def test_parse_kallsyms_takes_vmlinux_symbols():
+    names = {"bpf_prog_active", "current_kprobe", "__per_cpu_offset", "fixed_percpu_data"}
+    assert kernel.parse_kallsyms(KALLSYMS, names) == {
+        "bpf_prog_active": 0x2C4A8, "current_kprobe": 0x1F880,
+        "__per_cpu_offset": 0xFFFFFFFF82A0B000}  # 0 (hidden or zero-based) left out
+
+
+def test_busy_defines_from_kallsyms_and_btf(btf_61):
+    defines, why = kernel.busy_defines(btf_61, KALLSYMS)
+    assert why is None
+    assert defines == {"AT_KSYM_PER_CPU_OFFSET": 0xFFFFFFFF82A0B000,
+                       "AT_KSYM_BPF_PROG_ACTIVE": 0x2C4A8, "AT_KSYM_CURRENT_KPROBE": 0x1F880,
+                       "AT_NET_RX_SOFTIRQ": 3, "AT_TIMER_SOFTIRQ": 1}
+    # kptr_restrict=2 shows every address as 0; no KALLSYMS_ALL shows no data symbols.
+    hidden = KALLSYMS.replace("ffffffff82a0b000", "0000000000000000")
+    for text in (hidden, "ffffffff81000000 T _stext\n"):
+        defines, why = kernel.busy_defines(btf_61, text)
+        assert defines == {} and why is not None and "__per_cpu_offset" in why
+
 
 def test_offsets_of_this_kernel_resolve():
     if not kernel.btf_path().exists():

@@ -40,6 +40,8 @@ COUNTER_NAMES: dict[int, str] = {
     L.C_LISTEN_DROPS_OTHER: "listen_drops_other",
     L.C_SYN_RETRIED: "syn_retried",
     L.C_ACCEPT_EARLY: "accept_early",
+    L.C_SOFTIRQ_BUSY: "softirqs_busy",
+    L.C_PACKETS_UNSEEN: "packets_unseen",
 }
 HIST_NAMES: dict[int, tuple[str, str, int]] = {
     L.H_HANDSHAKE: ("handshake", "us", 1000),
@@ -169,6 +171,10 @@ class _BccBackend:
         self.bpf: Any = None
         try:
             self._load()
+            if self.busy_counted:
+                self.hooks.append("raw_tracepoint:softirq_entry")
+            if self.unseen_counted:
+                self.hooks += ["raw_tracepoint:softirq_exit", "raw_tracepoint:netif_receive_skb"]
             self._hists = self.bpf.get_table("hists")
             self._counters = self.bpf.get_table("counters")
             self._procs = self.bpf.get_table("procs")
@@ -183,6 +189,17 @@ class _BccBackend:
         """Compile and load the program (BCC attaches its tracepoints/fentry), then attach."""
         self.bpf = _compile(BPF_SOURCE, cflags(self.defines))
         self._attach()
+
+    @property
+    def busy_counted(self) -> bool:
+        """Is the softirq_entry blind-spot counter compiled in and attached?"""
+        return "AT_KSYM_BPF_PROG_ACTIVE" in self.defines and self.bpf is not None
+
+    @property
+    def unseen_counted(self) -> bool:
+        """...and the packets to the port in them, where kprobes feed the drop counters?"""
+        return self.busy_counted and ("AT_BACKEND_KPROBE" in self.defines
+                                      or "AT_KPROBE_SYN_RECV" in self.defines)
 
     def _attach(self) -> None:
         """Attach what BCC does not attach by itself; fill self.hooks."""

@@ -142,6 +142,19 @@ def diagnose(run: Run) -> list[Finding]:
             f"{d['lost_events']:,} slow-connection samples were lost (ring buffer full): "
             "the slowest list may miss some; histograms and counts are complete."))
 
+    busy = run.extra.get("softirqs_busy")
+    unseen = run.extra.get("packets_unseen")
+    if busy:
+        out.append(Finding(
+            "softirqs_busy", "info",
+            f"{busy:,} network/timer softirqs began while their CPU was inside a kprobe "
+            "or tracepoint BPF program (acceptrace's own or another tool's)"
+            + (f", and {unseen:,} packets to the port arrived in them" if unseen else "")
+            + ": the "
+            "kernel skips kprobe and tracepoint programs there, so SYNs, drops and "
+            "connections in them may be missing from these counts (fentry programs are "
+            "not affected). kernel_counters are the kernel's own, exact figures."))
+
     accepted = run.connections.get("accepted") or 0
     if accepted == 0 and not overflow:
         out.append(Finding(

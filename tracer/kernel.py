@@ -380,5 +380,57 @@ def cflags(defines: dict[str, int]) -> list[str]:
     for name, value in sorted(defines.items()):
         if not name.isidentifier() or not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"refusing define {name}={value!r}")
-        out.append(f"-D{name}={value}")
+        # Kernel addresses are 64-bit: written unsigned, so clang takes them as they are.
+        out.append(f"-D{name}={value:#x}ULL" if value > 0x7FFFFFFF else f"-D{name}={value}")
     return out
+
+
+# Per-CPU variables that, when set, make the kernel skip kprobe, uprobe and
+# tracepoint programs on that CPU (see softirq_entry in bpf/acceptrace.bpf.c).
+BUSY_SYMBOLS: dict[str, str] = {
+    "AT_KSYM_PER_CPU_OFFSET": "__per_cpu_offset",
+    "AT_KSYM_BPF_PROG_ACTIVE": "bpf_prog_active",
+    "AT_KSYM_CURRENT_KPROBE": "current_kprobe",  # absent without CONFIG_KPROBES
+}
+BUSY_REQUIRED = ("AT_KSYM_PER_CPU_OFFSET", "AT_KSYM_BPF_PROG_ACTIVE")
+BUSY_ENUMS: dict[str, str] = {
+    "AT_NET_RX_SOFTIRQ": "NET_RX_SOFTIRQ",
+    "AT_TIMER_SOFTIRQ": "TIMER_SOFTIRQ",
+}
+
+
+def parse_kallsyms(text: str, names: set[str]) -> dict[str, int]:
+    """Addresses of ``names`` in /proc/kallsyms text (vmlinux symbols only, the first
+    of each name).  Addresses hidden by kptr_restrict read as 0 and are left out."""
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) != 3 or parts[2] not in names or parts[2] in out:
+            continue  # a 4th field is a module's name
+        try:
+            addr = int(parts[0], 16)
+        except ValueError:
+            continue
+        if addr:
+            out[parts[2]] = addr
+    return out
+
+
+def busy_defines(btf: BTF, kallsyms: str | None = None) -> tuple[dict[str, int], str | None]:
+    """The defines of the blind-spot counter, or ({}, why it cannot be counted)."""
+    if kallsyms is None:
+        try:
+            kallsyms = Path("/proc/kallsyms").read_text()
+        except OSError as exc:
+            return {}, f"cannot read /proc/kallsyms ({exc.strerror})"
+    found = parse_kallsyms(kallsyms, set(BUSY_SYMBOLS.values()))
+    defines = {d: found[sym] for d, sym in BUSY_SYMBOLS.items() if sym in found}
+    missing = [BUSY_SYMBOLS[d] for d in BUSY_REQUIRED if d not in defines]
+    if missing:
+        return {}, ("/proc/kallsyms has no address for " + ", ".join(missing)
+                    + " (kernel built without CONFIG_KALLSYMS_ALL, or kptr_restrict=2)")
+    for define, name in BUSY_ENUMS.items():
+        if not btf.has_enum_value(name):
+            return {}, f"this kernel's BTF has no enum value {name}"
+        defines[define] = btf.enum_value(name)
+    return defines, None

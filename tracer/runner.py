@@ -87,9 +87,13 @@ def prepare() -> Prepared:
     feats = kernel.probe_features(btf, tracefs)
     tree = headers.find_header_tree()
     headers.activate(tree)
+    busy, why = kernel.busy_defines(btf)
+    notes = list(feats.notes)
+    if why:
+        notes.append(f"softirqs_busy not counted: {why}")
     return Prepared(
-        defines=feats.defines,
-        notes=feats.notes,
+        defines={**feats.defines, **busy},
+        notes=notes,
         ack_overflow_observable=feats.ack_overflow_observable,
         header_line=tree.description if tree.kind == "merged" else None,
         tracefs_mounted=mounted,

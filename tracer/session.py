@@ -442,6 +442,12 @@ class Session:
             "listener_sk_drops": sk_drops,
             # SYNs that reached tcp_conn_request (fentry/kprobe): retransmits included
             "syns": c.get("syns", 0) if exact else None,
+            # softirqs in which kprobe/tracepoint programs were skipped (null: not countable)
+            "softirqs_busy": (c.get("softirqs_busy", 0)
+                              if getattr(self.backend, "busy_counted", False) else None),
+            # TCP packets to the port in those softirqs (kprobe-fed drops only, else null)
+            "packets_unseen": (c.get("packets_unseen", 0)
+                               if getattr(self.backend, "unseen_counted", False) else None),
         }
         return run
 
