@@ -73,14 +73,40 @@ def split_unobservable(run: dict) -> bool:
     return True
 
 
+def kprobe_fed(run: dict, key: str) -> bool:
+    """Is this drop counter fed by kprobes in this run?  (The fentry backend falls back
+    to kretprobes for tcp_v{4,6}_syn_recv_sock, i.e. the final-ACK drops, on old x86.)"""
+    if run["meta"]["backend"] == "kprobe":
+        return True
+    return key.startswith("ack") and "kretprobe:tcp_v4_syn_recv_sock" in run["meta"]["hooks"]
+
+
+def unseen_packets(run: dict, *keys: str) -> int:
+    """How far below the kernel's delta these counters may be.  Kprobe programs are
+    skipped in a softirq that began inside another kprobe, uprobe or tracepoint
+    program on its CPU; extra.packets_unseen counts the port's packets received in
+    such softirqs, so each missed SYN or ACK (and its drop) is one of them."""
+    if not any(kprobe_fed(run, k) for k in keys):
+        return 0
+    unseen = run["extra"]["packets_unseen"]
+    assert unseen is not None, ("kprobe-fed drops without packets_unseen", run["meta"]["notes"])
+    return unseen
+
+
+def assert_counted(run: dict, ours: int, kernel: int, *keys: str) -> None:
+    """ours == the kernel's delta, but for what the hooks could not see."""
+    slack = unseen_packets(run, *keys)
+    assert kernel - slack <= ours <= kernel, (keys, ours, kernel, run["drops"], run["extra"])
+
+
 def assert_listen_overflow(run: dict, expected: int) -> None:
     """drops.listen_overflow == expected (the kernel's delta), or -- where the backend
     cannot split it -- null with a note, and the kernel's own counter in the report."""
     if split_unobservable(run):
         assert run["kernel_counters"]["TcpExtListenOverflows"] == expected
     else:
-        assert run["drops"]["listen_overflow"] == expected, (run["drops"],
-                                                             run["kernel_counters"])
+        assert_counted(run, run["drops"]["listen_overflow"], expected,
+                       "syn_dropped_acceptq_full", "ack_dropped_acceptq_full")
 
 
 EXACT_DROP_KEYS = ("syn_dropped_acceptq_full", "syn_dropped_synq_full", "ack_dropped_acceptq_full",
@@ -100,11 +126,14 @@ def check_drop_attribution(run: dict, before: dict[str, int], after: dict[str, i
                     "listen_drops_other"):
             assert d[key] is None, (key, d)
         return
-    assert d["syn_dropped_acceptq_full"] + d["ack_dropped_acceptq_full"] == delta(
-        "TcpExtListenOverflows"), d
-    assert d["syn_dropped_synq_full"] == delta("TcpExtTCPReqQFullDrop"), d
-    assert d["syncookies_sent"] == delta("TcpExtSyncookiesSent"), d
-    assert sum(d[k] for k in EXACT_DROP_KEYS) == delta("TcpExtListenDrops"), d
+    assert_counted(run, d["syn_dropped_acceptq_full"] + d["ack_dropped_acceptq_full"],
+                   delta("TcpExtListenOverflows"),
+                   "syn_dropped_acceptq_full", "ack_dropped_acceptq_full")
+    assert_counted(run, d["syn_dropped_synq_full"], delta("TcpExtTCPReqQFullDrop"),
+                   "syn_dropped_synq_full")
+    assert_counted(run, d["syncookies_sent"], delta("TcpExtSyncookiesSent"), "syncookies_sent")
+    assert_counted(run, sum(d[k] for k in EXACT_DROP_KEYS), delta("TcpExtListenDrops"),
+                   *EXACT_DROP_KEYS)
     assert d["syn_dropped"] == d["syn_dropped_acceptq_full"]
     assert d["ack_dropped"] == d["ack_dropped_acceptq_full"]
 
