@@ -40,6 +40,7 @@ GUEST_TESTS = (
     "tests/test_uvicorn.py",
     "tests/test_drops.py",
     "tests/test_backends.py",
+    "tests/test_blind.py",
 )
 ALL_BACKENDS = ("fentry", "kprobe", "tracepoint")
 
