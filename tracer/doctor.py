@@ -101,6 +101,13 @@ def gather() -> tuple[list[Check], bool, str]:
                 else "not observable on this kernel (syn/ack drop split is null)",
             ))
 
+    busy: dict[str, int] = {}
+    if btf is not None:
+        busy, why = kernel.busy_defines(btf)
+        add(Check("blind-spot counter", OK if not why else WARN,
+                  "kallsyms has bpf_prog_active and __per_cpu_offset: extra.softirqs_busy "
+                  "is counted" if not why else f"{why}: extra.softirqs_busy will be null"))
+
     tree = None
     try:
         tree = headers.find_header_tree()
@@ -116,7 +123,7 @@ def gather() -> tuple[list[Check], bool, str]:
         headers.activate(tree)
         from .runner import AUTO_ORDER, Prepared, open_backend  # noqa: PLC0415
 
-        prep = Prepared(defines=feats.defines, notes=[],
+        prep = Prepared(defines={**feats.defines, **busy}, notes=[],
                         ack_overflow_observable=feats.ack_overflow_observable,
                         header_line=None, tracefs_mounted=False,
                         missing_tracepoints=feats.missing_tracepoints,
