@@ -169,8 +169,16 @@ class _BccBackend:
         self._pending: list[ConnRecord] = []
         self._ncpu = len(import_bcc().utils.get_online_cpus())
         self.bpf: Any = None
+        # Whether the blind-spot counters are compiled in (and attached, by BCC,
+        # when the program loads); known once _load() has settled the defines.
+        self.busy_counted = False
+        self.unseen_counted = False
         try:
             self._load()
+            self.busy_counted = "AT_KSYM_BPF_PROG_ACTIVE" in self.defines
+            # ...and the port's packets in them, where kprobes feed the drop counters
+            self.unseen_counted = self.busy_counted and (
+                "AT_BACKEND_KPROBE" in self.defines or "AT_KPROBE_SYN_RECV" in self.defines)
             if self.busy_counted:
                 self.hooks.append("raw_tracepoint:softirq_entry")
             if self.unseen_counted:
@@ -189,17 +197,6 @@ class _BccBackend:
         """Compile and load the program (BCC attaches its tracepoints/fentry), then attach."""
         self.bpf = _compile(BPF_SOURCE, cflags(self.defines))
         self._attach()
-
-    @property
-    def busy_counted(self) -> bool:
-        """Is the softirq_entry blind-spot counter compiled in and attached?"""
-        return "AT_KSYM_BPF_PROG_ACTIVE" in self.defines and self.bpf is not None
-
-    @property
-    def unseen_counted(self) -> bool:
-        """...and the packets to the port in them, where kprobes feed the drop counters?"""
-        return self.busy_counted and ("AT_BACKEND_KPROBE" in self.defines
-                                      or "AT_KPROBE_SYN_RECV" in self.defines)
 
     def _attach(self) -> None:
         """Attach what BCC does not attach by itself; fill self.hooks."""

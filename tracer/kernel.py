@@ -385,8 +385,8 @@ def cflags(defines: dict[str, int]) -> list[str]:
     return out
 
 
-# Per-CPU variables that, when set, make the kernel skip kprobe, uprobe and
-# tracepoint programs on that CPU (see softirq_entry in bpf/acceptrace.bpf.c).
+# Per-CPU variables that, when set, make the kernel skip kprobe and tracepoint
+# programs on that CPU (see softirq_entry in bpf/acceptrace.bpf.c).
 BUSY_SYMBOLS: dict[str, str] = {
     "AT_KSYM_PER_CPU_OFFSET": "__per_cpu_offset",
     "AT_KSYM_BPF_PROG_ACTIVE": "bpf_prog_active",
