@@ -142,7 +142,7 @@ def bpf_prog_names() -> list[str]:
 # BCC names (truncated to 15 characters by the kernel): the tracepoint programs,
 # the fentry/fexit ones (kfunc__/kretfunc__) and the kprobe ones (kp_/kr_).
 OUR_PROGS = ("tracepoint__soc", "tracepoint__sys", "tracepoint__tcp", "tracepoint__skb",
-             "kfunc__", "kretfunc__", "kp_", "kr_")
+             "raw_tracepoint_", "kfunc__", "kretfunc__", "kp_", "kr_")
 
 
 def ours_attached() -> int:

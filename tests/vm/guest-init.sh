@@ -91,6 +91,13 @@ if [ "${CHECKS:-0}" = 1 ]; then
     stamp checks
 fi
 
+# Hold the hot tracepoints acceptrace attaches to, so its runs patch no hot
+# kernel text under TCG (why: tests/vm/pin_tracepoints.py).
+python3 /tmp/src/tests/vm/pin_tracepoints.py >"$R/pin.log" 2>&1 &
+for _ in $(seq 150); do grep -q ready "$R/pin.log" 2>/dev/null && break; sleep 0.2; done
+grep -q ready "$R/pin.log" || say "pinning the hot tracepoints failed: $(tail -1 "$R/pin.log")"
+stamp pinned
+
 cd /tmp/src || exit 1
 read -r -a tests <<<"${TESTS:-}"
 present=()
