@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import requested_backend
 from test_cli import ours_attached, run_cli
+from test_live_kernel import listener
 
 pytestmark = pytest.mark.root
 
@@ -89,9 +90,7 @@ def test_backend_choice_matches_what_the_kernel_allows(tmp_path):
 def test_backend_detaches_and_reports_its_hooks(tracer):
     """The backend asked for attaches what meta.hooks says, and nothing of it is
     left loaded after SIGTERM (bpftool lists every BPF program of the machine)."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
+    srv = listener(8)
     port = srv.getsockname()[1]
     assert ours_attached() == 0
     t = tracer(port).start()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import IS_ROOT
+from test_live_kernel import listener
 
 ACCEPTRACE = [sys.executable, "-m", "acceptrace"]
 
@@ -152,9 +153,7 @@ def ours_attached() -> int:
 @pytest.mark.root
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signal_writes_json_and_detaches(tracer, sig):
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
+    srv = listener(8)
     port = srv.getsockname()[1]
     assert ours_attached() == 0
     t = tracer(port).start()
