@@ -236,6 +236,37 @@ def write_report(run: Run, path: Path) -> None:
         raise UserError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
+class StartClock:
+    """Where a start goes: seconds per step, from the process's own start time."""
+
+    def __init__(self) -> None:
+        self.t0 = process_start_monotonic()
+        self.last = time.monotonic()
+        self.steps: list[tuple[str, float]] = [("python", self.last - self.t0)]
+
+    def step(self, name: str) -> None:
+        now = time.monotonic()
+        self.steps.append((name, now - self.last))
+        self.last = now
+
+    def line(self) -> str:
+        parts = ", ".join(f"{name} {s:.1f} s" for name, s in self.steps)
+        return f"started in {self.last - self.t0:.1f} s ({parts})"
+
+
+def process_start_monotonic() -> float:
+    """CLOCK_MONOTONIC at this process's exec (from /proc/self/stat), so the
+    interpreter's and the imports' time is counted; now() if unreadable."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
+        ticks = int(fields[19])  # starttime: field 22, in clock ticks since boot
+        since_boot = ticks / os.sysconf("SC_CLK_TCK")
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.monotonic() - max(0.0, uptime - since_boot)
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+
+
 def trace(
     opts: TraceOptions,
     out: Console,
@@ -245,7 +276,9 @@ def trace(
     stop: StopFlag | None = None,
 ) -> Run:
     """Trace until --duration, a signal, or `stop`; always returns (and writes) the run."""
+    clock = StartClock()
     prep = prepare()
+    clock.step("prepare")
     if prep.tracefs_mounted:
         err.print("acceptrace: mounted tracefs at /sys/kernel/tracing")
     if prep.header_line:
@@ -258,10 +291,15 @@ def trace(
             style="yellow",
         )
 
+    # Say each slow step before it starts: on a slow machine (or a TCG guest) a
+    # start takes tens of seconds, and whoever waits should see where it is.
+    err.print(f"acceptrace: loading the {opts.backend} backend (BCC compile, load, attach)",
+              style="dim")
     backend = choose_backend(
         opts.backend, opts.port, prep, opts.dispatch,
         lambda msg: err.print(f"acceptrace: {msg}", style="dim"),
     )
+    clock.step("load")
     for note in backend.notes:
         err.print(f"acceptrace: note: {note}", style="dim")
     stop = stop or StopFlag()
@@ -270,9 +308,12 @@ def trace(
     try:
         with handle_signals(stop):
             session.start()
+            clock.step("snapshot")
             # Attach the dispatch uprobes before saying we are tracing.
             for msg in session.scan_servers():
                 err.print(f"acceptrace: {msg}")
+            clock.step("servers")
+            err.print(f"acceptrace: {clock.line()}", style="dim")
             err.print(
                 f"acceptrace: tracing port {opts.port} with the {backend.name} backend"
                 + (f" for {opts.duration_s:g} s" if opts.duration_s else "; Ctrl-C to stop"),
