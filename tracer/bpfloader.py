@@ -356,8 +356,15 @@ class FentryBackend(_BccBackend):
         # tcp_v{4,6}_syn_recv_sock takes 7 arguments since a 2026 stable backport;
         # x86 trampolines carried at most 6 before Linux 6.5.  Try, then fall back to
         # kretprobes for just those two (or to not counting final-ACK drops).
+        # A kernel policy that refused fentry programs once refuses them until reboot:
+        # --backend auto then falls back without compiling this source again.
+        policy = BootMemo("fentry-refused")
+        if (why := policy.get()) is not None:
+            raise UserError(why + " (remembered since an earlier start in this boot)")
         has_syn_recv = any(define in self.defines for _f, define, _e, _r in SYN_RECV)
-        if has_syn_recv:
+        refused = BootMemo("fexit-syn-recv-refused")
+        first = refused.get() if has_syn_recv else "not in BTF"
+        if first is None:
             try:
                 self.bpf = _compile(BPF_SOURCE, cflags({**self.defines, "AT_FENTRY_SYN_RECV": 1}))
                 self.defines["AT_FENTRY_SYN_RECV"] = 1
@@ -365,12 +372,19 @@ class FentryBackend(_BccBackend):
                 return
             except UserError as exc:
                 if "security policy" in str(exc):
+                    policy.put(str(exc))
                     raise  # no fentry program at all can load here
                 first = str(exc)
-        else:
-            first = "not in BTF"
+                # The kernel's answer cannot change before a reboot: the next start
+                # skips this compile (under TCG, half of a fentry start on 6.1).
+                refused.put(first)
         extra = {"AT_KPROBE_SYN_RECV": 1} if has_syn_recv and kprobes_available() else {}
-        self.bpf = _compile(BPF_SOURCE, cflags({**self.defines, **extra}))
+        try:
+            self.bpf = _compile(BPF_SOURCE, cflags({**self.defines, **extra}))
+        except UserError as exc:
+            if "security policy" in str(exc):
+                policy.put(str(exc))
+            raise
         self.defines.update(extra)
         self._attach()
         if not has_syn_recv:
@@ -493,6 +507,42 @@ BACKENDS: dict[str, type[_BccBackend]] = {
     "kprobe": KprobeBackend,
     "tracepoint": TracepointBackend,
 }
+
+
+class BootMemo:
+    """A kernel's answer to a load attempt, remembered until the next boot.
+
+    A file in /run/acceptrace (a tmpfs, emptied at boot) named after the boot id:
+    the running kernel cannot change without a reboot, so neither can whether it
+    loads a given program.  Unwritable or unreadable: nothing is remembered."""
+
+    DIR = Path("/run/acceptrace")
+
+    def __init__(self, name: str) -> None:
+        try:
+            boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        except OSError:
+            boot_id = ""
+        self.path = self.DIR / f"{name}.{boot_id}" if boot_id else None
+
+    def get(self) -> str | None:
+        if self.path is None:
+            return None
+        try:
+            return self.path.read_text().strip() or None
+        except OSError:
+            return None
+
+    def put(self, answer: str) -> None:
+        if self.path is None:
+            return
+        try:
+            self.DIR.mkdir(mode=0o755, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(answer + "\n")
+            tmp.replace(self.path)
+        except OSError:
+            pass
 
 
 def fentry_supported() -> tuple[bool, str]:
