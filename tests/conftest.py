@@ -16,6 +16,18 @@ import pytest
 
 IS_ROOT = os.geteuid() == 0
 
+# How much slower than a quiet host this machine runs the tests: 1 on a host; in a
+# QEMU guest, its calibration at boot (tests/vm/calibrate.py). Every harness
+# timeout below is scaled by it, so a busy or slow day waits longer instead of
+# failing a test that would have passed. It bounds waits only; no test asserts
+# on a duration.
+TIME_SCALE = max(1.0, float(os.environ.get("ACCEPTRACE_TEST_TIME_SCALE") or 1))
+
+
+def scaled(seconds: float) -> float:
+    """A harness timeout written for a quiet host, for this machine."""
+    return seconds * TIME_SCALE
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     # Root tests attach real BPF programs. Without root they cannot run at all;
@@ -161,13 +173,24 @@ class TracerProcess:
         self._started.set()
 
     def start(self, timeout: float = 60.0) -> TracerProcess:
+        timeout = scaled(timeout)
+        t0 = time.monotonic()
         self.proc = subprocess.Popen(
             self.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         threading.Thread(target=self._read_stderr, daemon=True).start()
         if not self._started.wait(timeout) or self.proc.poll() is not None:
+            waited = time.monotonic() - t0
+            # The last thing acceptrace said is the step it was in (it announces each).
+            step = self.stderr_lines[-1].strip() if self.stderr_lines else "(nothing printed)"
+            exited = self.proc.poll()
             self.stop()
-            raise AssertionError("acceptrace did not start:\n" + "".join(self.stderr_lines))
+            raise AssertionError(
+                "acceptrace did not start: "
+                + (f"exited {exited}" if exited is not None
+                   else f"not tracing after {waited:.0f} s (timeout {timeout:.0f} s, "
+                        f"time scale {TIME_SCALE:.1f})")
+                + f"; last step: {step}\n" + "".join(self.stderr_lines))
         return self
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> int:
@@ -175,17 +198,18 @@ class TracerProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            out, _ = self.proc.communicate(timeout=timeout)
+            out, _ = self.proc.communicate(timeout=scaled(timeout))
         except subprocess.TimeoutExpired:
             self.proc.kill()
             out, _ = self.proc.communicate()
-            raise AssertionError("acceptrace did not stop on signal " + str(sig)) from None
+            raise AssertionError(f"acceptrace did not stop on signal {sig} within "
+                                 f"{scaled(timeout):.0f} s:\n" + self.stderr) from None
         self.stdout = out or ""
         return self.proc.returncode
 
     def wait(self, timeout: float = 60.0) -> int:
         assert self.proc is not None
-        out, _ = self.proc.communicate(timeout=timeout)
+        out, _ = self.proc.communicate(timeout=scaled(timeout))
         self.stdout = out or ""
         return self.proc.returncode
 
@@ -217,7 +241,7 @@ def settle(counters: tuple[str, ...], quiet_s: float = 1.5, timeout: float = 20.
     """Wait until the kernel's counters have not moved for quiet_s."""
     last = {k: read_netstat()[k] for k in counters}
     since = time.monotonic()
-    end = since + timeout
+    end = since + scaled(timeout)
     while time.monotonic() < end:
         time.sleep(0.1)
         now = {k: read_netstat()[k] for k in counters}
@@ -228,7 +252,7 @@ def settle(counters: tuple[str, ...], quiet_s: float = 1.5, timeout: float = 20.
 
 
 def wait_until(pred, timeout: float = 10.0, step: float = 0.05) -> bool:
-    end = time.monotonic() + timeout
+    end = time.monotonic() + scaled(timeout)
     while time.monotonic() < end:
         if pred():
             return True

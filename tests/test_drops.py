@@ -30,6 +30,7 @@ from conftest import (
     check_drop_attribution,
     exact_drops_expected,
     read_netstat,
+    scaled,
     wait_until,
 )
 from test_live_kernel import listener
@@ -211,10 +212,10 @@ def test_first_syn_dropped_client_waits_a_second(tracer, syncookies):
             time.sleep(0.05)
         time.sleep(0.4)
         accepted = []
-        srv.settimeout(5)
+        srv.settimeout(scaled(5))
         for _ in range(3):
             conn, _ = srv.accept()   # two at once; the third after its SYN retransmit
-            conn.settimeout(5)
+            conn.settimeout(scaled(5))
             assert conn.recv(1) == b"x"
             accepted.append(conn)
         for th in threads:

@@ -19,6 +19,7 @@ from conftest import (
     assert_listen_overflow,
     check_drop_attribution,
     read_netstat,
+    scaled,
     split_unobservable,
     wait_until,
 )
@@ -200,7 +201,7 @@ def test_concurrent_clients_counted_exactly(tracer):
     accepted = []
 
     def acceptor() -> None:
-        srv.settimeout(10)
+        srv.settimeout(scaled(10))
         while len(accepted) < n_threads * per_thread:
             conn, _ = srv.accept()
             accepted.append(conn)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from acceptrace.demo import ServerProcess, free_port
 from acceptrace.loadgen import run_load
-from conftest import assert_listen_overflow
+from conftest import assert_listen_overflow, scaled
 
 pytestmark = pytest.mark.root
 
@@ -18,7 +18,7 @@ def test_uvicorn_requests_counted_and_attributed(tracer, loop):
     port = free_port()
     with ServerProcess(port=port, backlog=128, loop=loop,
                        env={"ACCEPTRACE_DEMO_BLOCK_MS": "0"}) as srv:
-        srv.wait_listening()
+        srv.wait_listening(scaled(30))
         t = tracer(port).start()
         try:
             res = run_load("127.0.0.1", port, duration_s=60, concurrency=4, max_requests=n)
@@ -57,7 +57,7 @@ def test_demo_target_overflows_and_counts_match_kernel(tracer):
 
     port = free_port()
     with ServerProcess(port=port, backlog=8, env={"ACCEPTRACE_DEMO_BLOCK_MS": "20"}) as srv:
-        srv.wait_listening()
+        srv.wait_listening(scaled(30))
         t = tracer(port).start()
         before = read_netstat()
         try:

@@ -6,7 +6,8 @@
 # everything to /results, power off. The host's tests/vm/run.py writes
 # /results/config.sh (LABEL, BACKENDS, TESTS, BACKEND_TIMEOUT, PYTEST_EXTRA,
 # CHECKS, CHECKS_TIMEOUT) before booting us. The tests see ACCEPTRACE_TEST_VM=1
-# (an emulated CPU: timings are ~10x the host's) and ACCEPTRACE_TEST_BACKEND.
+# (an emulated CPU: timings are ~10x the host's), ACCEPTRACE_TEST_BACKEND and
+# ACCEPTRACE_TEST_TIME_SCALE (tests/vm/calibrate.py, measured per backend).
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH HOME=/root LANG=C.UTF-8 TERM=dumb PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 export ACCEPTRACE_TEST_VM=1
@@ -104,19 +105,32 @@ present=()
 for f in "${tests[@]}"; do [ -e "$f" ] && present+=("$f") || say "no $f here: skipped"; done
 read -r -a extra <<<"${PYTEST_EXTRA:-}"
 for b in $BACKENDS; do
-    say "backend $b: pytest ${present[*]}"
+    # How fast is this guest now? (TCG on a busy host is slower than on a quiet
+    # one.) The tests' timeouts scale with it, and so does this backend's.
+    # Measured before each backend, since the host's load changes.
+    cal=$(python3 /tmp/src/tests/vm/calibrate.py) || cal="seconds=0 scale=1 backend_factor=1"
+    eval "$cal"
+    bt=$(awk -v t="$BACKEND_TIMEOUT" -v f="$backend_factor" 'BEGIN{printf "%d", t*f}')
+    echo "scale_$b=$scale" >>"$R/timings"
+    say "backend $b: pytest ${present[*]} (calibration: $cal; timeout $bt s)"
     t=$(now)
     if [ ${#present[@]} -eq 0 ]; then
         rc=5
     else
-        ACCEPTRACE_TEST_BACKEND=$b timeout -k 15 "$BACKEND_TIMEOUT" \
+        # SIGINT first: pytest then ends the running test with KeyboardInterrupt,
+        # prints its failure summary and writes the junit file; SIGKILL 60 s later.
+        # faulthandler dumps every thread's stack of a test running past a quarter
+        # of the budget, so a hang says where it hung.
+        ACCEPTRACE_TEST_BACKEND=$b ACCEPTRACE_TEST_TIME_SCALE=$scale \
+            timeout -s INT -k 60 "$bt" \
             python3 -m pytest -m root -p no:cacheprovider -v -rA --durations=0 \
+            -o faulthandler_timeout=$((bt / 4)) \
             -o junit_logging=system-err -o junit_log_passing_tests=false "${extra[@]}" \
             "${present[@]}" --junitxml="$R/$LABEL-$b.xml" >"$R/$LABEL-$b.log" 2>&1
         rc=$?
     fi
     secs=$(awk -v a="$t" -v b="$(now)" 'BEGIN{printf "%.1f", b-a}')
-    echo "rc=$rc seconds=$secs" >"$R/$LABEL-$b.status"
+    echo "rc=$rc seconds=$secs timeout=$bt scale=$scale" >"$R/$LABEL-$b.status"
     stamp "backend_$b"
     say "backend $b: rc=$rc in $secs s ($(tail -1 "$R/$LABEL-$b.log"))"
 done

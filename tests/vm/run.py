@@ -33,6 +33,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 BUILD_SCRIPT = HERE / "build-rootfs.sh"
 
+sys.path.insert(0, str(HERE))
+from calibrate import MAX_BACKEND_FACTOR  # noqa: E402  (the guest's own cap, one definition)
+
 # The guest test list: the one place it is defined. Files that do not exist
 # (yet) are skipped by the guest.
 GUEST_TESTS = (
@@ -53,7 +56,9 @@ class KernelPlan:
     label: str
     backends: tuple[str, ...]
     tests: tuple[str, ...] = GUEST_TESTS
-    backend_timeout: int = 600   # seconds, per backend (the guest's `timeout`)
+    # seconds, per backend, on a quiet machine; the guest multiplies it by its
+    # calibrated backend_factor (1..MAX_BACKEND_FACTOR, tests/vm/calibrate.py)
+    backend_timeout: int = 900
     # Hooks tests/vm/hook_checks.py must find attachable (with --checks).
     hooks: tuple[str, ...] = ()
 
@@ -98,6 +103,8 @@ class BackendResult:
     backend: str
     rc: int | None              # pytest's exit status in the guest (124: timeout)
     seconds: float | None
+    timeout: int | None         # the backend's timeout, as the guest calibrated it
+    scale: float | None         # the guest's time scale for this backend
     cases: list[Case]
     log: Path
     junit: Path
@@ -222,7 +229,7 @@ def qemu_argv(image_dir: Path, release: str, results: Path) -> list[str]:
 def guest_timeout(n_backends: int, backend_timeout: int, checks: bool) -> float:
     """The longest a guest may take before the runner kills it."""
     return (BOOT_ALLOWANCE + (CHECKS_TIMEOUT + 20 if checks else 0)
-            + (backend_timeout + 20) * n_backends + 30)
+            + (backend_timeout * MAX_BACKEND_FACTOR + 80) * n_backends + 30)
 
 
 def run_guest(label: str, backends: tuple[str, ...] | None = None,
@@ -357,13 +364,21 @@ def _timings(results: Path) -> dict[str, float]:
 def _backend_result(results: Path, label: str, backend: str) -> BackendResult:
     junit = results / f"{label}-{backend}.xml"
     status = results / f"{label}-{backend}.status"
-    rc = seconds = None
+    rc = seconds = timeout = scale = None
     if status.exists():
-        m = re.search(r"rc=(\d+) seconds=([\d.]+)", status.read_text())
+        text = status.read_text()
+        m = re.search(r"rc=(\d+) seconds=([\d.]+)", text)
         if m:
             rc, seconds = int(m.group(1)), float(m.group(2))
-    cases = parse_junit(junit) if junit.exists() and junit.stat().st_size else []
-    return BackendResult(backend, rc, seconds, cases, results / f"{label}-{backend}.log", junit)
+        m = re.search(r"timeout=(\d+) scale=([\d.]+)", text)
+        if m:
+            timeout, scale = int(m.group(1)), float(m.group(2))
+    try:
+        cases = parse_junit(junit) if junit.exists() and junit.stat().st_size else []
+    except ET.ParseError:   # killed while writing it
+        cases = []
+    return BackendResult(backend, rc, seconds, timeout, scale, cases,
+                         results / f"{label}-{backend}.log", junit)
 
 
 def hook_checks(res: GuestResult) -> dict[str, tuple[bool, str]]:
