@@ -1,0 +1,108 @@
+"""A start's own bookkeeping: where its time goes, what it remembers per boot,
+and the guest's calibrated timeouts (pure parts; the real starts are in the
+root suites)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from acceptrace import bpfloader, runner
+
+VM_DIR = Path(__file__).resolve().parent / "vm"
+
+
+def _load(name: str):
+    path = VM_DIR / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"acceptrace_startup_{name}", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_process_start_is_before_now_and_after_boot():
+    t0 = runner.process_start_monotonic()
+    assert t0 <= time.monotonic()
+    # this interpreter has run for less than the whole test session has
+    assert time.monotonic() - t0 < 3600
+
+
+def test_start_clock_names_each_step_and_sums_them():
+    clock = runner.StartClock()
+    clock.step("prepare")
+    time.sleep(0.2)
+    clock.step("load")
+    names = [n for n, _ in clock.steps]
+    assert names == ["python", "prepare", "load"]
+    assert dict(clock.steps)["load"] >= 0.2
+    line = clock.line()
+    assert line.startswith("started in ") and "load 0.2 s" in line
+    total = float(line.split()[2])
+    assert total == pytest.approx(sum(s for _, s in clock.steps), abs=0.1)
+
+
+def test_boot_memo_round_trip_and_boot_id(tmp_path, monkeypatch):
+    monkeypatch.setattr(bpfloader.BootMemo, "DIR", tmp_path / "memo")
+    m = bpfloader.BootMemo("probe")
+    assert m.get() is None
+    m.put("refused: E2BIG")
+    assert bpfloader.BootMemo("probe").get() == "refused: E2BIG"
+    assert bpfloader.BootMemo("other").get() is None
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert [p.name for p in (tmp_path / "memo").iterdir()] == [f"probe.{boot_id}"]
+
+
+def test_boot_memo_forgets_another_boot(tmp_path, monkeypatch):
+    monkeypatch.setattr(bpfloader.BootMemo, "DIR", tmp_path)
+    (tmp_path / "probe.00000000-dead-beef-0000-000000000000").write_text("old kernel\n")
+    assert bpfloader.BootMemo("probe").get() is None
+
+
+def test_boot_memo_unwritable_dir_remembers_nothing(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setattr(bpfloader.BootMemo, "DIR", blocker / "sub")
+    m = bpfloader.BootMemo("probe")
+    m.put("x")   # no exception
+    assert m.get() is None
+
+
+def test_calibration_scale_and_factor_bounds(monkeypatch, capsys):
+    cal = _load("calibrate")
+    for seconds, scale, factor in [
+        (cal.HOST_REFERENCE_S / 2, 1.0, 1.0),                          # faster host: never below 1
+        (cal.HOST_REFERENCE_S * 5, 5.0, 1.0),                          # slower, still < quiet guest
+        (cal.HOST_REFERENCE_S * cal.QUIET_GUEST_SCALE * 2, cal.QUIET_GUEST_SCALE * 2, 2.0),
+        (cal.HOST_REFERENCE_S * 1000, 1000.0, cal.MAX_BACKEND_FACTOR),   # capped
+    ]:
+        monkeypatch.setattr(cal, "measure", lambda s=seconds: s)
+        cal.main()
+        out = dict(kv.split("=") for kv in capsys.readouterr().out.split())
+        assert float(out["scale"]) == pytest.approx(scale, rel=0.01), (seconds, out)
+        assert float(out["backend_factor"]) == pytest.approx(factor, rel=0.01), (seconds, out)
+
+
+def test_calibration_measures_something():
+    cal = _load("calibrate")
+    assert 0 < cal.measure(runs=1) < 60
+
+
+def test_backend_status_with_calibrated_timeout(tmp_path):
+    run = _load("run")
+    (tmp_path / "6.1-fentry.status").write_text("rc=124 seconds=2701.3 timeout=2700 scale=27.50\n")
+    (tmp_path / "6.1-fentry.xml").write_text("<testsuites><testsuite>")   # cut off by the kill
+    br = run._backend_result(tmp_path, "6.1", "fentry")
+    assert (br.rc, br.seconds, br.timeout, br.scale) == (124, 2701.3, 2700, 27.5)
+    assert br.cases == []
+
+
+def test_guest_deadline_leaves_room_for_the_largest_backend_factor():
+    run = _load("run")
+    plan = run.MATRIX["6.12"]
+    deadline = run.guest_timeout(len(plan.backends), plan.backend_timeout, True)
+    assert deadline > len(plan.backends) * plan.backend_timeout * run.MAX_BACKEND_FACTOR
