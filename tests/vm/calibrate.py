@@ -17,7 +17,7 @@ import sys
 import time
 
 # Measured on the 2-core CI machine, nothing else running (2026-12-02).
-HOST_REFERENCE_S = 0.040
+HOST_REFERENCE_S = 0.030
 # The guest's scale on that machine, quiet: what BACKEND_TIMEOUT was sized for.
 QUIET_GUEST_SCALE = 10.0
 # The per-backend timeout grows at most this much (tests/vm/run.py sizes the
