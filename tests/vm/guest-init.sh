@@ -112,6 +112,12 @@ for b in $BACKENDS; do
     eval "$cal"
     bt=$(awk -v t="$BACKEND_TIMEOUT" -v f="$backend_factor" 'BEGIN{printf "%d", t*f}')
     echo "scale_$b=$scale" >>"$R/timings"
+    # One start on its own, to say where a start goes on this kernel (the tests
+    # capture acceptrace's stderr). Nothing listens on port 9; one second traced.
+    start=$(timeout -s INT -k 30 "$bt" python3 -m acceptrace --port 9 --backend "$b" \
+            --duration 1 --no-tui --json /tmp/start-$b.json 2>&1 | grep -o 'started in .*')
+    echo "${start:-no start line}" >"$R/$LABEL-$b.start"
+    say "backend $b: acceptrace ${start:-did not start}"
     say "backend $b: pytest ${present[*]} (calibration: $cal; timeout $bt s)"
     t=$(now)
     if [ ${#present[@]} -eq 0 ]; then

@@ -402,7 +402,11 @@ def summary(res: GuestResult) -> str:
     for b, br in res.backends.items():
         counts = {o: len(br.by_outcome(o)) for o in ("passed", "failed", "error", "skipped")}
         lines.append(f"   {b:<10} rc={br.rc} {br.seconds or 0:7.1f} s  "
-                     + " ".join(f"{k}={v}" for k, v in counts.items()))
+                     + " ".join(f"{k}={v}" for k, v in counts.items())
+                     + f"  (timeout {br.timeout} s, time scale {br.scale})")
+        start = res.text(f"{res.label}-{b}.start").strip()
+        if start:
+            lines.append(f"      first acceptrace start: {start}")
         for c in br.cases:
             lines.append(f"      {c.outcome:<7} {c.seconds:6.1f} s  {c.name}"
                          + (f"  -- {c.message.splitlines()[0]}" if c.message
