@@ -5,6 +5,8 @@ root suites)."""
 from __future__ import annotations
 
 import importlib.util
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -106,3 +108,26 @@ def test_guest_deadline_leaves_room_for_the_largest_backend_factor():
     plan = run.MATRIX["6.12"]
     deadline = run.guest_timeout(len(plan.backends), plan.backend_timeout, True)
     assert deadline > len(plan.backends) * plan.backend_timeout * run.MAX_BACKEND_FACTOR
+
+
+def test_sigint_timeout_keeps_pytest_summary_and_junit(tmp_path):
+    """The guest ends a backend's pytest as guest-init.sh does (timeout -s INT):
+    the failure summary and the junit file of the tests that finished survive."""
+    if not shutil.which("timeout"):
+        pytest.skip("no coreutils timeout")
+    (tmp_path / "test_hang.py").write_text(
+        "import socket\n"
+        "def test_done():\n    assert True\n"
+        "def test_hangs():\n"
+        "    s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); s.accept()\n")
+    junit = tmp_path / "j.xml"
+    proc = subprocess.run(
+        ["timeout", "-s", "INT", "-k", "20", "4", sys.executable, "-m", "pytest",
+         "-p", "no:cacheprovider", "-v", "-rA", "-o", "faulthandler_timeout=2",
+         f"--junitxml={junit}", str(tmp_path / "test_hang.py")],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 124, proc.stdout[-2000:]
+    out = proc.stdout + proc.stderr
+    assert "KeyboardInterrupt" in out and "short test summary info" in out, out[-2000:]
+    assert "Timeout" in out and "test_hangs" in out, out[-2000:]   # faulthandler's dump
+    assert "test_done" in junit.read_text()
