@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from acceptrace.demo import ServerProcess, free_port
 from acceptrace.loadgen import run_load
-from conftest import assert_listen_overflow, scaled
+from conftest import TIME_SCALE, assert_listen_overflow, scaled
 
 pytestmark = pytest.mark.root
 
@@ -61,7 +61,14 @@ def test_demo_target_overflows_and_counts_match_kernel(tracer):
         t = tracer(port).start()
         before = read_netstat()
         try:
-            res = run_load("127.0.0.1", port, duration_s=4, concurrency=64)
+            # On a busy machine (a TCG guest beside a CPU hog) the clients may be too
+            # slow to outrun the server in one round: load again until the kernel saw
+            # an overflow, within a bounded number of rounds.
+            completed = 0
+            for _ in range(1 + int(TIME_SCALE)):
+                completed += run_load("127.0.0.1", port, duration_s=4, concurrency=64).completed
+                if read_netstat()["TcpExtListenOverflows"] > before["TcpExtListenOverflows"]:
+                    break
             # Let the last retransmitted SYNs and ACKs land before the tracer stops.
             settle(("TcpExtListenOverflows", "TcpExtListenDrops"))
         finally:
@@ -77,4 +84,4 @@ def test_demo_target_overflows_and_counts_match_kernel(tracer):
     import os
 
     assert 9 <= run["queues"]["accept_queue_depth"]["max"] <= 8 + (os.cpu_count() or 1)
-    assert run["connections"]["accepted"] >= res.completed
+    assert run["connections"]["accepted"] >= completed
