@@ -195,15 +195,16 @@ class TracerProcess:
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> int:
         assert self.proc is not None
+        timeout = scaled(timeout)
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         try:
-            out, _ = self.proc.communicate(timeout=scaled(timeout))
+            out, _ = self.proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             out, _ = self.proc.communicate()
             raise AssertionError(f"acceptrace did not stop on signal {sig} within "
-                                 f"{scaled(timeout):.0f} s:\n" + self.stderr) from None
+                                 f"{timeout:.0f} s:\n" + self.stderr) from None
         self.stdout = out or ""
         return self.proc.returncode
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes as ct
+import functools
 import importlib.resources
 import os
 import sys
@@ -366,25 +367,19 @@ class FentryBackend(_BccBackend):
         first = refused.get() if has_syn_recv else "not in BTF"
         if first is None:
             try:
-                self.bpf = _compile(BPF_SOURCE, cflags({**self.defines, "AT_FENTRY_SYN_RECV": 1}))
+                self.bpf = self._compile_fentry({"AT_FENTRY_SYN_RECV": 1}, policy)
                 self.defines["AT_FENTRY_SYN_RECV"] = 1
                 self._attach()
                 return
             except UserError as exc:
                 if "security policy" in str(exc):
-                    policy.put(str(exc))
                     raise  # no fentry program at all can load here
                 first = str(exc)
                 # The kernel's answer cannot change before a reboot: the next start
                 # skips this compile (under TCG, half of a fentry start on 6.1).
                 refused.put(first)
         extra = {"AT_KPROBE_SYN_RECV": 1} if has_syn_recv and kprobes_available() else {}
-        try:
-            self.bpf = _compile(BPF_SOURCE, cflags({**self.defines, **extra}))
-        except UserError as exc:
-            if "security policy" in str(exc):
-                policy.put(str(exc))
-            raise
+        self.bpf = self._compile_fentry(extra, policy)
         self.defines.update(extra)
         self._attach()
         if not has_syn_recv:
@@ -409,6 +404,15 @@ class FentryBackend(_BccBackend):
                 return
             self.hooks[-2:-2] = [f"kprobe:{func}", f"kretprobe:{func}"]
         self.notes.append("tcp_v{4,6}_syn_recv_sock hooked with kretprobes instead")
+
+    def _compile_fentry(self, extra: dict[str, int], policy: BootMemo) -> Any:
+        """Compile and load with `extra` defines; a refusal by policy is remembered."""
+        try:
+            return _compile(BPF_SOURCE, cflags({**self.defines, **extra}))
+        except UserError as exc:
+            if "security policy" in str(exc):
+                policy.put(str(exc))
+            raise
 
     def _attach(self) -> None:
         # BCC loaded and attached every KFUNC_PROBE/KRETFUNC_PROBE compiled in.
@@ -509,6 +513,14 @@ BACKENDS: dict[str, type[_BccBackend]] = {
 }
 
 
+@functools.cache
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
 class BootMemo:
     """A kernel's answer to a load attempt, remembered until the next boot.
 
@@ -519,10 +531,7 @@ class BootMemo:
     DIR = Path("/run/acceptrace")
 
     def __init__(self, name: str) -> None:
-        try:
-            boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        except OSError:
-            boot_id = ""
+        boot_id = _boot_id()
         self.path = self.DIR / f"{name}.{boot_id}" if boot_id else None
 
     def get(self) -> str | None:
