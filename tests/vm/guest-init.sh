@@ -114,7 +114,8 @@ for b in $BACKENDS; do
     echo "scale_$b=$scale" >>"$R/timings"
     # One start on its own, to say where a start goes on this kernel (the tests
     # capture acceptrace's stderr). Nothing listens on port 9; one second traced.
-    start=$(timeout -s INT -k 30 "$bt" python3 -m acceptrace --port 9 --backend "$b" \
+    # Bounded by a quarter of the backend's timeout (tests/vm/run.py allows for it).
+    start=$(timeout -s INT -k 30 $((bt / 4)) python3 -m acceptrace --port 9 --backend "$b" \
             --duration 1 --no-tui --json /tmp/start-$b.json 2>&1 | grep -o 'started in .*')
     echo "${start:-no start line}" >"$R/$LABEL-$b.start"
     say "backend $b: acceptrace ${start:-did not start}"
