@@ -238,8 +238,36 @@ def tracer(tmp_path: Path) -> Iterator[type[TracerProcess]]:
             t.proc.wait()
 
 
-def settle(counters: tuple[str, ...], quiet_s: float = 1.5, timeout: float = 20.0) -> None:
-    """Wait until the kernel's counters have not moved for quiet_s."""
+# /proc/net/tcp states of a socket that may still send a packet to the listener
+# on its own (a retransmitted SYN, final ACK or FIN; a FIN not sent yet): SYN_SENT,
+# SYN_RECV (request sockets are listed too), ESTABLISHED, FIN_WAIT1, CLOSE_WAIT,
+# LAST_ACK, CLOSING. FIN_WAIT2, TIME_WAIT and CLOSE only answer.
+IN_FLIGHT_STATES = frozenset({"01", "02", "03", "04", "08", "09", "0B"})
+
+
+def sockets_in_flight(port: int) -> int:
+    """Sockets from or to `port` (IPv4 and IPv6) in an IN_FLIGHT_STATES state."""
+    hexport = f"{port:04X}"
+    n = 0
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(path).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] in IN_FLIGHT_STATES and hexport in (f[1].rsplit(":", 1)[1],
+                                                         f[2].rsplit(":", 1)[1]):
+                n += 1
+    return n
+
+
+def settle(counters: tuple[str, ...], quiet_s: float = 1.5, timeout: float = 20.0,
+           port: int | None = None) -> None:
+    """Wait until the kernel's counters have not moved for quiet_s and, given a
+    port, no connection of it can still send: a client whose final ACK was
+    dropped retransmits it (or its FIN) with a backoff longer than quiet_s, and
+    that one lands after the tracer stopped, counted by the kernel only."""
     last = {k: read_netstat()[k] for k in counters}
     since = time.monotonic()
     end = since + scaled(timeout)
@@ -248,7 +276,7 @@ def settle(counters: tuple[str, ...], quiet_s: float = 1.5, timeout: float = 20.
         now = {k: read_netstat()[k] for k in counters}
         if now != last:
             last, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
+        elif time.monotonic() - since >= quiet_s and (port is None or not sockets_in_flight(port)):
             return
 
 

@@ -131,3 +131,30 @@ def test_sigint_timeout_keeps_pytest_summary_and_junit(tmp_path):
     assert "KeyboardInterrupt" in out and "short test summary info" in out, out[-2000:]
     assert "Timeout" in out and "test_hangs" in out, out[-2000:]   # faulthandler's dump
     assert "test_done" in junit.read_text()
+
+
+def test_sockets_in_flight_sees_a_connection_until_it_is_closed():
+    """settle(port=...) waits on this: an open connection (both ends) is in flight,
+    a closed one (TIME_WAIT, FIN_WAIT2) is not; other ports never count."""
+    import socket
+
+    from conftest import sockets_in_flight
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    port = srv.getsockname()[1]
+    try:
+        assert sockets_in_flight(port) == 0  # LISTEN alone sends nothing
+        cli = socket.create_connection(("127.0.0.1", port))
+        conn, _ = srv.accept()
+        assert sockets_in_flight(port) == 2
+        assert sockets_in_flight(port + 1 if port < 65535 else port - 1) == 0
+        conn.close()
+        cli.close()
+        deadline = time.monotonic() + 5
+        while sockets_in_flight(port) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sockets_in_flight(port) == 0
+    finally:
+        srv.close()

@@ -69,8 +69,8 @@ def test_demo_target_overflows_and_counts_match_kernel(tracer):
                 completed += run_load("127.0.0.1", port, duration_s=4, concurrency=64).completed
                 if read_netstat()["TcpExtListenOverflows"] > before["TcpExtListenOverflows"]:
                     break
-            # Let the last retransmitted SYNs and ACKs land before the tracer stops.
-            settle(("TcpExtListenOverflows", "TcpExtListenDrops"))
+            # Let the last retransmitted SYNs, ACKs and FINs land before the tracer stops.
+            settle(("TcpExtListenOverflows", "TcpExtListenDrops"), port=port, timeout=60)
         finally:
             assert t.stop() == 0, t.stderr
             after = read_netstat()
