@@ -5,6 +5,7 @@ root suites)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from acceptrace import bpfloader, runner
+from acceptrace import bootmemo, kernel, runner
 
 VM_DIR = Path(__file__).resolve().parent / "vm"
 
@@ -49,29 +50,63 @@ def test_start_clock_names_each_step_and_sums_them():
 
 
 def test_boot_memo_round_trip_and_boot_id(tmp_path, monkeypatch):
-    monkeypatch.setattr(bpfloader.BootMemo, "DIR", tmp_path / "memo")
-    m = bpfloader.BootMemo("probe")
+    monkeypatch.setattr(bootmemo.BootMemo, "DIR", tmp_path / "memo")
+    m = bootmemo.BootMemo("probe")
     assert m.get() is None
     m.put("refused: E2BIG")
-    assert bpfloader.BootMemo("probe").get() == "refused: E2BIG"
-    assert bpfloader.BootMemo("other").get() is None
+    assert bootmemo.BootMemo("probe").get() == "refused: E2BIG"
+    assert bootmemo.BootMemo("other").get() is None
     boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     assert [p.name for p in (tmp_path / "memo").iterdir()] == [f"probe.{boot_id}"]
 
 
 def test_boot_memo_forgets_another_boot(tmp_path, monkeypatch):
-    monkeypatch.setattr(bpfloader.BootMemo, "DIR", tmp_path)
+    monkeypatch.setattr(bootmemo.BootMemo, "DIR", tmp_path)
     (tmp_path / "probe.00000000-dead-beef-0000-000000000000").write_text("old kernel\n")
-    assert bpfloader.BootMemo("probe").get() is None
+    assert bootmemo.BootMemo("probe").get() is None
 
 
 def test_boot_memo_unwritable_dir_remembers_nothing(tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    monkeypatch.setattr(bpfloader.BootMemo, "DIR", blocker / "sub")
-    m = bpfloader.BootMemo("probe")
+    monkeypatch.setattr(bootmemo.BootMemo, "DIR", blocker / "sub")
+    m = bootmemo.BootMemo("probe")
     m.put("x")   # no exception
     assert m.get() is None
+
+
+def test_boot_memo_ignores_a_file_others_may_write(tmp_path, monkeypatch):
+    monkeypatch.setattr(bootmemo.BootMemo, "DIR", tmp_path)
+    m = bootmemo.BootMemo("probe")
+    m.put("ok")
+    assert m.path is not None and m.path.stat().st_mode & 0o777 == 0o600
+    assert m.get() == "ok"
+    m.path.chmod(0o666)
+    assert m.get() is None
+
+
+def test_kernel_facts_round_trip_and_are_remembered(tmp_path, monkeypatch):
+    """The running kernel's BTF facts, worked out once, then read back as they were;
+    a memo that is not facts (a define that is not an int) is worked out again."""
+    monkeypatch.setattr(bootmemo.BootMemo, "DIR", tmp_path / "memo")
+    tracefs = tmp_path / "tracefs"  # empty: every tracepoint missing, which is a fact too
+    tracefs.mkdir()
+    fresh = kernel.compute_facts(tracefs)
+    assert kernel.KernelFacts.from_json(fresh.to_json()) == fresh
+    facts, remembered = kernel.kernel_facts(tracefs)
+    assert (facts, remembered) == (fresh, False)
+    facts, remembered = kernel.kernel_facts(tracefs)
+    assert (facts, remembered) == (fresh, True)
+    memo = bootmemo.BootMemo(kernel.FACTS_MEMO + kernel.facts_fingerprint(tracefs))
+    assert memo.path is not None
+    bad = json.loads(memo.path.read_text())
+    bad["features"]["defines"]["AT_OFF_SK_STATE"] = "0); evil(("
+    memo.path.write_text(json.dumps(bad))
+    with pytest.raises(ValueError):
+        kernel.KernelFacts.from_json(memo.path.read_text())
+    facts, remembered = kernel.kernel_facts(tracefs)
+    assert (facts, remembered) == (fresh, False)
+    assert [p.name for p in (tmp_path / "memo").iterdir()] == [memo.path.name]
 
 
 def test_calibration_scale_and_factor_bounds(monkeypatch, capsys):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes as ct
-import functools
 import importlib.resources
 import os
 import sys
@@ -13,6 +12,7 @@ from typing import Any
 
 from . import layout as L
 from .backend import ConnRecord, KernelSnapshot, ListenerSnapshot, ProcSnapshot
+from .bootmemo import BootMemo
 from .errors import UserError
 from .hist import NBUCKETS, Histogram
 from .kernel import cflags, kprobes_available, stages_fed_by
@@ -511,47 +511,6 @@ BACKENDS: dict[str, type[_BccBackend]] = {
     "kprobe": KprobeBackend,
     "tracepoint": TracepointBackend,
 }
-
-
-@functools.cache
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-class BootMemo:
-    """A kernel's answer to a load attempt, remembered until the next boot.
-
-    A file in /run/acceptrace (a tmpfs, emptied at boot) named after the boot id:
-    the running kernel cannot change without a reboot, so neither can whether it
-    loads a given program.  Unwritable or unreadable: nothing is remembered."""
-
-    DIR = Path("/run/acceptrace")
-
-    def __init__(self, name: str) -> None:
-        boot_id = _boot_id()
-        self.path = self.DIR / f"{name}.{boot_id}" if boot_id else None
-
-    def get(self) -> str | None:
-        if self.path is None:
-            return None
-        try:
-            return self.path.read_text().strip() or None
-        except OSError:
-            return None
-
-    def put(self, answer: str) -> None:
-        if self.path is None:
-            return
-        try:
-            self.DIR.mkdir(mode=0o755, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(answer + "\n")
-            tmp.replace(self.path)
-        except OSError:
-            pass
 
 
 def fentry_supported() -> tuple[bool, str]:

@@ -82,24 +82,23 @@ def prepare() -> Prepared:
     from .bpfloader import import_bcc  # noqa: PLC0415 - keep bcc out of import time
 
     import_bcc()
-    btf = kernel.load_btf()
     tracefs, mounted = kernel.ensure_tracefs()
-    feats = kernel.probe_features(btf, tracefs)
+    facts, _remembered = kernel.kernel_facts(tracefs)
+    feats = facts.features
     tree = headers.find_header_tree()
     headers.activate(tree)
-    busy, why = kernel.busy_defines(btf)
     notes = list(feats.notes)
-    if why:
-        notes.append(f"softirqs_busy not counted: {why}")
+    if facts.busy_why:
+        notes.append(f"softirqs_busy not counted: {facts.busy_why}")
     return Prepared(
-        defines={**feats.defines, **busy},
+        defines={**feats.defines, **facts.busy},
         notes=notes,
         ack_overflow_observable=feats.ack_overflow_observable,
         header_line=tree.description if tree.kind == "merged" else None,
         tracefs_mounted=mounted,
         missing_tracepoints=feats.missing_tracepoints,
-        funcs=kernel.probe_functions(btf),
-        read_tracepoints=kernel.has_read_tracepoints(tracefs),
+        funcs=facts.funcs,
+        read_tracepoints=facts.read_tracepoints,
     )
 
 
