@@ -150,6 +150,22 @@ def check_drop_attribution(run: dict, before: dict[str, int], after: dict[str, i
     assert d["ack_dropped"] == d["ack_dropped_acceptq_full"]
 
 
+# Where every acceptrace start of the run says how long it took (its "started in"
+# line), one line per start: the QEMU guests set it, and their summary shows the
+# spread of a start on that kernel and backend (tests/vm/run.py).
+START_LOG_ENV = "ACCEPTRACE_TEST_START_LOG"
+
+
+def _log_start(line: str) -> None:
+    path = os.environ.get(START_LOG_ENV)
+    if not path:
+        return
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" ", 1)[0]
+    text = line.strip().removeprefix("acceptrace: ")
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"{test}: {text}\n")
+
+
 class TracerProcess:
     """`python -m acceptrace --port P --json F` as a subprocess, stopped by a signal."""
 
@@ -168,6 +184,8 @@ class TracerProcess:
         assert self.proc is not None and self.proc.stderr is not None
         for line in self.proc.stderr:
             self.stderr_lines.append(line)
+            if "started in " in line:
+                _log_start(line)
             if "tracing port" in line:
                 self._started.set()
         self._started.set()

@@ -141,8 +141,34 @@ def test_backend_status_with_calibrated_timeout(tmp_path):
 def test_guest_deadline_leaves_room_for_the_largest_backend_factor():
     run = _load("run")
     plan = run.MATRIX["6.12"]
-    deadline = run.guest_timeout(len(plan.backends), plan.backend_timeout, True)
-    assert deadline > len(plan.backends) * plan.backend_timeout * run.MAX_BACKEND_FACTOR
+    timeouts = [plan.timeout(b) for b in plan.backends]
+    deadline = run.guest_timeout(timeouts, True)
+    assert deadline > sum(timeouts) * run.MAX_BACKEND_FACTOR
+
+
+def test_every_backend_test_list_names_real_tests():
+    """A node id in BACKEND_TESTS that names no test would be skipped silently by
+    the guest's pytest ("not found"): each one must be collected here."""
+    run = _load("run")
+    ids = sorted({t for tests in run.BACKEND_TESTS.values() for t in tests})
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                           "-p", "no:cacheprovider", *ids],
+                          capture_output=True, text=True, cwd=VM_DIR.parent.parent, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    collected = set(proc.stdout.split())
+    for t in ids:
+        assert t in collected or any(c.startswith(t + "::") for c in collected), t
+
+
+def test_start_summary_median_and_slowest():
+    run = _load("run")
+    text = ("tests/a.py::t1: started in 20.0 s (python 3.0 s, load 15.0 s)\n"
+            "tests/a.py::t2: started in 48.8 s (python 3.7 s, load 40.0 s)\n"
+            "tests/a.py::t3: started in 25.5 s (python 3.1 s, load 19.0 s)\n")
+    line = run.start_summary(text)
+    assert line.startswith("acceptrace starts: 3, median 25.5 s, slowest 48.8 s ")
+    assert line.endswith("(python 3.7 s, load 40.0 s) in tests/a.py::t2")
+    assert run.start_summary("") == ""
 
 
 def test_sigint_timeout_keeps_pytest_summary_and_junit(tmp_path):

@@ -4,8 +4,8 @@
 # host's results directory at /results). No systemd: mount what the tests
 # need, install the working tree, run the root tests once per backend, write
 # everything to /results, power off. The host's tests/vm/run.py writes
-# /results/config.sh (LABEL, BACKENDS, TESTS, BACKEND_TIMEOUT, PYTEST_EXTRA,
-# CHECKS, CHECKS_TIMEOUT) before booting us. The tests see ACCEPTRACE_TEST_VM=1
+# /results/config.sh (LABEL, BACKENDS, TESTS and TESTS_<backend>, BACKEND_TIMEOUT
+# and TIMEOUT_<backend>, PYTEST_EXTRA, CHECKS, CHECKS_TIMEOUT) before booting us. The tests see ACCEPTRACE_TEST_VM=1
 # (an emulated CPU: timings are ~10x the host's), ACCEPTRACE_TEST_BACKEND and
 # ACCEPTRACE_TEST_TIME_SCALE (tests/vm/calibrate.py, measured per backend).
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
@@ -100,25 +100,20 @@ grep -q ready "$R/pin.log" || say "pinning the hot tracepoints failed: $(tail -1
 stamp pinned
 
 cd /tmp/src || exit 1
-read -r -a tests <<<"${TESTS:-}"
-present=()
-for f in "${tests[@]}"; do [ -e "$f" ] && present+=("$f") || say "no $f here: skipped"; done
 read -r -a extra <<<"${PYTEST_EXTRA:-}"
 for b in $BACKENDS; do
+    # This backend's tests (TESTS_<backend>, else TESTS): files or node ids.
+    v="TESTS_$b"; read -r -a tests <<<"${!v:-${TESTS:-}}"
+    present=()
+    for f in "${tests[@]}"; do [ -e "${f%%::*}" ] && present+=("$f") || say "no ${f%%::*} here: skipped"; done
+    v="TIMEOUT_$b"; base=${!v:-$BACKEND_TIMEOUT}
     # How fast is this guest now? (TCG on a busy host is slower than on a quiet
     # one.) The tests' timeouts scale with it, and so does this backend's.
     # Measured before each backend, since the host's load changes.
     cal=$(python3 /tmp/src/tests/vm/calibrate.py) || cal="seconds=0 scale=1 backend_factor=1"
     eval "$cal"
-    bt=$(awk -v t="$BACKEND_TIMEOUT" -v f="$backend_factor" 'BEGIN{printf "%d", t*f}')
+    bt=$(awk -v t="$base" -v f="$backend_factor" 'BEGIN{printf "%d", t*f}')
     echo "scale_$b=$scale" >>"$R/timings"
-    # One start on its own, to say where a start goes on this kernel (the tests
-    # capture acceptrace's stderr). Nothing listens on port 9; one second traced.
-    # Bounded by a quarter of the backend's timeout (tests/vm/run.py allows for it).
-    start=$(timeout -s INT -k 30 $((bt / 4)) python3 -m acceptrace --port 9 --backend "$b" \
-            --duration 1 --no-tui --json /tmp/start-$b.json 2>&1 | grep -o 'started in .*')
-    echo "${start:-no start line}" >"$R/$LABEL-$b.start"
-    say "backend $b: acceptrace ${start:-did not start}"
     say "backend $b: pytest ${present[*]} (calibration: $cal; timeout $bt s)"
     t=$(now)
     if [ ${#present[@]} -eq 0 ]; then
@@ -127,8 +122,10 @@ for b in $BACKENDS; do
         # SIGINT first: pytest then ends the running test with KeyboardInterrupt,
         # prints its failure summary and writes the junit file; SIGKILL 60 s later.
         # faulthandler dumps every thread's stack of a test running past a quarter
-        # of the budget, so a hang says where it hung.
+        # of the budget, so a hang says where it hung. Every acceptrace start the
+        # tests make writes its "started in" line to $LABEL-$b.starts.
         ACCEPTRACE_TEST_BACKEND=$b ACCEPTRACE_TEST_TIME_SCALE=$scale \
+            ACCEPTRACE_TEST_START_LOG="$R/$LABEL-$b.starts" \
             timeout -s INT -k 60 "$bt" \
             python3 -m pytest -m root -p no:cacheprovider -v -rA --durations=0 \
             -o faulthandler_timeout=$((bt / 4)) \
