@@ -57,8 +57,11 @@ vm-packages:
 demo: setup
 	$(VENV)/bin/acceptrace demo
 
+# ruff, then mypy over what [tool.mypy] in pyproject.toml lists (tracer/, bench/,
+# the QEMU harness).
 lint: setup
 	$(VENV)/bin/ruff check tracer tests bench
+	$(VENV)/bin/mypy
 
 # The host suite, then the QEMU guest suite (both run; either failing fails).
 test: setup lint vm-packages

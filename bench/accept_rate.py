@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from multiprocessing.synchronize import Event as EventT
 from pathlib import Path
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
@@ -54,7 +55,7 @@ def accept_loop_server(port_q: mp.Queue) -> None:
         conn.close()
 
 
-def client(port: int, go: mp.Event, stop: mp.Event, out: mp.Queue) -> None:
+def client(port: int, go: EventT, stop: EventT, out: mp.Queue) -> None:
     n = errors = 0
     go.wait()
     while not stop.is_set():
@@ -71,7 +72,8 @@ def client(port: int, go: mp.Event, stop: mp.Event, out: mp.Queue) -> None:
 
 
 def measure(port: int, clients: int, seconds: float) -> tuple[float, int]:
-    go, stop, out = mp.Event(), mp.Event(), mp.Queue()
+    go, stop = mp.Event(), mp.Event()
+    out: mp.Queue[tuple[int, int]] = mp.Queue()
     procs = [mp.Process(target=client, args=(port, go, stop, out)) for _ in range(clients)]
     for p in procs:
         p.start()

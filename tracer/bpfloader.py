@@ -8,7 +8,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from . import layout as L
 from .backend import ConnRecord, KernelSnapshot, ListenerSnapshot, ProcSnapshot
@@ -169,7 +169,7 @@ class _BccBackend:
         self.defines = all_defines
         self._pending: list[ConnRecord] = []
         self._ncpu = len(import_bcc().utils.get_online_cpus())
-        self.bpf: Any = None
+        self.bpf: Any = cast(Any, None)  # the BCC object once loaded (cast: not narrowed)
         # Whether the blind-spot counters are compiled in (and attached, by BCC,
         # when the program loads); known once _load() has settled the defines.
         self.busy_counted = False

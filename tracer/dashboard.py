@@ -7,6 +7,7 @@ it to ``rich.live.Live`` every interval; tests render it to text.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from rich.console import Group, RenderableType
 from rich.panel import Panel
@@ -128,8 +129,10 @@ def gauge(label: str, now: int | None, peak: int | None, limit: int | None,
 
 def _drops(run: Run, iv: Interval | None) -> Table:
     t = Table(show_edge=False, pad_edge=False, expand=True)
-    for col, j in (("drops", "left"), ("last /s", "right"), ("run", "right"),
-                   ("kernel Δ", "right"), ("meaning", "left")):
+    cols: tuple[tuple[str, Literal["left", "right"]], ...] = (
+        ("drops", "left"), ("last /s", "right"), ("run", "right"),
+        ("kernel Δ", "right"), ("meaning", "left"))
+    for col, j in cols:
         t.add_column(col, justify=j, no_wrap=col != "meaning")
     dur = iv.duration_s if iv and iv.duration_s > 0 else None
     k = run.kernel_counters

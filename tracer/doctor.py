@@ -128,7 +128,8 @@ def gather() -> tuple[list[Check], bool, str]:
                         header_line=None, tracefs_mounted=False,
                         missing_tracepoints=feats.missing_tracepoints,
                         funcs=kernel.probe_functions(btf),
-                        read_tracepoints=kernel.has_read_tracepoints(tracefs))
+                        read_tracepoints=tracefs is not None
+                        and kernel.has_read_tracepoints(tracefs))
         for name in AUTO_ORDER:
             try:
                 open_backend(name, 1, prep, dispatch=False).close()

@@ -152,7 +152,7 @@ def render_html(run: Run) -> str:
                          "</figure>")
     parts.append("</div><h2>Over time</h2><div class=\"charts\">")
     ivs = run.intervals
-    series = [
+    series: list[tuple[str, str, list[tuple[float, float | None]], bool, float | None]] = [
         ("connections accepted per second", "rate",
          [(i.t_s, i.accepted / i.duration_s if i.duration_s > 0 else None) for i in ivs],
          False, None),

@@ -231,8 +231,8 @@ def resolve_offsets(btf: BTF) -> tuple[dict[str, int], list[str]]:
                 notes.append(f"{struct}.{path} is {size} bytes, not {want}: check compiled out")
                 continue
             defines[define] = off
-    for table, required in ((ENUMS, True), (OPTIONAL_ENUMS, False)):
-        for define, name in table.items():
+    for enums, required in ((ENUMS, True), (OPTIONAL_ENUMS, False)):
+        for define, name in enums.items():
             if btf.has_enum_value(name):
                 defines[define] = btf.enum_value(name)
             elif required:

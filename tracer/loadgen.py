@@ -88,14 +88,15 @@ async def _one(host: str, port: int, request: bytes, connect_timeout_s: float,
     writer: asyncio.StreamWriter | None = None
     try:
         try:
-            reader, writer = await asyncio.wait_for(
+            reader, w = await asyncio.wait_for(
                 asyncio.open_connection(host, port), connect_timeout_s)
         except asyncio.TimeoutError:
             res.connect_timeouts += 1
             raise
+        writer = w
         res.connect_s.append(time.monotonic() - t0)
-        writer.write(request)
-        await asyncio.wait_for(writer.drain(), timeout_s)
+        w.write(request)
+        await asyncio.wait_for(w.drain(), timeout_s)
         data = await asyncio.wait_for(reader.read(), timeout_s)
         if data.startswith((b"HTTP/1.1 2", b"HTTP/1.0 2")):
             res.completed += 1

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 
 from . import headers, kernel, procnet
 from .backend import Backend
@@ -343,6 +343,14 @@ def trace(
     return run
 
 
+@dataclass
+class _View:
+    """What the dashboard shows: the run so far and the last interval."""
+
+    run: Run
+    iv: Interval | None = None
+
+
 def _live_loop(session: Session, opts: TraceOptions, out: Console, stop: StopFlag) -> None:
     """The rich dashboard, redrawn every interval and on each key."""
     from rich.live import Live  # noqa: PLC0415
@@ -350,7 +358,7 @@ def _live_loop(session: Session, opts: TraceOptions, out: Console, stop: StopFla
     from .dashboard import DashboardState, render_dashboard  # noqa: PLC0415
 
     state = DashboardState(hist_stage=opts.hist_stage)
-    view = {"run": session.build_run(), "iv": None}
+    view = _View(session.build_run())
     lock = threading.Lock()
     redraw = threading.Event()
 
@@ -359,18 +367,18 @@ def _live_loop(session: Session, opts: TraceOptions, out: Console, stop: StopFla
             if ch in ("q", "Q"):
                 stop(signal.SIGINT, None)
             elif ch in ("h", "H"):
-                state.next_hist(view["run"])
+                state.next_hist(view.run)
             elif ch == "?":
                 state.explain = not state.explain
         redraw.set()
 
-    def draw() -> object:
-        return render_dashboard(view["run"], view["iv"], state, out.size.height)
+    def draw() -> RenderableType:
+        return render_dashboard(view.run, view.iv, state, out.size.height)
 
     def on_tick(iv: Interval, _msgs: list[str]) -> None:
         # Dispatch messages go to meta.notes; the screen belongs to the dashboard.
         with lock:
-            view["run"], view["iv"] = session.build_run(), iv
+            view.run, view.iv = session.build_run(), iv
         redraw.set()
 
     def after_poll() -> None:

@@ -127,6 +127,7 @@ def inspect(pid: int, proc: Path = Path("/proc")) -> ServerInfo:
 def find_dispatch_symbol(path: str) -> DispatchTarget | None:
     """cb_on_headers_complete from .symtab, else llhttp_execute from .dynsym."""
     from elftools.elf.elffile import ELFFile  # noqa: PLC0415
+    from elftools.elf.sections import SymbolTableSection  # noqa: PLC0415
 
     try:
         with open(path, "rb") as fh:
@@ -142,7 +143,7 @@ def find_dispatch_symbol(path: str) -> DispatchTarget | None:
                 return None
 
             symtab = elf.get_section_by_name(".symtab")
-            if symtab is not None:
+            if isinstance(symtab, SymbolTableSection):
                 for sym in symtab.iter_symbols():
                     if sym["st_info"]["type"] == "STT_FUNC" and sym["st_value"] and \
                             HEADERS_COMPLETE_RE.match(sym.name):
@@ -150,7 +151,7 @@ def find_dispatch_symbol(path: str) -> DispatchTarget | None:
                         if found:
                             return found
             dynsym = elf.get_section_by_name(".dynsym")
-            if dynsym is not None:
+            if isinstance(dynsym, SymbolTableSection):
                 for sym in dynsym.iter_symbols():
                     if sym.name == FALLBACK_SYMBOL and sym["st_value"]:
                         return target(sym, False)

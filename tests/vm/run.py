@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -366,6 +367,7 @@ def run_guest(label: str, backends: tuple[str, ...] | None = None,
     return result
 
 
+_PRCTL: Callable[..., int] | None
 try:  # looked up before any fork: the child of a threaded parent must not import
     _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
 except (OSError, AttributeError):
