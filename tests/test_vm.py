@@ -39,9 +39,9 @@ vmrun = _load_runner()
 KERNELS = [k for k in vmrun.MATRIX
            if k in (os.environ.get("ACCEPTRACE_VM_KERNELS") or " ".join(vmrun.MATRIX)).split()]
 # The whole guest suite's time limit, rootfs build included: a guest gets what is
-# left, and is killed when it runs out. A quiet machine needs about 30 min; the
-# budget leaves room for a busy one (the guests' timeouts scale with their
-# calibrated speed) and still ends well before CI's hard limit of 90 min.
+# left, and is killed when it runs out. A quiet machine needs 34-37 min (both
+# guests side by side); the budget leaves room for a busy one (their timeouts
+# scale with their calibrated speed) and still ends well before CI's 90 min.
 BUDGET = float(os.environ.get("ACCEPTRACE_VM_BUDGET", "4500"))
 CELLS = [pytest.param(k, b, id=f"{k}-{b}") for k in KERNELS for b in vmrun.MATRIX[k].backends]
 
