@@ -30,7 +30,6 @@ class BootMemo:
 
     def __init__(self, name: str) -> None:
         bid = boot_id()
-        self.name = name
         self.path = self.DIR / f"{name}.{bid}" if bid else None
 
     def get(self) -> str | None:

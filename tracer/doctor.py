@@ -75,6 +75,7 @@ def gather() -> tuple[list[Check], bool, str]:
         add(Check("tracefs", OK, str(tracefs)))
 
     feats = None
+    ff: kernel.FuncFeatures | None = None
     if btf is not None and tracefs is not None:
         try:
             feats = kernel.probe_features(btf, tracefs)
@@ -119,7 +120,8 @@ def gather() -> tuple[list[Check], bool, str]:
     can_try = root and ver is not None and tree is not None and feats is not None
     works: list[str] = []
     if can_try:
-        assert tree is not None and feats is not None and btf is not None
+        # feats set means BTF and tracefs were there, and ff was probed beside it
+        assert tree is not None and feats is not None and ff is not None and tracefs is not None
         headers.activate(tree)
         from .runner import AUTO_ORDER, Prepared, open_backend  # noqa: PLC0415
 
@@ -127,9 +129,7 @@ def gather() -> tuple[list[Check], bool, str]:
                         ack_overflow_observable=feats.ack_overflow_observable,
                         header_line=None, tracefs_mounted=False,
                         missing_tracepoints=feats.missing_tracepoints,
-                        funcs=kernel.probe_functions(btf),
-                        read_tracepoints=tracefs is not None
-                        and kernel.has_read_tracepoints(tracefs))
+                        funcs=ff, read_tracepoints=kernel.has_read_tracepoints(tracefs))
         for name in AUTO_ORDER:
             try:
                 open_backend(name, 1, prep, dispatch=False).close()

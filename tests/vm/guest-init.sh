@@ -4,10 +4,10 @@
 # host's results directory at /results). No systemd: mount what the tests
 # need, install the working tree, run the root tests once per backend, write
 # everything to /results, power off. The host's tests/vm/run.py writes
-# /results/config.sh (LABEL, BACKENDS, TESTS and TESTS_<backend>, BACKEND_TIMEOUT
-# and TIMEOUT_<backend>, PYTEST_EXTRA, CHECKS, CHECKS_TIMEOUT) before booting us. The tests see ACCEPTRACE_TEST_VM=1
-# (an emulated CPU: timings are ~10x the host's), ACCEPTRACE_TEST_BACKEND and
-# ACCEPTRACE_TEST_TIME_SCALE (tests/vm/calibrate.py, measured per backend).
+# /results/config.sh (LABEL, BACKENDS, TESTS_<backend>, TIMEOUT_<backend>,
+# PYTEST_EXTRA, CHECKS, CHECKS_TIMEOUT) before booting us. The tests see
+# ACCEPTRACE_TEST_VM=1 (an emulated CPU: timings are ~10x the host's),
+# ACCEPTRACE_TEST_BACKEND and ACCEPTRACE_TEST_TIME_SCALE (tests/vm/calibrate.py, measured per backend).
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH HOME=/root LANG=C.UTF-8 TERM=dumb PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 export ACCEPTRACE_TEST_VM=1
@@ -46,7 +46,7 @@ ulimit -l unlimited
 
 # shellcheck source=/dev/null
 . "$R/config.sh"
-: "${LABEL:=guest}" "${BACKENDS:=fentry kprobe tracepoint}" "${BACKEND_TIMEOUT:=900}"
+: "${LABEL:=guest}" "${BACKENDS:=fentry kprobe tracepoint}"
 
 {
     echo "label: $LABEL"
@@ -102,11 +102,11 @@ stamp pinned
 cd /tmp/src || exit 1
 read -r -a extra <<<"${PYTEST_EXTRA:-}"
 for b in $BACKENDS; do
-    # This backend's tests (TESTS_<backend>, else TESTS): files or node ids.
-    v="TESTS_$b"; read -r -a tests <<<"${!v:-${TESTS:-}}"
+    # This backend's tests (files or node ids) and its timeout on a quiet machine.
+    v="TESTS_$b"; read -r -a tests <<<"${!v:-}"
     present=()
     for f in "${tests[@]}"; do [ -e "${f%%::*}" ] && present+=("$f") || say "no ${f%%::*} here: skipped"; done
-    v="TIMEOUT_$b"; base=${!v:-$BACKEND_TIMEOUT}
+    v="TIMEOUT_$b"; base=${!v:-900}
     # How fast is this guest now? (TCG on a busy host is slower than on a quiet
     # one.) The tests' timeouts scale with it, and so does this backend's.
     # Measured before each backend, since the host's load changes.
