@@ -13,7 +13,7 @@ APT_PACKAGES := python3-bpfcc bpfcc-tools python3-venv python3-pip iproute2 bpft
 # for the guest root filesystem, mkfs.ext4 -d for its image.
 VM_APT_PACKAGES := qemu-system-x86 debootstrap e2fsprogs
 
-.PHONY: setup system-packages vm-packages demo test test-host test-vm lint bench clean
+.PHONY: setup system-packages vm-packages demo test test-host test-unit test-vm lint bench clean
 
 setup: system-packages $(STAMP)
 
@@ -75,6 +75,10 @@ test: setup lint vm-packages
 # Only the host suite (about 2 min): no QEMU.
 test-host: setup lint
 	$(PY) -m pytest -m "not vm" $(PYTEST_ARGS)
+
+# Pure unit tests, runnable as any user in seconds: no root, no BPF, no QEMU.
+test-unit: setup
+	$(PY) -m pytest -m "not root and not vm" $(PYTEST_ARGS)
 
 # Only the guest suite: the root tests inside QEMU guests booting Debian's
 # 6.1 and 6.12 kernels, once per backend (docs/vm.md).

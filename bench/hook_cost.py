@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import accept_rate as A  # noqa: E402
-from acceptrace import headers, kernel  # noqa: E402
-from acceptrace.bpfloader import TracepointBackend  # noqa: E402
+from acceptrace import headers, kernel, procnet, selection  # noqa: E402
+from acceptrace.bpfloader import load  # noqa: E402
 
 GROUPS = {
     "syscalls:sys_exit_accept{,4}": ["syscalls:sys_exit_accept4", "syscalls:sys_exit_accept"],
@@ -47,10 +47,10 @@ def main() -> int:
     srv.start()
     port = q.get(timeout=10)
     headers.activate(headers.find_header_tree())
-    feats = kernel.probe_features(kernel.load_btf(), kernel.ensure_tracefs()[0])
-    be = TracepointBackend(port, feats.defines,
-                           ack_overflow_observable=feats.ack_overflow_observable)
-    every = [h.removeprefix("tracepoint:") for h in be.hooks]
+    facts, _ = kernel.kernel_facts(kernel.ensure_tracefs()[0])
+    be = load(selection.plan_backend("tracepoint", facts, dispatch=False))
+    be.set_targets([(procnet.own_netns(), port)])
+    every = [h.removeprefix("tracepoint:") for h in be.hooks if h.startswith("tracepoint:")]
     configs = {"none": [], "all": every, **GROUPS}
 
     def fn(tp: str) -> bytes:

@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: Apache-2.0 */
 /*
- * acceptrace.h -- layouts and constants shared by the BPF programs (bpf/NAME.bpf.c)
- * and userspace (tracer/bpfloader.py mirrors the structs with ctypes,
- * tracer/hist.py mirrors the bucketing; tests check that both sides agree).
+ * acceptrace.h -- layouts and constants shared by the BPF programs (bpf/<backend>.bpf.c,
+ * bpf/<name>.bpf.h) and userspace (tracer/layout.py mirrors what it reads with ctypes,
+ * tracer/hist.py the bucketing, tracer/hooks.py the attach types; tests check
+ * that both sides agree).
  *
  * This header must not include kernel headers: it is also compiled as plain
  * userspace C by the tests.  Kernel struct offsets never appear here; they
@@ -143,6 +144,23 @@ struct at_conn {
 };
 
 #define AT_CONN_SYN_SEEN 1 /* syn_retrans is known: the first SYN was seen (fentry/kprobe) */
+
+/* What a traced listener is: its network namespace (net->ns.inum) and local
+ * port.  Userspace fills the `targets` map with these at start and may change
+ * it while the programs run. */
+struct at_target {
+	u32 netns;
+	u16 port;          /* host order */
+	u16 pad;
+};
+
+/* How a hook's glue is attached: the value of its AT_HOOK_<NAME> define
+ * (tracer/hooks.py decides it; AT_ATTACH_OFF compiles the glue out). */
+#define AT_ATTACH_OFF 0
+#define AT_ATTACH_FENTRY 1         /* fentry/fexit: BCC attaches it on load */
+#define AT_ATTACH_KPROBE 2         /* kprobe/kretprobe: userspace attaches it */
+#define AT_ATTACH_TRACEPOINT 3     /* BCC attaches it on load */
+#define AT_ATTACH_RAW_TRACEPOINT 4 /* BCC attaches it on load */
 
 /* A finished connection sent to userspace when it is among the slowest. */
 struct at_sample {

@@ -40,6 +40,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+FIXTURE_61 = Path(__file__).parent / "fixtures" / "btf-debian-6.1-amd64.xz"
+
+
+@pytest.fixture(scope="session")
+def btf_61():
+    """The BTF of Debian's 6.1.192 kernel (a fixture file), for pure unit tests."""
+    import lzma
+
+    from acceptrace.btf import BTF
+
+    return BTF.from_bytes(lzma.decompress(FIXTURE_61.read_bytes()))
+
+
 NETSTAT_FILES = ("/proc/net/netstat", "/proc/net/snmp")
 
 

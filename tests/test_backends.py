@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import requested_backend
-from test_cli import ours_attached, run_cli
-from test_live_kernel import listener
+from helpers import listener, ours_attached, run_cli
 
 pytestmark = pytest.mark.root
 

@@ -25,8 +25,7 @@ from acceptrace.diagnose import diagnose
 from acceptrace.model import Run
 from busy_cpu import BusyCpu
 from conftest import check_drop_attribution, read_netstat, settle, wait_until
-from test_drops import syn_packet
-from test_live_kernel import listener
+from helpers import listener, syn_packet
 
 pytestmark = pytest.mark.root
 

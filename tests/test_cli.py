@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
@@ -14,19 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import IS_ROOT
-from test_live_kernel import listener
-
-ACCEPTRACE = [sys.executable, "-m", "acceptrace"]
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
-            prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    return subprocess.run(
-        [*(prefix or []), *ACCEPTRACE, *args], capture_output=True, text=True,
-        env=full_env, timeout=timeout,
-    )
+from helpers import listener, ours_attached, run_cli
 
 
 def assert_one_line_error(res: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -132,22 +119,6 @@ def test_tracefs_unmounted_is_mounted(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "mounted tracefs at /sys/kernel/tracing" in res.stderr
-
-
-def bpf_prog_names() -> list[str]:
-    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
-                         check=True).stdout
-    return [p.get("name", "") for p in json.loads(out or "[]")]
-
-
-# BCC names (truncated to 15 characters by the kernel): the tracepoint programs,
-# the fentry/fexit ones (kfunc__/kretfunc__) and the kprobe ones (kp_/kr_).
-OUR_PROGS = ("tracepoint__soc", "tracepoint__sys", "tracepoint__tcp", "tracepoint__skb",
-             "raw_tracepoint_", "kfunc__", "kretfunc__", "kp_", "kr_")
-
-
-def ours_attached() -> int:
-    return sum(1 for n in bpf_prog_names() if n.startswith(OUR_PROGS))
 
 
 @pytest.mark.root

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import random
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -33,7 +32,7 @@ from conftest import (
     scaled,
     wait_until,
 )
-from test_live_kernel import listener
+from helpers import listener, syn_packet
 
 pytestmark = pytest.mark.root
 
@@ -74,28 +73,6 @@ def syncookies() -> Iterator[Callable[[int], None]]:
 
     yield set_to
     path.write_text(saved + "\n")
-
-
-def checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
-
-
-def syn_packet(src: str, dst: str, sport: int, dport: int) -> bytes:
-    """An IPv4 TCP SYN with an MSS option (the IP checksum and length: the kernel's)."""
-    seq = random.getrandbits(32)
-    opts = struct.pack("!BBH", 2, 4, 1460)
-    offset = (20 + len(opts)) // 4
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, offset << 4, 0x02, 64240, 0, 0) + opts
-    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
-    tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp)) + tcp[18:]
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0, 64, 6, 0,
-                     socket.inet_aton(src), socket.inet_aton(dst))
-    return ip + tcp
 
 
 def send_syns(dport: int, n: int) -> list[int]:

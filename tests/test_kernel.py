@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from acceptrace import headers, kernel
+from acceptrace import headers, hooks, kernel
 from acceptrace.errors import UserError
 
 KFREE_SKB_6_18 = """name: kfree_skb
@@ -43,6 +43,7 @@ def test_tracepoint_fields_parses_format(tmp_path):
     assert kernel.tracepoint_fields(tfs, "sock", "sk_data_ready") is None
 
 
+@pytest.mark.root  # tracefs (/sys/kernel/tracing) is readable by root only
 def test_tracepoint_fields_of_this_kernel():
     tfs = kernel.find_tracefs()
     if tfs is None:
@@ -152,76 +153,33 @@ def test_bcc_kernel_source_env_wins(tmp_path, monkeypatch):
 
 # -- function hooks, from BTF: Debian's 6.1 (a fixture) and the running kernel ---------
 
-FIXTURE_61 = Path(__file__).parent / "fixtures" / "btf-debian-6.1-amd64.xz"
-
-
-@pytest.fixture(scope="module")
-def btf_61():
-    import lzma
-
-    from acceptrace.btf import BTF
-
-    return BTF.from_bytes(lzma.decompress(FIXTURE_61.read_bytes()))
-
-
 def test_function_hooks_on_debian_6_1(btf_61):
     """6.1.192: old inet_csk_accept, 7-argument syn_recv_sock (the 2026 backport),
-    hash_add already bool; every hook present, so no stage is lost."""
-    ff = kernel.probe_functions(btf_61)
-    assert ff.missing_required == [] and ff.missing == []
-    assert ff.missing_stages == set()
-    assert ff.syn_recv_args == 7
-    assert ff.signatures["inet_csk_accept"] == (
+    hash_add already bool; every hooked function present."""
+    args, sigs = kernel.probe_functions(btf_61)
+    assert set(args) == {h.point for h in hooks.rows("function")}
+    assert args["tcp_v4_syn_recv_sock"] == 7
+    assert sigs["inet_csk_accept"] == (
         "struct sock * inet_csk_accept(struct sock *sk, int flags, int *err, bool kern)")
-    assert ff.signatures["inet_csk_reqsk_queue_hash_add"].startswith("bool ")
-    assert ff.signatures["tcp_recvmsg"].count(",") == 4          # 5 arguments on 6.1
+    assert sigs["inet_csk_reqsk_queue_hash_add"].startswith("bool ")
+    assert sigs["tcp_recvmsg"].count(",") == 4          # 5 arguments on 6.1
     # Offsets the function hooks read, from this BTF (not the host's)
-    assert ff.defines["AT_OFF_SKB_HEAD"] == 200
-    assert ff.defines["AT_OFF_NET_SYNCOOKIES"] == 1123
-    for hook in kernel.FUNC_HOOKS:
-        if hook.define:
-            assert ff.defines[hook.define] == 1, hook.func
+    defines, missing = kernel.func_offsets(btf_61)
+    assert missing == []
+    assert defines["AT_OFF_SKB_HEAD"] == 200
+    assert defines["AT_OFF_NET_SYNCOOKIES"] == 1123
 
 
 def test_function_hooks_on_the_running_kernel():
     btf = kernel.load_btf()
-    ff = kernel.probe_functions(btf)
-    assert ff.missing_required == []
+    args, sigs = kernel.probe_functions(btf)
+    assert kernel.func_offsets(btf)[1] == []
     accept_args = btf.func_arg_count("inet_csk_accept")
-    assert accept_args in (2, 4)
-    assert ff.signatures["inet_csk_accept"].count(",") == accept_args - 1
+    assert accept_args in (2, 4) and args["inet_csk_accept"] == accept_args
+    assert sigs["inet_csk_accept"].count(",") == accept_args - 1
 
 
-class _FakeBTF:
-    """A BTF with some functions removed or shrunk, for the fallback rules."""
-
-    def __init__(self, real, drop: set[str], nargs: dict[str, int] | None = None) -> None:
-        self.real, self.drop, self.nargs = real, drop, nargs or {}
-
-    def func_arg_count(self, name: str) -> int | None:
-        if name in self.drop:
-            return None
-        return self.nargs.get(name, self.real.func_arg_count(name))
-
-    def __getattr__(self, name: str):
-        return getattr(self.real, name)
-
-
-def test_missing_hooks_null_their_stages(btf_61):
-    ff = kernel.probe_functions(_FakeBTF(btf_61, {"inet_csk_accept", "tcp_v6_syn_recv_sock"}))
-    assert ff.missing_required == []
-    assert "inet_csk_accept" in ff.missing
-    assert {"accept_queue", "syn_to_accept", "accept_to_read"} <= ff.missing_stages
-    assert "handshake" not in ff.missing_stages
-    assert "AT_HAVE_INET_CSK_ACCEPT" not in ff.defines
-    assert "AT_HAVE_TCP_V6_SYN_RECV_SOCK" not in ff.defines
-    assert any("inet_csk_accept is not in this kernel's BTF" in n for n in ff.notes)
-
-
-def test_required_hook_missing_or_shrunk(btf_61):
-    ff = kernel.probe_functions(_FakeBTF(btf_61, {"inet_csk_complete_hashdance"}))
-    assert any("inet_csk_complete_hashdance" in m for m in ff.missing_required)
-    # A signature with fewer arguments than the C reads is treated as absent.
-    ff = kernel.probe_functions(_FakeBTF(btf_61, set(), {"tcp_conn_request": 3}))
-    assert any("tcp_conn_request" in m for m in ff.missing_required)
-    assert any("takes 3 arguments" in n for n in ff.notes)
+def test_offset_table_has_each_define_once():
+    names = [o.define for o in kernel.OFFSET_TABLE]
+    assert len(names) == len(set(names))
+    assert all(o.flag for o in kernel.OFFSET_TABLE if o.need == "optional")

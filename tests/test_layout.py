@@ -13,13 +13,8 @@ from acceptrace import layout as L
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 STRUCTS = {
-    "at_hist": L.AtHist,
     "at_conn": L.AtConn,
     "at_sample": L.AtSample,
-    "at_proc": L.AtProc,
-    "at_listener": L.AtListener,
-    "at_tuple": L.AtTuple,
-    "at_syn": L.AtSyn,
 }
 
 
@@ -79,4 +74,28 @@ def test_bpf_sources_ship_in_package():
     import importlib.resources
 
     names = {p.name for p in importlib.resources.files("acceptrace.bpf").iterdir()}
-    assert {"acceptrace.h", "acceptrace.bpf.c"} <= names
+    from acceptrace import hooks
+
+    assert {"acceptrace.h", *hooks.SOURCES.values()} <= names
+    bpf = Path(importlib.resources.files("acceptrace.bpf"))  # type: ignore[arg-type]
+    for src in hooks.SOURCES.values():
+        # every header the source includes ships beside it (bpfloader.translation_unit)
+        for inc in re.findall(r'#include "([\w.-]+)"', (bpf / src).read_text()):
+            assert inc in names, (src, inc)
+
+
+def test_attach_types_match_header():
+    from acceptrace import hooks
+
+    text = (BPF_DIR / "acceptrace.h").read_text()
+    for name in ("OFF", "FENTRY", "KPROBE", "TRACEPOINT", "RAW_TRACEPOINT"):
+        assert re.search(rf"#define AT_ATTACH_{name} {getattr(hooks, 'ATTACH_' + name)}\b", text)
+
+
+def test_translation_unit_inlines_our_headers_once_each_with_line_markers():
+    from acceptrace.bpfloader import translation_unit
+
+    for src in ("fentry.bpf.c", "kprobe.bpf.c", "tracepoint.bpf.c"):
+        text = translation_unit(BPF_DIR, src)
+        assert '#include "' not in text.replace('#include "acceptrace.h"', "")
+        assert f'#line 1 "{src}"' in text and '#line 1 "common.bpf.h"' in text

@@ -23,18 +23,11 @@ from conftest import (
     split_unobservable,
     wait_until,
 )
+from helpers import listener
 
 pytestmark = pytest.mark.root
 
 BUCKET = 1 / 16  # worst-case relative bucket width (docs/histograms.md)
-
-
-def listener(backlog: int, family: int = socket.AF_INET) -> socket.socket:
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
-    s.listen(backlog)
-    return s
 
 
 def test_delayed_accept_known_answer(tracer):

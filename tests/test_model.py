@@ -8,7 +8,8 @@ import os
 import pytest
 from acceptrace.hist import Histogram
 from acceptrace.model import SCHEMA, Interval, Listener, ProcessCount, Run, Sample
-from acceptrace.render import fmt_us, render_interval_line, render_text
+from acceptrace.render import render_interval_line, render_text
+from acceptrace.words import fmt_us
 
 
 def full_run() -> Run:

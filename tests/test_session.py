@@ -14,6 +14,9 @@ class FakeBackend:
     notes: list[str] = []
 
     dispatch = False
+    dispatch_targets: list = []
+    busy_counted = False
+    unseen_counted = False
 
     def __init__(self, observable: bool = True, exact: bool = False,
                  missing_stages: set[str] | None = None) -> None:
@@ -34,6 +37,9 @@ class FakeBackend:
 
     def set_sample_threshold(self, total_ns: int) -> None:
         self.thresholds.append(total_ns)
+
+    def set_targets(self, targets: list[tuple[int, int]]) -> None:
+        self.targets = targets
 
     def close(self) -> None:
         pass

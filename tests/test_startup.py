@@ -100,7 +100,7 @@ def test_kernel_facts_round_trip_and_are_remembered(tmp_path, monkeypatch):
     memo = bootmemo.BootMemo(kernel.FACTS_MEMO + kernel.facts_fingerprint(tracefs))
     assert memo.path is not None
     bad = json.loads(memo.path.read_text())
-    bad["features"]["defines"]["AT_OFF_SK_STATE"] = "0); evil(("
+    bad["defines"]["AT_OFF_SK_STATE"] = "0); evil(("
     memo.path.write_text(json.dumps(bad))
     with pytest.raises(ValueError):
         kernel.KernelFacts.from_json(memo.path.read_text())

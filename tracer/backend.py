@@ -67,13 +67,36 @@ class ConnRecord:
 
 
 class Backend(Protocol):
+    """Everything the session, the run loop and doctor use of a loaded backend."""
+
     name: str
-    hooks: list[str]
+    hooks: list[str]            # the attach points that really attached (meta.hooks)
     notes: list[str]
-    ack_overflow_observable: bool
-    dispatch: bool
-    exact_drops: bool           # drop counters taken at the kernel's decision points
-    missing_stages: set[str]    # stages this kernel's hooks cannot measure (null)
+    dispatch: bool              # compiled with the dispatch hooks
+    dispatch_targets: list[DispatchTarget]  # the uprobes attached so far
+
+    @property
+    def exact_drops(self) -> bool:
+        """Drop counters taken at the kernel's decision points."""
+
+    @property
+    def ack_overflow_observable(self) -> bool:
+        """Final-ACK overflows told apart from SYN ones."""
+
+    @property
+    def missing_stages(self) -> set[str]:
+        """Stages this kernel's hooks cannot measure (null)."""
+
+    @property
+    def busy_counted(self) -> bool:
+        """The blind-spot counter (extra.softirqs_busy) runs."""
+
+    @property
+    def unseen_counted(self) -> bool:
+        """... and the traced ports' packets in blind softirqs (extra.packets_unseen)."""
+
+    def set_targets(self, targets: list[tuple[int, int]]) -> None:
+        """Trace these (network namespace inode, port) listeners from now on."""
 
     def snapshot(self) -> KernelSnapshot: ...
 

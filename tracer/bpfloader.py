@@ -1,21 +1,28 @@
-"""Loading and reading the BPF programs: the only module that imports bcc."""
+"""Loading and reading the BPF programs: the only module that imports bcc.
+
+It compiles the source a plan names (selection.Plan) with the plan's defines,
+attaches what BCC does not attach by itself (the kprobe glue), and reads the
+maps back into backend.KernelSnapshot; it decides nothing but what the kernel
+refused.
+"""
 
 from __future__ import annotations
 
 import ctypes as ct
 import importlib.resources
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from . import layout as L
 from .backend import ConnRecord, KernelSnapshot, ListenerSnapshot, ProcSnapshot
-from .bootmemo import BootMemo
-from .errors import UserError
+from .errors import KernelRefused, UserError
 from .hist import NBUCKETS, Histogram
-from .kernel import cflags, kprobes_available, stages_fed_by
+from .hooks import ATTACH_KPROBE, Plan
+from .kernel import cflags
 from .servers import DispatchTarget
 
 _bcc: Any = None
@@ -58,16 +65,6 @@ DISPATCH_HIST_NAMES: dict[int, tuple[str, str, int]] = {
     L.H_SYN_TO_DISPATCH: ("syn_to_dispatch", "us", 1000),
     L.H_DISPATCH_TO_RESPONSE: ("dispatch_to_response", "us", 1000),
 }
-TRACEPOINT_HOOKS = [
-    "tracepoint:sock:sk_data_ready",
-    "tracepoint:sock:inet_sock_set_state",
-    "tracepoint:syscalls:sys_exit_accept4",
-    "tracepoint:syscalls:sys_exit_accept",
-    "tracepoint:sock:sock_recv_length",
-    "tracepoint:tcp:tcp_retransmit_synack",
-]
-
-
 def import_bcc() -> Any:
     """Import BCC's Python module or raise a UserError saying how to get it."""
     global _bcc
@@ -112,96 +109,148 @@ class _CaptureFd2:
         return lines[0] if lines else None
 
 
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([\w.-]+\.bpf\.h)"\s*$')
+
+
+def translation_unit(directory: Path, name: str, _stack: tuple[str, ...] = ()) -> str:
+    """bpf/<name> with our own ``#include "*.bpf.h"`` lines replaced by the headers'
+    text, with #line markers (compiler messages keep their file and line).
+
+    BCC rewrites map operations (``conns.lookup(...)``) only in the main file it
+    compiles: the shared logic in the headers must reach it as main-file text.
+    Every occurrence is expanded (an include may sit under an #if; the headers'
+    guards drop repeats); only files shipped beside the source are."""
+    stack = (*_stack, name)
+    out: list[str] = [f'#line 1 "{name}"']
+    for n, line in enumerate((directory / name).read_text().splitlines(), start=1):
+        m = _INCLUDE.match(line)
+        if m is None:
+            out.append(line)
+            continue
+        header = m.group(1)
+        if header in stack or not (directory / header).is_file():
+            raise ValueError(f"{name}:{n}: cannot include {header}")
+        out.append(translation_unit(directory, header, stack))
+        out.append(f'#line {n + 1} "{name}"')
+    return "\n".join(out)
+
+
 def _compile(src_name: str, flags: list[str]) -> Any:
     """Compile bpf/<src_name> (shipped in the package) with BCC and load it."""
     bcc = import_bcc()
     res = importlib.resources.files("acceptrace.bpf")
     with importlib.resources.as_file(res / src_name) as src, _CaptureFd2() as cap:
         src_path = Path(src)
+        text = translation_unit(src_path.parent, src_path.name)
         try:
-            return bcc.BPF(src_file=str(src_path).encode(), cflags=[f"-I{src_path.parent}", *flags])
+            return bcc.BPF(text=text.encode(), cflags=[f"-I{src_path.parent}", *flags])
         except Exception as exc:  # bcc raises plain Exception
             detail = cap.first_error() or str(exc)
     if "super-user" in detail and os.geteuid() == 0:
         # BCC's wording for EPERM; as root that is a policy, not a missing privilege.
-        detail = ("EPERM although running as root: a kernel security policy (lockdown, an "
-                  "LSM) refuses this program type")
+        raise KernelRefused(
+            f"BPF program {src_name} failed to load: EPERM although running as root: a "
+            "kernel security policy (lockdown, an LSM) refuses this program type")
     raise UserError(f"BPF program {src_name} failed to load: {detail}")
 
 
-BPF_SOURCE = "acceptrace.bpf.c"
+# Calls that sleep (accept, recvmsg): a kretprobe instance per sleeping task.
+KRETPROBE_MAXACTIVE = 512
 
 
-class _BccBackend:
-    """One compiled bpf/acceptrace.bpf.c with this backend's hooks (-DAT_BACKEND_*)."""
+def load(plan: Plan) -> BccBackend:
+    """Compile ``plan``'s source with its defines, load it, attach it (selection.Loader).
 
-    name = ""
-    exact_drops = False  # the drop counters come from the decision points
+    KernelRefused when the kernel refuses the program type as such."""
+    if plan.backend == "fentry" and not import_bcc().BPF.support_kfunc():
+        raise KernelRefused("BCC or the kernel lacks fentry (BPF trampoline) support")
+    return BccBackend(plan, _compile(plan.source, cflags(plan.defines())))
 
-    def __init__(
-        self,
-        port: int,
-        defines: dict[str, int],
-        *,
-        ack_overflow_observable: bool = False,
-        conn_max: int = 65536,
-        ringbuf_pages: int = 64,
-        notes: list[str] | None = None,
-        dispatch: bool = False,
-        missing_stages: set[str] | None = None,
-    ) -> None:
-        if not 1 <= port <= 65535:
-            raise ValueError(f"port out of range: {port}")
-        all_defines = dict(defines)
-        all_defines.update(
-            {"AT_PORT": port, "AT_CONN_MAX": conn_max, "AT_RINGBUF_PAGES": ringbuf_pages,
-             f"AT_BACKEND_{self.name.upper()}": 1}
-        )
-        if dispatch:
-            all_defines["AT_DISPATCH"] = 1
-        self.port = port
-        self.dispatch = dispatch
+
+class BccBackend:
+    """One compiled bpf/<backend>.bpf.c, attached as its plan says (selection.Plan)."""
+
+    def __init__(self, plan: Plan, bpf: Any) -> None:
+        self.plan = plan
+        self.name = plan.backend
+        self.dispatch = plan.dispatch
+        self.notes = plan.notes
         self.dispatch_targets: list[DispatchTarget] = []
-        self.notes = list(notes or [])
-        self.ack_overflow_observable = ack_overflow_observable
-        self.missing_stages: set[str] = set(missing_stages or ())
         self.hooks: list[str] = []
-        self.defines = all_defines
+        self.defines = plan.defines()
         self._pending: list[ConnRecord] = []
-        self._ncpu = len(import_bcc().utils.get_online_cpus())
-        self.bpf: Any = cast(Any, None)  # the BCC object once loaded (cast: not narrowed)
-        # Whether the blind-spot counters are compiled in (and attached, by BCC,
-        # when the program loads); known once _load() has settled the defines.
-        self.busy_counted = False
-        self.unseen_counted = False
+        self._ports: set[int] = set()
+        self.bpf: Any = bpf
         try:
-            self._load()
-            self.busy_counted = "AT_KSYM_BPF_PROG_ACTIVE" in self.defines
-            # ...and the port's packets in them, where kprobes feed the drop counters
-            self.unseen_counted = self.busy_counted and (
-                "AT_BACKEND_KPROBE" in self.defines or "AT_KPROBE_SYN_RECV" in self.defines)
-            if self.busy_counted:
-                self.hooks.append("raw_tracepoint:softirq_entry")
-            if self.unseen_counted:
-                self.hooks += ["raw_tracepoint:softirq_exit", "raw_tracepoint:netif_receive_skb"]
+            self._attach()
+            self.hooks = plan.points()
             self._hists = self.bpf.get_table("hists")
             self._counters = self.bpf.get_table("counters")
             self._procs = self.bpf.get_table("procs")
             self._listeners = self.bpf.get_table("listeners")
             self._sample_min = self.bpf.get_table("sample_min")
+            self._targets = self.bpf.get_table("targets")
+            self._watched = self.bpf.get_table("watched_ports")
             self.bpf["samples"].open_ring_buffer(self._on_sample)
         except BaseException:
             self.close()
             raise
 
-    def _load(self) -> None:
-        """Compile and load the program (BCC attaches its tracepoints/fentry), then attach."""
-        self.bpf = _compile(BPF_SOURCE, cflags(self.defines))
-        self._attach()
+    # What the session reads of the plan (backend.Backend).
+    @property
+    def exact_drops(self) -> bool:
+        return self.plan.exact_drops
+
+    @property
+    def ack_overflow_observable(self) -> bool:
+        return self.plan.ack_overflow_observable
+
+    @property
+    def missing_stages(self) -> set[str]:
+        return self.plan.missing_stages
+
+    @property
+    def busy_counted(self) -> bool:
+        return self.plan.busy_counted
+
+    @property
+    def unseen_counted(self) -> bool:
+        return self.plan.unseen_counted
 
     def _attach(self) -> None:
-        """Attach what BCC does not attach by itself; fill self.hooks."""
-        raise NotImplementedError
+        """Attach the kprobe glue (BCC attached the rest when it loaded the program)."""
+        for hook, glue in self.plan.rows():
+            if glue != ATTACH_KPROBE:
+                continue
+            entry, ret = hook.kprobe_programs()
+            try:
+                with _CaptureFd2():
+                    if entry:
+                        self.bpf.attach_kprobe(event=hook.point.encode(), fn_name=entry.encode())
+                    if ret:
+                        self.bpf.attach_kretprobe(
+                            event=hook.point.encode(), fn_name=ret.encode(),
+                            maxactive=KRETPROBE_MAXACTIVE if hook.sleeps else 0)
+            except Exception as exc:  # bcc raises plain Exception
+                msg = _first_line(exc)
+                if hook.is_required(self.name) or hook.vital:
+                    raise UserError(f"kprobe on {hook.point} failed: {msg}") from exc
+                self.plan.lose(hook.name, f"kprobe on {hook.point} failed ({msg}): {hook.why}")
+
+    def set_targets(self, targets: list[tuple[int, int]]) -> None:
+        """Trace the listeners of these (network namespace inode, port) pairs, from now on."""
+        want = {(int(ns), int(port)) for ns, port in targets}
+        for k in list(self._targets.keys()):
+            if (int(k.netns), int(k.port)) not in want:
+                del self._targets[k]
+        for i, (ns, port) in enumerate(sorted(want)):
+            self._targets[self._targets.Key(netns=ns, port=port, pad=0)] = ct.c_uint32(i)
+        ports = {port for _, port in want}
+        for port in self._ports - ports:
+            self._watched[ct.c_int(port)] = ct.c_uint8(0)
+        for port in ports:
+            self._watched[ct.c_int(port)] = ct.c_uint8(1)
+        self._ports = ports
 
     # -- ring buffer -------------------------------------------------------------
     def _on_sample(self, _ctx: Any, data: Any, _size: int) -> None:
@@ -246,7 +295,7 @@ class _BccBackend:
         if not self.dispatch or target in self.dispatch_targets:
             return
         self.bpf.attach_uprobe(name=target.path.encode(), addr=target.vaddr,
-                               fn_name=b"on_dispatch")
+                               fn_name=b"on_dispatch_uprobe")
         self.dispatch_targets.append(target)
         self.hooks.append(f"uprobe:{target.path}:{target.symbol}")
 
@@ -312,209 +361,7 @@ class _BccBackend:
             self.bpf = None
 
 
-class TracepointBackend(_BccBackend):
-    """Tracepoints only (Linux 6.3+): works where kprobes and fentry cannot be loaded."""
-
-    name = "tracepoint"
-
-    def _attach(self) -> None:
-        # BCC attached every TRACEPOINT_PROBE when it loaded the program.
-        self.hooks = list(TRACEPOINT_HOOKS)
-        if self.ack_overflow_observable:
-            self.hooks.append("tracepoint:skb:kfree_skb")
-        if self.dispatch:
-            self.hooks.append("tracepoint:sock:sock_send_length")
-
-
-FUNC_TRACEPOINT_HOOKS = ["tracepoint:sock:inet_sock_set_state",
-                         "tracepoint:tcp:tcp_retransmit_synack"]
-
-# define (None: always compiled) -> the fentry programs BCC loads for it.
-FENTRY_PROGRAMS: list[tuple[str | None, list[str]]] = [
-    (None, ["fentry:tcp_conn_request", "fexit:tcp_conn_request",
-            "fentry:inet_csk_complete_hashdance", "fexit:inet_csk_complete_hashdance"]),
-    ("AT_HAVE_REQSK_QUEUE_ADD", ["fentry:inet_csk_reqsk_queue_add",
-                                 "fexit:inet_csk_reqsk_queue_add"]),
-    ("AT_HAVE_COOKIE_V4_INIT_SEQUENCE", ["fentry:cookie_v4_init_sequence"]),
-    ("AT_HAVE_COOKIE_V6_INIT_SEQUENCE", ["fentry:cookie_v6_init_sequence"]),
-    ("AT_HAVE_REQSK_HASH_ADD", ["fentry:inet_csk_reqsk_queue_hash_add"]),
-    ("AT_HAVE_INET_CSK_ACCEPT", ["fexit:inet_csk_accept"]),
-    ("AT_HAVE_TCP_RECVMSG", ["fexit:tcp_recvmsg"]),
-]
-SYN_RECV = [("tcp_v4_syn_recv_sock", "AT_HAVE_TCP_V4_SYN_RECV_SOCK", "kp_tcp_v4_syn_recv_sock",
-             "kr_tcp_v4_syn_recv_sock"),
-            ("tcp_v6_syn_recv_sock", "AT_HAVE_TCP_V6_SYN_RECV_SOCK", "kp_tcp_v6_syn_recv_sock",
-             "kr_tcp_v6_syn_recv_sock")]
-
-
-class FentryBackend(_BccBackend):
-    """fentry/fexit on the accept path's kernel functions (BPF trampolines)."""
-
-    name = "fentry"
-    exact_drops = True
-
-    def _load(self) -> None:
-        # tcp_v{4,6}_syn_recv_sock takes 7 arguments since a 2026 stable backport;
-        # x86 trampolines carried at most 6 before Linux 6.5.  Try, then fall back to
-        # kretprobes for just those two (or to not counting final-ACK drops).
-        # A kernel policy that refused fentry programs once refuses them until reboot:
-        # --backend auto then falls back without compiling this source again.
-        policy = BootMemo("fentry-refused")
-        if (why := policy.get()) is not None:
-            raise UserError(why + " (remembered since an earlier start in this boot)")
-        has_syn_recv = any(define in self.defines for _f, define, _e, _r in SYN_RECV)
-        refused = BootMemo("fexit-syn-recv-refused")
-        first = refused.get() if has_syn_recv else "not in BTF"
-        if first is None:
-            try:
-                self.bpf = self._compile_fentry({"AT_FENTRY_SYN_RECV": 1}, policy)
-                self.defines["AT_FENTRY_SYN_RECV"] = 1
-                self._attach()
-                return
-            except UserError as exc:
-                if "security policy" in str(exc):
-                    raise  # no fentry program at all can load here
-                first = str(exc)
-                # The kernel's answer cannot change before a reboot: the next start
-                # skips this compile (under TCG, half of a fentry start on 6.1).
-                refused.put(first)
-        extra = {"AT_KPROBE_SYN_RECV": 1} if has_syn_recv and kprobes_available() else {}
-        self.bpf = self._compile_fentry(extra, policy)
-        self.defines.update(extra)
-        self._attach()
-        if not has_syn_recv:
-            self.ack_overflow_observable = False
-            return
-        self.notes.append(f"fexit on tcp_v4_syn_recv_sock refused ({first})")
-        if not extra:
-            self.ack_overflow_observable = False
-            self.notes.append("no kprobes either: final-ACK drops are not counted (null)")
-            return
-        for func, define, entry, ret in SYN_RECV:
-            if define not in self.defines:
-                continue
-            try:
-                with _CaptureFd2():
-                    self.bpf.attach_kprobe(event=func.encode(), fn_name=entry.encode())
-                    self.bpf.attach_kretprobe(event=func.encode(), fn_name=ret.encode())
-            except Exception as exc:  # bcc raises plain Exception
-                self.ack_overflow_observable = False
-                self.notes.append(f"kprobe on {func} failed too ({_first_line(exc)}): "
-                                  "final-ACK drops are not counted (null)")
-                return
-            self.hooks[-2:-2] = [f"kprobe:{func}", f"kretprobe:{func}"]
-        self.notes.append("tcp_v{4,6}_syn_recv_sock hooked with kretprobes instead")
-
-    def _compile_fentry(self, extra: dict[str, int], policy: BootMemo) -> Any:
-        """Compile and load with `extra` defines; a refusal by policy is remembered."""
-        try:
-            return _compile(BPF_SOURCE, cflags({**self.defines, **extra}))
-        except UserError as exc:
-            if "security policy" in str(exc):
-                policy.put(str(exc))
-            raise
-
-    def _attach(self) -> None:
-        # BCC loaded and attached every KFUNC_PROBE/KRETFUNC_PROBE compiled in.
-        hooks: list[str] = []
-        for define, names in FENTRY_PROGRAMS:
-            if define is None or define in self.defines:
-                hooks += names
-        if "AT_FENTRY_SYN_RECV" in self.defines:
-            for func, define, _e, _r in SYN_RECV:
-                if define in self.defines:
-                    hooks += [f"fentry:{func}", f"fexit:{func}"]
-        if self.dispatch and "AT_HAVE_TCP_SENDMSG" in self.defines:
-            hooks.append("fexit:tcp_sendmsg")
-        self.hooks = hooks + FUNC_TRACEPOINT_HOOKS + _read_tracepoint_hooks(self)
-
-
-def _read_tracepoint_hooks(backend: _BccBackend) -> list[str]:
-    if "AT_READ_TRACEPOINTS" not in backend.defines:
-        return []
-    return ["tracepoint:sock:sock_recv_length"] + (
-        ["tracepoint:sock:sock_send_length"] if backend.dispatch else [])
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
-
-# (entry fn, return fn, kernel functions, define the C was built with, required)
-KPROBES: list[tuple[str | None, str | None, list[str], str | None, bool]] = [
-    ("kp_tcp_conn_request", "kr_tcp_conn_request", ["tcp_conn_request"], None, True),
-    ("kp_complete_hashdance", "kr_complete_hashdance", ["inet_csk_complete_hashdance"], None,
-     True),
-    ("kp_reqsk_queue_add", "kr_reqsk_queue_add", ["inet_csk_reqsk_queue_add"],
-     "AT_HAVE_REQSK_QUEUE_ADD", False),
-    ("kp_tcp_v4_syn_recv_sock", "kr_tcp_v4_syn_recv_sock", ["tcp_v4_syn_recv_sock"],
-     "AT_HAVE_TCP_V4_SYN_RECV_SOCK", False),
-    ("kp_tcp_v6_syn_recv_sock", "kr_tcp_v6_syn_recv_sock", ["tcp_v6_syn_recv_sock"],
-     "AT_HAVE_TCP_V6_SYN_RECV_SOCK", False),
-    ("kp_cookie_init_sequence", None, ["cookie_v4_init_sequence"],
-     "AT_HAVE_COOKIE_V4_INIT_SEQUENCE", False),
-    ("kp_cookie_init_sequence", None, ["cookie_v6_init_sequence"],
-     "AT_HAVE_COOKIE_V6_INIT_SEQUENCE", False),
-    # The C's drop attribution relies on this one when built with its define:
-    ("kp_reqsk_queue_hash_add", None, ["inet_csk_reqsk_queue_hash_add"],
-     "AT_HAVE_REQSK_HASH_ADD", True),
-    (None, "kr_inet_csk_accept", ["inet_csk_accept"], "AT_HAVE_INET_CSK_ACCEPT", False),
-    ("kp_tcp_recvmsg", "kr_tcp_recvmsg", ["tcp_recvmsg"], "AT_HAVE_TCP_RECVMSG", False),
-]
-# Calls that sleep (accept, recvmsg): a kretprobe instance per sleeping task.
-KRETPROBE_MAXACTIVE = 512
-
-
-class KprobeBackend(_BccBackend):
-    """kprobes/kretprobes on the same functions, where fentry is not allowed."""
-
-    name = "kprobe"
-    exact_drops = True
-
-    def _attach(self) -> None:
-        probes = list(KPROBES)
-        if self.dispatch and "AT_HAVE_TCP_SENDMSG" in self.defines:
-            probes.append(("kp_tcp_sendmsg", "kr_tcp_sendmsg", ["tcp_sendmsg"],
-                           "AT_HAVE_TCP_SENDMSG", False))
-        if "AT_HAVE_TCP_V4_SYN_RECV_SOCK" not in self.defines:
-            self.ack_overflow_observable = False
-        for entry, ret, funcs, define, required in probes:
-            if define is not None and define not in self.defines:
-                continue
-            for func in funcs:
-                try:
-                    with _CaptureFd2():
-                        if entry:
-                            self.bpf.attach_kprobe(event=func.encode(), fn_name=entry.encode())
-                        if ret:
-                            self.bpf.attach_kretprobe(event=func.encode(), fn_name=ret.encode(),
-                                                      maxactive=KRETPROBE_MAXACTIVE)
-                except Exception as exc:  # bcc raises plain Exception
-                    msg = _first_line(exc)
-                    if required or define is None:
-                        raise UserError(f"kprobe on {func} failed: {msg}") from exc
-                    self.notes.append(f"kprobe on {func} failed ({msg}): not traced")
-                    self.missing_stages.update(stages_fed_by({func}))
-                    if func == "tcp_v4_syn_recv_sock":
-                        self.ack_overflow_observable = False
-                    continue
-                if entry:
-                    self.hooks.append(f"kprobe:{func}")
-                if ret:
-                    self.hooks.append(f"kretprobe:{func}")
-        self.hooks += FUNC_TRACEPOINT_HOOKS + _read_tracepoint_hooks(self)
-
-
-BACKENDS: dict[str, type[_BccBackend]] = {
-    "fentry": FentryBackend,
-    "kprobe": KprobeBackend,
-    "tracepoint": TracepointBackend,
-}
-
-
-def fentry_supported() -> tuple[bool, str]:
-    """Does BCC and this kernel offer BPF trampolines at all?  (Loading tells the rest.)"""
-    if not import_bcc().BPF.support_kfunc():
-        return False, "BCC or the kernel lacks fentry (BPF trampoline) support"
-    return True, "BPF trampolines supported"

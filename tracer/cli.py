@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -126,10 +127,16 @@ def doctor(port: str | None) -> None:
 def demo(duration: float, json_path: Path | None) -> None:
     """Trace the built-in target: a uvicorn+FastAPI app with a small backlog, under load."""
     from .demo import run_demo  # noqa: PLC0415
+    from .runner import TraceOptions, trace  # noqa: PLC0415
 
     out, err = _consoles()
-    run_demo(duration_s=_positive("--duration", duration) or 15.0, json_path=json_path,
-             out=out, err=err)
+    seconds = _positive("--duration", duration) or 15.0
+
+    def trace_demo(port: int, on_started: Callable[[], None]) -> object:
+        return trace(TraceOptions(port=port, duration_s=seconds, json_path=json_path), out, err,
+                     on_started=on_started)
+
+    run_demo(duration_s=seconds, err=err, trace=trace_demo)
 
 
 def _read_run(path: Path):  # noqa: ANN202 - Run, imported lazily

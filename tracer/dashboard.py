@@ -16,7 +16,8 @@ from rich.text import Text
 
 from .hist import Histogram
 from .model import Interval, Run
-from .render import dominant_stage, fmt_us, render_hist_chart
+from .render import dominant_stage, render_hist_chart
+from .words import fmt_us
 
 FLOW = (  # (column title, stage whose latency ends at this step, interval count field)
     ("SYN", None, "syn"),

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -194,9 +195,12 @@ class ServerProcess:
                 self._stderr.close()
 
 
-def run_demo(*, duration_s: float, json_path: Path | None, out: Console, err: Console) -> None:
-    """Trace the demo target under load: the accept queue overflows within seconds."""
-    from .runner import TraceOptions, require_root, trace  # noqa: PLC0415
+def run_demo(*, duration_s: float, err: Console,
+             trace: Callable[[int, Callable[[], None]], object]) -> None:
+    """Trace the demo target under load: the accept queue overflows within seconds.
+
+    ``trace(port, on_started)`` runs the tracer (the CLI hands in runner.trace)."""
+    from .selection import require_root  # noqa: PLC0415
 
     require_root()
     try:
@@ -231,8 +235,7 @@ def run_demo(*, duration_s: float, json_path: Path | None, out: Console, err: Co
         except ServerStartError as exc:
             raise UserError(f"the demo server did not start: {exc}") from exc
         try:
-            trace(TraceOptions(port=port, duration_s=duration_s, json_path=json_path), out, err,
-                  on_started=start_load)
+            trace(port, start_load)
         finally:
             if load is not None:
                 try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .model import Run
-from .render import fmt_us
+from .words import fmt_us
 
 # Thresholds (microseconds) above which a stage is worth a sentence.
 ACCEPT_QUEUE_SLOW_US = 100_000

@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from . import headers, kernel
+from . import headers, hooks, kernel, selection
 from .errors import UserError
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -74,37 +74,17 @@ def gather() -> tuple[list[Check], bool, str]:
     else:
         add(Check("tracefs", OK, str(tracefs)))
 
-    feats = None
-    ff: kernel.FuncFeatures | None = None
+    facts: kernel.KernelFacts | None = None
     if btf is not None and tracefs is not None:
         try:
-            feats = kernel.probe_features(btf, tracefs)
-            add(Check("BTF offsets", OK, f"{len(feats.defines)} offsets/enum values resolved"))
+            facts = kernel.compute_facts(tracefs, btf)
+            add(Check("BTF offsets", OK, f"{len(facts.defines)} offsets/enum values resolved"))
         except UserError as exc:
             add(Check("BTF offsets", FAIL, str(exc)))
-        for cat, name in (*kernel.TRACEPOINTS_REQUIRED, *kernel.TRACEPOINTS_OPTIONAL):
-            present = kernel.tracepoint_fields(tracefs, cat, name) is not None
-            required = (cat, name) in kernel.TRACEPOINTS_REQUIRED
-            add(Check(f"{cat}:{name}", OK if present else WARN, "tracepoint present"
-                      if present else "tracepoint absent" + (
-                          " (the tracepoint backend needs it)" if required else " (optional)")))
-        ff = kernel.probe_functions(btf)
-        for hook in kernel.FUNC_HOOKS:
-            sig = ff.signatures.get(hook.func)
-            add(Check(f"function {hook.func}", OK if sig else (FAIL if hook.define is None
-                      else WARN), sig or f"not in BTF: {hook.why}"))
-        if feats is not None:
-            add(Check(
-                "ACK overflow drops",
-                OK if feats.ack_overflow_observable else WARN,
-                "kfree_skb reason TCP_LISTEN_OVERFLOW with rx_sk"
-                if feats.ack_overflow_observable
-                else "not observable on this kernel (syn/ack drop split is null)",
-            ))
-
-    busy: dict[str, int] = {}
-    if btf is not None:
-        busy, why = kernel.busy_defines(btf)
+    if facts is not None:
+        for hook in hooks.CATALOGUE:
+            add(_hook_check(hook, facts))
+        why = facts.busy_why
         add(Check("blind-spot counter", OK if not why else WARN,
                   "kallsyms has bpf_prog_active and __per_cpu_offset: extra.softirqs_busy "
                   "is counted" if not why else f"{why}: extra.softirqs_busy will be null"))
@@ -117,22 +97,13 @@ def gather() -> tuple[list[Check], bool, str]:
         add(Check("header tree", FAIL, str(exc)))
 
     kp_cfg = kconfig("CONFIG_KPROBES")
-    can_try = root and ver is not None and tree is not None and feats is not None
     works: list[str] = []
-    if can_try:
-        # feats set means BTF and tracefs were there, and ff was probed beside it
-        assert tree is not None and feats is not None and ff is not None and tracefs is not None
+    if root and ver is not None and tree is not None and facts is not None:
         headers.activate(tree)
-        from .runner import AUTO_ORDER, Prepared, open_backend  # noqa: PLC0415
-
-        prep = Prepared(defines={**feats.defines, **busy}, notes=[],
-                        ack_overflow_observable=feats.ack_overflow_observable,
-                        header_line=None, tracefs_mounted=False,
-                        missing_tracepoints=feats.missing_tracepoints,
-                        funcs=ff, read_tracepoints=kernel.has_read_tracepoints(tracefs))
-        for name in AUTO_ORDER:
+        prep = selection.Prepared(facts=facts)
+        for name in selection.AUTO_ORDER:
             try:
-                open_backend(name, 1, prep, dispatch=False).close()
+                selection.open_backend(name, prep, dispatch=False).close()
             except UserError as exc:
                 extra = f"; CONFIG_KPROBES={kp_cfg}" if name == "kprobe" and kp_cfg else ""
                 add(Check(f"{name} backend", WARN, f"{exc}{extra}"))
@@ -146,6 +117,22 @@ def gather() -> tuple[list[Check], bool, str]:
     else:
         backend = "none: fix the failed checks above"
     return checks, bool(works), backend
+
+
+def _hook_check(hook: hooks.Hook, facts: kernel.KernelFacts) -> Check:
+    """One catalogue row on this kernel: present (with its signature or fields), or why not."""
+    name = f"{hook.kind.replace('_', ' ')} {hook.point}"
+    if hook.kind == "raw_tracepoint":
+        return Check(name, OK, f"{hook.why} (when {hook.when})" if hook.when != "always"
+                     else hook.why)
+    why = selection.unavailable(hook, facts)
+    users = ", ".join(hook.backends)
+    if why is None:
+        detail = facts.signatures.get(hook.point) or "tracepoint present"
+        return Check(name, OK, f"{detail} ({users})")
+    needed = [b for b in hook.backends if hook.is_required(b)]
+    lost = f"the {', '.join(needed)} backend cannot run" if needed else hook.why
+    return Check(name, FAIL if needed == list(hook.backends) else WARN, f"{why}: {lost}")
 
 
 def server_checks(port: int) -> list[Check]:

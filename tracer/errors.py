@@ -9,3 +9,8 @@ class UserError(Exception):
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class KernelRefused(UserError):
+    """The kernel refuses a whole program type (a security policy, no BPF
+    trampolines): true until reboot, whatever the program holds."""

@@ -12,7 +12,7 @@ from html import escape
 from .diagnose import diagnose
 from .hist import Histogram
 from .model import Run
-from .render import DROP_MEANING, STAGE_MEANING, fmt_count, fmt_us
+from .words import DROP_MEANING, STAGE_MEANING, fmt_count, fmt_us
 
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#1d232a;max-width:1100px}

@@ -1,15 +1,15 @@
 """ctypes mirrors of the structs and ids in bpf/acceptrace.h.
 
-tests/test_layout.py compiles the header with the C compiler and checks that
-every size and offset here agrees with it.
+Only what tracer/bpfloader.py reads by hand: the sample it decodes from the
+ring buffer, the ids of the maps' slots, and the address helpers. BCC types
+the other maps itself from the C. tests/test_layout.py compiles the header with
+the C compiler and checks that every size and offset here agrees with it.
 """
 
 from __future__ import annotations
 
 import ctypes as ct
 import ipaddress
-
-from .hist import NBUCKETS
 
 AF_INET = 2
 AF_INET6 = 10
@@ -59,16 +59,6 @@ SAMPLE_CLOSE = 2
 SAMPLE_RESPONSE = 3
 
 
-class AtHist(ct.Structure):
-    _fields_ = [
-        ("count", ct.c_uint64),
-        ("sum", ct.c_uint64),
-        ("min", ct.c_uint64),
-        ("max", ct.c_uint64),
-        ("buckets", ct.c_uint64 * NBUCKETS),
-    ]
-
-
 class AtConn(ct.Structure):
     _fields_ = [
         ("syn_ns", ct.c_uint64),
@@ -95,44 +85,8 @@ class AtConn(ct.Structure):
     ]
 
 
-class AtTuple(ct.Structure):
-    _fields_ = [
-        ("saddr", ct.c_uint8 * 16),
-        ("daddr", ct.c_uint8 * 16),
-        ("sport", ct.c_uint16),
-        ("dport", ct.c_uint16),
-        ("family", ct.c_uint8),
-        ("pad", ct.c_uint8 * 3),
-    ]
-
-
-class AtSyn(ct.Structure):
-    _fields_ = [
-        ("first_ns", ct.c_uint64),
-        ("last_ns", ct.c_uint64),
-        ("count", ct.c_uint32),
-        ("cookie", ct.c_uint8),
-        ("pad", ct.c_uint8 * 3),
-    ]
-
-
 class AtSample(ct.Structure):
     _fields_ = [("conn", AtConn), ("reason", ct.c_uint64)]
-
-
-class AtProc(ct.Structure):
-    _fields_ = [("accepted", ct.c_uint64), ("comm", ct.c_char * 16)]
-
-
-class AtListener(ct.Structure):
-    _fields_ = [
-        ("last_ns", ct.c_uint64),
-        ("max_backlog", ct.c_uint32),
-        ("max_depth", ct.c_uint32),
-        ("family", ct.c_uint16),
-        ("port", ct.c_uint16),
-        ("pad", ct.c_uint32),
-    ]
 
 
 def format_addr(family: int, raw: bytes) -> str:

@@ -9,52 +9,18 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from .diagnose import diagnose
 from .hist import Histogram
-from .model import Interval, Run, Sample
-
-STAGE_MEANING = {
-    "handshake": "SYN → queued (handshake, SYN queue)",
-    "accept_queue": "queued → accept() (accept queue)",
-    "syn_to_accept": "SYN → accept()",
-    "accept_to_read": "accept() → first read",
-    "accept_to_dispatch": "accept() → ASGI dispatch (headers parsed)",
-    "read_to_dispatch": "first read → ASGI dispatch",
-    "syn_to_dispatch": "SYN → ASGI dispatch",
-    "dispatch_to_response": "ASGI dispatch → first response byte",
-}
-DROP_MEANING = {
-    "listen_overflow": "no room in the accept queue",
-    "syn_dropped": "SYN dropped: client waits 1 s, 3 s…",
-    "ack_dropped": "final ACK dropped: SYN-ACK resent",
-    "synack_retransmits": "SYN-ACK sent again",
-    "syncookies": "came via a syncookie",
-    "lost_events": "samples lost (ring buffer)",
-}
-COUNTER_FOR_DROP = {
-    "listen_overflow": "TcpExtListenOverflows",
-    "syncookies": "TcpExtSyncookiesSent",
-}
-SHORT_STAGE = {"accept_to_read": "read"}
-
-
-def fmt_us(v: float | None) -> str:
-    """Microseconds, human-scaled: 840 µs, 12.3 ms, 1.02 s."""
-    if v is None:
-        return "n/a"
-    if v < 1000:
-        return f"{v:.0f} µs" if v >= 10 or v == int(v) else f"{v:.1f} µs"
-    if v < 1_000_000:
-        ms = v / 1000
-        return f"{ms:.1f} ms" if ms < 100 else f"{ms:.0f} ms"
-    return f"{v / 1e6:.2f} s"
-
-
-def fmt_compact_us(v: float | None) -> str:
-    return "n/a" if v is None else fmt_us(v).replace(" ", "")
-
-
-def fmt_count(v: int | None) -> str:
-    return "n/a" if v is None else f"{v:,}"
+from .model import Interval, Run
+from .words import (
+    COUNTER_FOR_DROP,
+    DROP_MEANING,
+    SHORT_STAGE,
+    STAGE_MEANING,
+    fmt_compact_us,
+    fmt_count,
+    fmt_us,
+)
 
 
 def _stage_table(run: Run) -> Table:
@@ -235,15 +201,6 @@ def render_text(run: Run, width: int = 100) -> str:
     return to_text(render_summary(run), width)
 
 
-def render_json(run: Run) -> str:
-    return run.dumps()
-
-
-def sample_line(s: Sample) -> str:
-    return (f"{_addr(s.family, s.saddr, s.sport)} -> {_addr(s.family, s.daddr, s.dport)} "
-            f"total {fmt_us(s.total_us)}")
-
-
 SEVERITY_STYLE = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
 
 
@@ -298,7 +255,6 @@ def dominant_stage(run: Run) -> str:
 
 
 def render_diagnosis(run: Run) -> RenderableType:
-    from .diagnose import diagnose  # noqa: PLC0415
 
     lines = [Text("diagnosis", style="bold")]
     for f in diagnose(run):

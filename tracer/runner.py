@@ -1,4 +1,6 @@
-"""Running a trace: preflight checks, the poll loop, signals, and the report file."""
+"""Running a trace: the poll loop, signals, the live views, and the report file.
+
+The backend comes from selection.py; only the CLI imports this module."""
 
 from __future__ import annotations
 
@@ -18,8 +20,7 @@ from types import FrameType
 
 from rich.console import Console, RenderableType
 
-from . import headers, kernel, procnet
-from .backend import Backend
+from . import procnet, selection
 from .errors import UserError
 from .model import Interval, Run
 from .render import render_interval_line, render_summary
@@ -40,10 +41,6 @@ class TraceOptions:
     backend: str = "auto"
 
 
-BACKEND_CHOICES = ("auto", "fentry", "kprobe", "tracepoint")
-AUTO_ORDER = ("fentry", "kprobe", "tracepoint")
-
-
 def parse_port(value: str | int) -> int:
     """A TCP port, 1..65535, from user input; UserError otherwise."""
     try:
@@ -53,119 +50,6 @@ def parse_port(value: str | int) -> int:
     if not 1 <= port <= 65535:
         raise UserError(f"--port must be from 1 to 65535, not {port}")
     return port
-
-
-def require_root() -> None:
-    if os.geteuid() != 0:
-        raise UserError(
-            "must run as root: loading BPF programs needs CAP_BPF and CAP_PERFMON "
-            "(try: sudo acceptrace ...)",
-            exit_code=1,
-        )
-
-
-@dataclass
-class Prepared:
-    defines: dict[str, int]
-    notes: list[str]
-    ack_overflow_observable: bool
-    header_line: str | None
-    tracefs_mounted: bool
-    missing_tracepoints: list[str]
-    funcs: kernel.FuncFeatures
-    read_tracepoints: bool = False  # sock:sock_{recv,send}_length (6.3+)
-
-
-def prepare() -> Prepared:
-    """Everything that can fail with a clear message before a program is loaded."""
-    require_root()
-    from .bpfloader import import_bcc  # noqa: PLC0415 - keep bcc out of import time
-
-    import_bcc()
-    tracefs, mounted = kernel.ensure_tracefs()
-    facts, _remembered = kernel.kernel_facts(tracefs)
-    feats = facts.features
-    tree = headers.find_header_tree()
-    headers.activate(tree)
-    notes = list(feats.notes)
-    if facts.busy_why:
-        notes.append(f"softirqs_busy not counted: {facts.busy_why}")
-    return Prepared(
-        defines={**feats.defines, **facts.busy},
-        notes=notes,
-        ack_overflow_observable=feats.ack_overflow_observable,
-        header_line=tree.description if tree.kind == "merged" else None,
-        tracefs_mounted=mounted,
-        missing_tracepoints=feats.missing_tracepoints,
-        funcs=facts.funcs,
-        read_tracepoints=facts.read_tracepoints,
-    )
-
-
-def open_backend(name: str, port: int, prep: Prepared, dispatch: bool) -> Backend:
-    """Load one backend's programs; UserError (one line) when this kernel refuses it."""
-    from . import bpfloader  # noqa: PLC0415
-
-    if name == "tracepoint":
-        if prep.missing_tracepoints:
-            raise UserError(
-                "this kernel lacks the tracepoint(s) " + ", ".join(prep.missing_tracepoints)
-                + " (sock:sk_data_ready and sock:sock_recv_length appeared in Linux 6.3)"
-            )
-        notes = list(prep.notes)
-        if not prep.ack_overflow_observable:
-            notes.append(kernel.ACK_OVERFLOW_NOTE)
-        return bpfloader.TracepointBackend(
-            port, prep.defines, ack_overflow_observable=prep.ack_overflow_observable,
-            notes=notes, dispatch=dispatch,
-        )
-    ff = prep.funcs
-    if ff.missing_required:
-        raise UserError("this kernel lacks " + "; ".join(ff.missing_required))
-    if name == "fentry":
-        ok, why = bpfloader.fentry_supported()
-        if not ok:
-            raise UserError(why)
-    if name == "kprobe" and not kernel.kprobes_available():
-        raise UserError("kprobes are not available (no kprobe_events in tracefs: "
-                        "the kernel is built without CONFIG_KPROBES)")
-    defines = {**prep.defines, **ff.defines}
-    replaced: set[str] = set()
-    if prep.read_tracepoints:
-        # Reads and writes from the 6.3+ tracepoints: no tcp_recvmsg/sendmsg hooks.
-        defines["AT_READ_TRACEPOINTS"] = 1
-        defines.pop("AT_HAVE_TCP_RECVMSG", None)
-        defines.pop("AT_HAVE_TCP_SENDMSG", None)
-        replaced = {"tcp_recvmsg", "tcp_sendmsg"}
-    missing = kernel.stages_fed_by(set(ff.missing) - replaced)
-    return bpfloader.BACKENDS[name](
-        port, defines, ack_overflow_observable=True, notes=prep.notes + ff.notes,
-        dispatch=dispatch, missing_stages=missing,
-    )
-
-
-def choose_backend(
-    choice: str, port: int, prep: Prepared, dispatch: bool, say: Callable[[str], None]
-) -> Backend:
-    """--backend NAME, or auto: fentry, then kprobe, then tracepoint, by loading each."""
-    if choice not in BACKEND_CHOICES:
-        raise UserError(f"--backend must be one of {', '.join(BACKEND_CHOICES)}, not {choice!r}")
-    if choice != "auto":
-        try:
-            return open_backend(choice, port, prep, dispatch)
-        except UserError as exc:
-            raise UserError(f"the {choice} backend cannot run here: {exc}") from None
-    refused: list[str] = []
-    for name in AUTO_ORDER:
-        try:
-            backend = open_backend(name, port, prep, dispatch)
-        except UserError as exc:
-            refused.append(f"{name}: {exc}")
-            say(f"{name} backend unavailable ({exc}); falling back")
-            continue
-        backend.notes[:0] = [f"backend auto: {r}" for r in refused]
-        return backend
-    raise UserError("no backend can run on this kernel: " + "; ".join(refused))
 
 
 class KeyReader:
@@ -276,7 +160,7 @@ def trace(
 ) -> Run:
     """Trace until --duration, a signal, or `stop`; always returns (and writes) the run."""
     clock = StartClock()
-    prep = prepare()
+    prep = selection.prepare()
     clock.step("prepare")
     if prep.tracefs_mounted:
         err.print("acceptrace: mounted tracefs at /sys/kernel/tracing")
@@ -294,10 +178,16 @@ def trace(
     # start takes tens of seconds, and whoever waits should see where it is.
     err.print(f"acceptrace: loading the {opts.backend} backend (BCC compile, load, attach)",
               style="dim")
-    backend = choose_backend(
-        opts.backend, opts.port, prep, opts.dispatch,
+    backend = selection.choose_backend(
+        opts.backend, prep, opts.dispatch,
         lambda msg: err.print(f"acceptrace: {msg}", style="dim"),
     )
+    try:
+        # One listener for now: the port in acceptrace's own network namespace.
+        backend.set_targets([(procnet.own_netns(), opts.port)])
+    except BaseException:
+        backend.close()
+        raise
     clock.step("load")
     for note in backend.notes:
         err.print(f"acceptrace: note: {note}", style="dim")

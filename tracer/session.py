@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from . import __version__, procnet, servers
+from . import __version__, procnet
 from .backend import Backend, ConnRecord, KernelSnapshot
+from .dispatch import DispatchTracker
 from .hist import Histogram
 from .layout import family_name
 from .model import DISPATCH_STAGES, STAGES, Interval, Listener, ProcessCount, Run, Sample
@@ -122,84 +123,6 @@ class ListenerDrops:
         return sum(st.drops - self.baseline.get(ino, 0) for ino, st in self.last.items())
 
 
-class DispatchTracker:
-    """Keeps the dispatch uprobes and the kernel's server-pid filter current.
-
-    Rescans the processes holding the port's listening socket (workers that
-    restart, --reload, a server that starts late), attaches a uprobe for each
-    httptools module they map, and says once why dispatch cannot be traced.
-    """
-
-    FULL_SCAN_S = 10.0
-
-    def __init__(self, port: int, backend: Backend,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.port = port
-        self.backend = backend
-        self.clock = clock
-        self.pids: list[int] = []
-        self._inodes: set[int] = set()
-        self._next_full = 0.0
-        self.infos: dict[int, servers.ServerInfo] = {}
-        self.tried_paths: set[str] = set()
-        self.messages: list[str] = []
-        self._said: set[str] = set()
-
-    @property
-    def available(self) -> bool:
-        return bool(getattr(self.backend, "dispatch_targets", []))
-
-    def _say(self, key: str, msg: str) -> None:
-        if key not in self._said:
-            self._said.add(key)
-            self.messages.append(msg)
-
-    def refresh(self, inodes: set[int]) -> None:
-        """Rescan the processes holding ``inodes`` (the port's listening sockets).
-
-        Walking every /proc/PID/fd is the costly part: it is done when the set
-        of listening sockets changes (a server started or restarted), and every
-        FULL_SCAN_S for workers that replace each other on the same socket;
-        in between, processes that exited are dropped.
-        """
-        now = self.clock()
-        if inodes != self._inodes or now >= self._next_full:
-            self._inodes = set(inodes)
-            self._next_full = now + self.FULL_SCAN_S
-            pids = servers.pids_with_sockets(self._inodes)
-        else:
-            pids = [p for p in self.pids if servers.alive(p)]
-        if pids != self.pids:
-            self.backend.set_server_pids(pids)
-            self.pids = pids
-        for pid in pids:
-            if pid in self.infos:
-                continue
-            info = self.infos[pid] = servers.inspect(pid)
-            if info.parser_path and info.parser_path not in self.tried_paths:
-                self.tried_paths.add(info.parser_path)
-                target = servers.find_dispatch_symbol(info.parser_path)
-                if target is None:
-                    self._say(info.parser_path, "dispatch: not available — no usable symbol in "
-                              f"{info.parser_path} (stripped?)")
-                    continue
-                self.backend.attach_dispatch(target)
-                if not target.exact:
-                    self._say(info.parser_path, "dispatch: httptools is stripped; timing "
-                              "llhttp_execute instead (parse start, see docs/dispatch.md)")
-            elif info.parser == "h11":
-                self._say("h11", "dispatch: not available — server uses h11; "
-                          "run uvicorn with --http httptools")
-            elif info.parser is None:
-                self._say(f"noparser-{info.comm}",
-                          f"dispatch: not available — {info.comm} (pid {pid}) maps no httptools "
-                          "parser (not uvicorn with httptools)")
-
-    def take_messages(self) -> list[str]:
-        out, self.messages = self.messages, []
-        return out
-
-
 class Session:
     def __init__(
         self,
@@ -298,7 +221,7 @@ class Session:
             h = cur.hists.get(name)
             if h is None or (name in DISPATCH_STAGES and not dispatch_on):
                 continue
-            if name in getattr(self.backend, "missing_stages", ()):
+            if name in self.backend.missing_stages:
                 continue
             p = prev.hists.get(name)
             dh = h.delta(p) if p is not None else h
@@ -420,7 +343,7 @@ class Session:
         if not dispatch_on:
             for name in DISPATCH_STAGES:
                 run.stages[name] = None
-        for name in getattr(self.backend, "missing_stages", ()):
+        for name in self.backend.missing_stages:
             run.stages[name] = None  # no hook on this kernel measures it
         run.connections["dispatched"] = c.get("dispatched", 0) if dispatch_on else None
         run.connections["requests"] = c.get("requests", 0) if dispatch_on else None
@@ -444,10 +367,10 @@ class Session:
             "syns": c.get("syns", 0) if exact else None,
             # softirqs in which kprobe/tracepoint programs were skipped (null: not countable)
             "softirqs_busy": (c.get("softirqs_busy", 0)
-                              if getattr(self.backend, "busy_counted", False) else None),
+                              if self.backend.busy_counted else None),
             # TCP packets to the port in those softirqs (kprobe-fed drops only, else null)
             "packets_unseen": (c.get("packets_unseen", 0)
-                               if getattr(self.backend, "unseen_counted", False) else None),
+                               if self.backend.unseen_counted else None),
         }
         return run
 

@@ -44,7 +44,7 @@ from calibrate import MAX_BACKEND_FACTOR  # noqa: E402  (the guest's own cap, on
 # do not exist (yet) are skipped by the guest.
 #
 # fentry, the backend production kernels get, runs every guest test on every
-# kernel. The other backends share fentry's C bodies (bpf/acceptrace.bpf.c: one
+# kernel. The other backends share fentry's C bodies (bpf/funcs.bpf.h, bpf/common.bpf.h: one
 # body per stage, a few lines of glue per attach type), so on them a test earns
 # its ~45 s of TCG (a BCC compile each) only when it makes that backend's own
 # glue fire where fentry's does not prove it: each of its hooks against a kernel

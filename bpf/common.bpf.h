@@ -1,0 +1,412 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * common.bpf.h -- what every backend shares: the maps, counters and
+ * histograms, the filter of traced listeners, and a connection's story from
+ * accept() on (accept, first read, ASGI dispatch, first response, close).
+ * Each bpf/<backend>.bpf.c includes it and adds only its attach glue.
+ *
+ * Nothing here comes from kernel headers: every struct offset and enum value
+ * is a -D define computed from the running kernel's BTF (tracer/kernel.py),
+ * and every choice (which hooks, which counters) is an explicit integer -D
+ * define decided once in tracer/selection.py; nothing here derives one
+ * define from another.
+ */
+#ifndef AT_COMMON_BPF_H
+#define AT_COMMON_BPF_H
+
+/* struct pt_regs: the architecture's register ABI (uprobe and kprobe
+ * arguments), not a kernel-internal layout. */
+#include <uapi/linux/ptrace.h>
+#include "acceptrace.h"
+#include "core_fixes.bpf.h"
+
+#define AT_AF_INET 2
+#define AT_AF_INET6 10
+#define AT_IPPROTO_TCP 6
+
+BPF_TABLE("lru_hash", u64, struct at_conn, conns, AT_CONN_MAX);
+BPF_TABLE("lru_hash", u64, struct at_listener, listeners, 256);
+BPF_TABLE("lru_hash", u32, struct at_proc, procs, 4096);
+BPF_PERCPU_ARRAY(hists, struct at_hist, AT_H_COUNT);
+BPF_PERCPU_ARRAY(counters, u64, AT_C_COUNT);
+/* [0]: a connection is sampled when its total (ns) is >= this; set by userspace. */
+BPF_ARRAY(sample_min, u64, 1);
+BPF_RINGBUF_OUTPUT(samples, AT_RINGBUF_PAGES);
+/* The traced listeners, (namespace, port) -> target id, and beside it one flag
+ * per port number: an array lookup (inlined by the verifier) that rejects the
+ * sockets of every other port before any namespace is read.  Both are filled
+ * by userspace (tracer/bpfloader.py set_targets). */
+BPF_HASH(targets, struct at_target, u32, 1024);
+BPF_ARRAY(watched_ports, u8, 65536);
+#if AT_DISPATCH
+/* thread id -> the socket of a traced port it read last */
+BPF_TABLE("lru_hash", u32, u64, last_read, 16384);
+/* tgids of the processes serving the traced ports (userspace keeps it current) */
+BPF_HASH(server_pids, u32, u8, 4096);
+#endif
+
+#define READ_KERN(dst, ptr) bpf_probe_read_kernel(&(dst), sizeof(dst), (const void *)(ptr))
+
+static __always_inline void count(u32 id)
+{
+	u64 *c = counters.lookup(&id);
+	if (c)
+		(*c)++;
+}
+
+static __always_inline void hist_add(u32 id, u64 raw, u64 scale)
+{
+	struct at_hist *h = hists.lookup(&id);
+	u32 b;
+
+	if (!h)
+		return;
+	b = at_hist_bucket(raw / scale);
+	/* Hide b's provenance so the bounds check below is kept for the verifier. */
+	asm volatile("" : "+r"(b));
+	if (b >= AT_HIST_NBUCKETS)
+		return;
+	h->buckets[b]++;
+	if (h->count == 0 || raw < h->min)
+		h->min = raw;
+	if (raw > h->max)
+		h->max = raw;
+	h->count++;
+	h->sum += raw;
+}
+
+/* Is some traced listener on this local port (in any namespace)?  The cheap
+ * first test: the read/send hooks fire for every socket on the machine. */
+static __always_inline int port_watched(u16 port)
+{
+	u32 key = port;
+	u8 *on = watched_ports.lookup(&key);
+
+	return on && *on;
+}
+
+/* The network namespace of a socket: its inode number, as in /proc/PID/ns/net. */
+static __always_inline u32 sk_netns(const void *sk)
+{
+	const void *net = NULL;
+	u32 inum = 0;
+
+	READ_KERN(net, sk + AT_OFF_SK_NET);
+	if (net)
+		READ_KERN(inum, net + AT_OFF_NET_NS_INUM);
+	return inum;
+}
+
+/* A socket whose (namespace, local port) is a traced listener's. */
+static __always_inline int sk_watched(const void *sk)
+{
+	struct at_target t = {};
+	u16 num = 0;
+
+	READ_KERN(num, sk + AT_OFF_SK_NUM);
+	if (!port_watched(num))
+		return 0;
+	t.netns = sk_netns(sk);
+	t.port = num;
+	return targets.lookup(&t) != NULL;
+}
+
+/* A TCP socket of a traced listener, in the expected state (-1: any state). */
+static __always_inline int sk_is_ours(const void *sk, int state)
+{
+	u16 family = 0;
+	u8 st = 0;
+
+	if (!sk_watched(sk))
+		return 0;
+	READ_KERN(family, sk + AT_OFF_SK_FAMILY);
+	if (family != AT_AF_INET && family != AT_AF_INET6)
+		return 0;
+	if (!sk_protocol_is_tcp(sk))
+		return 0;
+	if (state >= 0) {
+		READ_KERN(st, sk + AT_OFF_SK_STATE);
+		if (st != state)
+			return 0;
+	}
+	return 1;
+}
+
+/* The local port of a socket (host order). */
+static __always_inline u16 sk_port(const void *sk)
+{
+	u16 num = 0;
+
+	READ_KERN(num, sk + AT_OFF_SK_NUM);
+	return num;
+}
+
+/* Fill the 4-tuple of a child socket from its sock_common. */
+static __always_inline void conn_tuple_from_sk(struct at_conn *c, const void *sk)
+{
+	u16 family = 0, dport_be = 0;
+
+	READ_KERN(family, sk + AT_OFF_SK_FAMILY);
+	READ_KERN(dport_be, sk + AT_OFF_SK_DPORT);
+	c->family = family;
+	c->sport = (u16)((dport_be >> 8) | (dport_be << 8)); /* the client's port */
+	c->dport = sk_port(sk);
+	if (family == AT_AF_INET) {
+		bpf_probe_read_kernel(c->saddr, 4, sk + AT_OFF_SK_DADDR);
+		bpf_probe_read_kernel(c->daddr, 4, sk + AT_OFF_SK_RCV_SADDR);
+	}
+#if AT_HAVE_IPV6
+	else {
+		bpf_probe_read_kernel(c->saddr, 16, sk + AT_OFF_SK_V6_DADDR);
+		bpf_probe_read_kernel(c->daddr, 16, sk + AT_OFF_SK_V6_RCV_SADDR);
+	}
+#endif
+}
+
+/* Send a finished connection to userspace if it is among the slowest. */
+static __always_inline void maybe_sample(struct at_conn *c, u64 reason)
+{
+	u32 zero = 0;
+	u64 *min = sample_min.lookup(&zero);
+	u64 start = c->syn_ns ? c->syn_ns : c->queued_ns;
+	u64 end = c->response_ns ? c->response_ns :
+		  c->dispatch_ns ? c->dispatch_ns :
+		  c->first_read_ns ? c->first_read_ns : c->accepted_ns;
+	struct at_sample *s;
+
+	if (c->sampled || !start || !end || end < start)
+		return;
+	if (min && end - start < *min)
+		return;
+	s = samples.ringbuf_reserve(sizeof(struct at_sample));
+	if (!s) {
+		count(AT_C_LOST_EVENTS);
+		return;
+	}
+	c->sampled = 1;
+	__builtin_memcpy(&s->conn, c, sizeof(*c));
+	s->reason = reason;
+	samples.ringbuf_submit(s, 0);
+}
+
+/* The listener's last depth, for the per-listener view. */
+static __always_inline void listener_seen(const void *lsk, u64 now, u32 depth)
+{
+	u64 key = (u64)lsk;
+	u32 max_backlog = 0;
+	u16 family = 0;
+	struct at_listener *l, lzero = {};
+
+	READ_KERN(max_backlog, lsk + AT_OFF_SK_MAX_ACK_BACKLOG);
+	l = listeners.lookup(&key);
+	if (!l) {
+		READ_KERN(family, lsk + AT_OFF_SK_FAMILY);
+		lzero.family = family;
+		lzero.port = sk_port(lsk);
+		listeners.update(&key, &lzero);
+		l = listeners.lookup(&key);
+	}
+	if (l) {
+		l->last_ns = now;
+		l->max_backlog = max_backlog;
+		if (depth > l->max_depth)
+			l->max_depth = depth;
+	}
+}
+
+/* A child was put on the listener's accept queue: the queue depths now. */
+static __always_inline void queue_depths(const void *lsk, u64 now)
+{
+	u32 depth = 0;
+	int qlen = 0;
+
+	READ_KERN(depth, lsk + AT_OFF_SK_ACK_BACKLOG);
+	READ_KERN(qlen, lsk + AT_OFF_ICSK_ACCEPTQ_QLEN);
+	count(AT_C_QUEUED);
+	hist_add(AT_H_ACCEPTQ_DEPTH, depth, 1);
+	hist_add(AT_H_SYNQ_DEPTH, qlen > 0 ? (u64)qlen : 0, 1);
+	listener_seen(lsk, now, depth);
+}
+
+/* accept() returned child `sk` of a traced listener, in the accepting task. */
+static __always_inline void on_accepted(const void *sk)
+{
+	u64 now, key;
+	u32 tgid;
+	struct at_conn *c, zero = {};
+	struct at_proc *p, pzero = {};
+
+	if (!sk || !sk_is_ours(sk, -1))
+		return;
+	now = bpf_ktime_get_ns();
+	tgid = bpf_get_current_pid_tgid() >> 32;
+	count(AT_C_ACCEPTED);
+
+	p = procs.lookup(&tgid);
+	if (!p) {
+		bpf_get_current_comm(pzero.comm, sizeof(pzero.comm));
+		procs.update(&tgid, &pzero);
+		p = procs.lookup(&tgid);
+	}
+	if (p)
+		__sync_fetch_and_add(&p->accepted, 1);
+
+	key = (u64)sk;
+	c = conns.lookup(&key);
+	if (!c || !c->queued_ns || c->accepted_ns) {
+		/* Queued before we attached, or evicted from the LRU map. */
+		count(AT_C_ACCEPT_UNTRACKED);
+		zero.accepted_ns = now;
+		zero.pid = tgid;
+		bpf_get_current_comm(zero.comm, sizeof(zero.comm));
+		conn_tuple_from_sk(&zero, sk);
+		conns.update(&key, &zero);
+		return;
+	}
+	c->accepted_ns = now;
+	c->pid = tgid;
+	bpf_get_current_comm(c->comm, sizeof(c->comm));
+	if (c->syn_ns == 0 && c->syncookie == 0)
+		count(AT_C_QUEUE_MISSED);
+	hist_add(AT_H_ACCEPT_QUEUE, now - c->queued_ns, 1000);
+	if (c->syn_ns)
+		hist_add(AT_H_SYN_TO_ACCEPT, now - c->syn_ns, 1000);
+}
+
+/* A read of `ret` bytes from socket `sk` (any socket: the port is checked
+ * first; only a socket in the per-connection map is one of ours). */
+static __always_inline void on_read(const void *sk, long ret)
+{
+	u64 key = (u64)sk;
+	struct at_conn *c;
+	u64 now;
+
+	if (ret <= 0 || !sk || !port_watched(sk_port(sk)))
+		return;
+#if AT_DISPATCH
+	{
+		u32 tid = (u32)bpf_get_current_pid_tgid();
+		last_read.update(&tid, &key);
+	}
+#endif
+	c = conns.lookup(&key);
+	if (!c || !c->accepted_ns || c->first_read_ns)
+		return;
+	now = bpf_ktime_get_ns();
+	c->first_read_ns = now;
+	count(AT_C_READ);
+	hist_add(AT_H_ACCEPT_TO_READ, now - c->accepted_ns, 1000);
+#if !AT_DISPATCH
+	/* Without dispatch tracing the connection's story ends here. */
+	if (c->queued_ns)
+		maybe_sample(c, AT_SAMPLE_READ);
+	conns.delete(&key);
+#endif
+}
+
+/* The connection closed: send it if it is among the slowest, and forget it. */
+static __always_inline void on_close(const void *sk)
+{
+	u64 key = (u64)sk;
+	struct at_conn *c = conns.lookup(&key);
+
+	if (c && c->accepted_ns) {
+		maybe_sample(c, AT_SAMPLE_CLOSE);
+		conns.delete(&key);
+	}
+}
+
+#if AT_DISPATCH
+/*
+ * httptools' cb_on_headers_complete (or llhttp_execute when the library is
+ * stripped), a uprobe: uvicorn builds the ASGI scope and schedules the app,
+ * on the event-loop thread right after that thread read the request: the
+ * socket is the one this thread read last (recorded per thread at each
+ * read), and only the server's processes (server_pids) count.
+ */
+static __always_inline int on_dispatch(void)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tgid = id >> 32, tid = (u32)id;
+	u64 *skp, key, now;
+	struct at_conn *c;
+
+	if (!server_pids.lookup(&tgid))
+		return 0;
+	skp = last_read.lookup(&tid);
+	if (!skp)
+		return 0;
+	key = *skp;
+	c = conns.lookup(&key);
+	if (!c || !c->accepted_ns)
+		return 0;
+	count(AT_C_REQUESTS);
+	c->requests++;
+	if (c->dispatch_ns)
+		return 0; /* keep-alive or pipelined: the stage is the first dispatch */
+	now = bpf_ktime_get_ns();
+	c->dispatch_ns = now;
+	count(AT_C_DISPATCHED);
+	hist_add(AT_H_ACCEPT_TO_DISPATCH, now - c->accepted_ns, 1000);
+	if (c->first_read_ns && now >= c->first_read_ns)
+		hist_add(AT_H_READ_TO_DISPATCH, now - c->first_read_ns, 1000);
+	if (c->syn_ns)
+		hist_add(AT_H_SYN_TO_DISPATCH, now - c->syn_ns, 1000);
+	return 0;
+}
+
+/* A write of `ret` bytes to socket `sk`: the first bytes the server writes back. */
+static __always_inline void on_send(const void *sk, long ret)
+{
+	u64 key = (u64)sk;
+	struct at_conn *c;
+	u64 now;
+
+	if (ret <= 0 || !sk || !port_watched(sk_port(sk)))
+		return;
+	c = conns.lookup(&key);
+	if (!c || !c->dispatch_ns || c->response_ns)
+		return;
+	now = bpf_ktime_get_ns();
+	c->response_ns = now;
+	count(AT_C_RESPONDED);
+	hist_add(AT_H_DISPATCH_TO_RESPONSE, now - c->dispatch_ns, 1000);
+	if (c->queued_ns)
+		maybe_sample(c, AT_SAMPLE_RESPONSE);
+}
+
+/* The uprobe itself: every backend's, attached by userspace. */
+int on_dispatch_uprobe(struct pt_regs *ctx)
+{
+	return on_dispatch();
+}
+#endif
+
+/* A SYN-ACK retransmitted by a traced listener (tcp:tcp_retransmit_synack:
+ * skaddr is the listener, sport its port). */
+static __always_inline void on_synack_retransmit(const void *lsk, u16 sport)
+{
+	if (port_watched(sport) && sk_watched(lsk))
+		count(AT_C_SYNACK_RETRANS);
+}
+
+/* sock:sock_recv_length / sock:sock_send_length (6.3+): every backend prefers
+ * them to tcp_recvmsg/tcp_sendmsg hooks -- no kretprobe, no per-thread stash,
+ * the socket and the byte count in one event. */
+static __always_inline void on_recv_length(u16 protocol, const void *sk, long ret)
+{
+	if (protocol == AT_IPPROTO_TCP)
+		on_read(sk, ret);
+}
+
+#if AT_DISPATCH
+static __always_inline void on_send_length(u16 protocol, const void *sk, long ret)
+{
+	if (protocol == AT_IPPROTO_TCP)
+		on_send(sk, ret);
+}
+#endif
+
+#include "blind.bpf.h"
+
+#endif /* AT_COMMON_BPF_H */

@@ -1,0 +1,160 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * tracepoints.bpf.h -- the accept path from tracepoints only (Linux 6.3+):
+ * the logic behind bpf/tracepoint.bpf.c, for kernels where neither fentry nor
+ * kprobes may be loaded.
+ *
+ *   syn        tcp_request_sock.snt_synack of the accept-queue tail when
+ *              sock:sk_data_ready fires on the listener (0 for syncookies)
+ *   queued     that sk_data_ready event
+ *   accepted   syscalls:sys_exit_accept{,4}: fd -> file -> socket -> sk
+ *   drops      final ACKs from skb:kfree_skb's reason (6.15+); SYN drops are
+ *              only consumed, so userspace derives them from kernel counters
+ */
+#ifndef AT_TRACEPOINTS_BPF_H
+#define AT_TRACEPOINTS_BPF_H
+
+#include "common.bpf.h"
+
+/*
+ * A child was queued on a listener: sock_def_readable() on the listener,
+ * called by tcp_child_process() (and the fastopen path) right after
+ * inet_csk_reqsk_queue_add() put it at the accept-queue tail.
+ */
+static __always_inline int on_data_ready(const void *lsk, u16 protocol)
+{
+	const void *req = NULL, *child = NULL;
+	u64 now, key, snt_us = 0;
+	u8 retrans = 0;
+	struct at_conn *c, zero = {};
+
+	if (protocol != AT_IPPROTO_TCP || !sk_is_ours(lsk, AT_TCP_LISTEN))
+		return 0;
+	now = bpf_ktime_get_ns();
+	queue_depths(lsk, now);
+
+	READ_KERN(req, lsk + AT_OFF_ICSK_ACCEPTQ_TAIL);
+	if (!req)
+		return 0;
+	READ_KERN(child, req + AT_OFF_REQ_SK);
+	if (!child)
+		return 0;
+	READ_KERN(snt_us, req + AT_OFF_TREQ_SNT_SYNACK);
+	READ_KERN(retrans, req + AT_OFF_REQ_NUM_RETRANS);
+
+	key = (u64)child;
+	c = conns.lookup(&key);
+	if (!c) {
+		conns.update(&key, &zero);
+		c = conns.lookup(&key);
+		if (!c)
+			return 0;
+	}
+	if (c->accepted_ns) {
+		if (c->queued_ns)
+			return 0; /* the tail is stale: this child was accepted already */
+		/* Accepted on another CPU between the enqueue and this event (an
+		 * accept loop): it waited no time in the queue. */
+		count(AT_C_ACCEPT_EARLY);
+		now = c->accepted_ns;
+		hist_add(AT_H_ACCEPT_QUEUE, 0, 1000);
+		if (snt_us && snt_us * 1000 <= now)
+			hist_add(AT_H_SYN_TO_ACCEPT, now - snt_us * 1000, 1000);
+	}
+	conn_tuple_from_sk(c, child);
+	c->queued_ns = now;
+	c->synack_retrans = retrans;
+	if (snt_us && snt_us * 1000 <= now) {
+		c->syn_ns = snt_us * 1000;
+		c->syn_ok_ns = c->syn_ns;
+		c->syncookie = 0;
+		count(AT_C_SYN_TIMED);
+		hist_add(AT_H_HANDSHAKE, now - c->syn_ns, 1000);
+	} else if (!snt_us) {
+		c->syn_ns = 0;
+		c->syncookie = 1;
+		count(AT_C_SYNCOOKIE);
+	}
+	return 0;
+}
+
+/*
+ * SYN_RECV -> ESTABLISHED of a child of the port.  Only a safety net: when
+ * two children are queued at once on two CPUs, both sk_data_ready events may
+ * see the same tail; the other child is then known from here, with this
+ * moment (microseconds before the enqueue) as its queue time.
+ */
+static __always_inline int on_state_change(const void *sk, u16 protocol, u16 sport,
+					   int oldstate, int newstate)
+{
+	u64 key = (u64)sk;
+	struct at_conn *c, zero = {};
+
+	/* Our connections are the server side: the local port is a traced one. */
+	if (protocol != AT_IPPROTO_TCP || !port_watched(sport))
+		return 0;
+	if (newstate == AT_TCP_CLOSE) {
+		on_close(sk);
+		return 0;
+	}
+	if (oldstate != AT_TCP_SYN_RECV || newstate != AT_TCP_ESTABLISHED || !sk_watched(sk))
+		return 0;
+	c = conns.lookup(&key);
+	if (c)
+		return 0;
+	zero.queued_ns = bpf_ktime_get_ns();
+	zero.syncookie = 0;
+	conn_tuple_from_sk(&zero, sk);
+	conns.update(&key, &zero);
+	return 0;
+}
+
+/* accept()/accept4() returned fd `ret`: find its struct sock through the fd table. */
+static __always_inline int on_accept_exit(long ret)
+{
+	struct task_struct *task;
+	const void *files = NULL, *fdt = NULL, *file = NULL, *sock = NULL, *sk = NULL;
+	const void **fdarr = NULL;
+	u32 max_fds = 0;
+
+	if (ret < 0)
+		return 0;
+	task = (struct task_struct *)bpf_get_current_task();
+	READ_KERN(files, (void *)task + AT_OFF_TASK_FILES);
+	if (!files)
+		return 0;
+	READ_KERN(fdt, files + AT_OFF_FILES_FDT);
+	if (!fdt)
+		return 0;
+	READ_KERN(max_fds, fdt + AT_OFF_FDT_MAX_FDS);
+	if ((u64)ret >= max_fds)
+		return 0;
+	READ_KERN(fdarr, fdt + AT_OFF_FDT_FD);
+	if (!fdarr)
+		return 0;
+	READ_KERN(file, &fdarr[ret]);
+	if (!file)
+		return 0;
+	READ_KERN(sock, file + AT_OFF_FILE_PRIVATE_DATA);
+	if (!sock)
+		return 0;
+	READ_KERN(sk, sock + AT_OFF_SOCKET_SK);
+	on_accepted(sk);
+	return 0;
+}
+
+/*
+ * The final ACK of a handshake found the accept queue full: tcp_check_req()
+ * drops it with SKB_DROP_REASON_TCP_LISTEN_OVERFLOW (6.15+), rx_sk being the
+ * listener (6.11+).  SYNs dropped for the same reason are only consumed
+ * (consume_skb) and never reach this tracepoint.
+ */
+static __always_inline int on_kfree_skb(u32 reason, const void *rx_sk)
+{
+	if (reason != AT_DROP_REASON_LISTEN_OVERFLOW || !rx_sk || !sk_is_ours(rx_sk, AT_TCP_LISTEN))
+		return 0;
+	count(AT_C_ACK_OVERFLOW);
+	return 0;
+}
+
+#endif /* AT_TRACEPOINTS_BPF_H */

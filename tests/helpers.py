@@ -1,0 +1,74 @@
+"""Shared helpers of the root tests: running the CLI, counting our BPF programs,
+a listening socket, a raw SYN.
+
+Test files import these from here (``from helpers import ...``), never from one
+another; pytest puts tests/ on sys.path for them, as for ``from conftest import``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import struct
+import subprocess
+import sys
+
+ACCEPTRACE = [sys.executable, "-m", "acceptrace"]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
+            prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [*(prefix or []), *ACCEPTRACE, *args], capture_output=True, text=True,
+        env=full_env, timeout=timeout,
+    )
+
+
+def bpf_prog_names() -> list[str]:
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
+                         check=True).stdout
+    return [p.get("name", "") for p in json.loads(out or "[]")]
+
+
+# BCC names (truncated to 15 characters by the kernel): the tracepoint programs,
+# the fentry/fexit ones (kfunc__/kretfunc__) and the kprobe ones (kp_/kr_).
+OUR_PROGS = ("tracepoint__soc", "tracepoint__sys", "tracepoint__tcp", "tracepoint__skb",
+             "raw_tracepoint_", "kfunc__", "kretfunc__", "kp_", "kr_")
+
+
+def ours_attached() -> int:
+    return sum(1 for n in bpf_prog_names() if n.startswith(OUR_PROGS))
+
+
+def listener(backlog: int, family: int = socket.AF_INET) -> socket.socket:
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+    s.listen(backlog)
+    return s
+
+
+def checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def syn_packet(src: str, dst: str, sport: int, dport: int) -> bytes:
+    """An IPv4 TCP SYN with an MSS option (the IP checksum and length: the kernel's)."""
+    seq = random.getrandbits(32)
+    opts = struct.pack("!BBH", 2, 4, 1460)
+    offset = (20 + len(opts)) // 4
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, offset << 4, 0x02, 64240, 0, 0) + opts
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
+    tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp)) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0, 64, 6, 0,
+                     socket.inet_aton(src), socket.inet_aton(dst))
+    return ip + tcp
