@@ -76,9 +76,11 @@ test: setup lint vm-packages
 test-host: setup lint
 	$(PY) -m pytest -m "not vm" $(PYTEST_ARGS)
 
-# Pure unit tests, runnable as any user in seconds: no root, no BPF, no QEMU.
-test-unit: setup
-	$(PY) -m pytest -m "not root and not vm" $(PYTEST_ARGS)
+# Pure unit tests, runnable as any user in under a minute: no root, no BPF, no
+# QEMU (after one sudo make setup; nothing is written to the checkout).
+test-unit:
+	@test -x $(PY) || { echo "make test-unit: run sudo make setup once first" >&2; exit 1; }
+	$(PY) -m pytest -p no:cacheprovider -m "not root and not vm" $(PYTEST_ARGS)
 
 # Only the guest suite: the root tests inside QEMU guests booting Debian's
 # 6.1 and 6.12 kernels, once per backend (docs/vm.md).

@@ -74,10 +74,27 @@ def make_session(monkeypatch, backend, drops: list[int],
         return {7: ListenerStats(family="ipv4", address="127.0.0.1", port=port, inode=7,
                                  drops=next(seq), recv_q=0, send_q=2)}
 
-    monkeypatch.setattr(S.procnet, "listener_drops", fake_listener_drops)
-    monkeypatch.setattr(S.procnet, "net_netstat", lambda: {"TcpExtListenOverflows": next(lo)})
+    class FakeNetns:
+        """The traced namespace's kernel figures, scripted."""
+
+        inode = 4026531840
+        listener_drops = staticmethod(fake_listener_drops)
+
+        @staticmethod
+        def netstat() -> dict[str, int]:
+            return {"TcpExtListenOverflows": next(lo)}
+
+        @staticmethod
+        def somaxconn() -> int:
+            return 4096
+
+        @staticmethod
+        def describe() -> dict[str, object]:
+            return {"inode": FakeNetns.inode, "name": "test", "pid": None}
+
     clock = iter([0.0, 0.0, 1.0, 2.0, 2.0, 2.0])
-    sess = S.Session(backend, 8000, 1.0, slowest_n=2, clock=lambda: next(clock))
+    sess = S.Session(backend, 8000, 1.0, slowest_n=2, clock=lambda: next(clock),
+                     netns=FakeNetns())  # type: ignore[arg-type]
     sess.start()
     return sess
 

@@ -55,6 +55,11 @@ def _positive(name: str, value: float | None) -> float | None:
               type=click.Choice(["auto", "fentry", "kprobe", "tracepoint"]),
               help="How to hook the kernel: fentry, kprobe or tracepoint; auto tries them in "
                    "that order by loading each.")
+@click.option("--pid", "pid", metavar="PID",
+              help="Trace in the network namespace of process PID (a container's server).")
+@click.option("--netns", "netns", metavar="NAME|PATH",
+              help="Trace in this network namespace: an `ip netns` NAME (/run/netns/NAME) "
+                   "or a path such as /proc/PID/ns/net.")
 @click.version_option(__version__, prog_name="acceptrace")
 @click.pass_context
 def cli(
@@ -69,12 +74,15 @@ def cli(
     explain: bool,
     no_dispatch: bool,
     backend: str,
+    pid: str | None,
+    netns: str | None,
 ) -> None:
     """Trace where TCP connections to PORT wait: SYN queue, accept queue, accept(), first read.
 
     \b
       sudo acceptrace --port 8000
       sudo acceptrace --port 8000 --duration 60 --json run.json
+      sudo acceptrace --port 8000 --pid 4242      # the namespace of a container's server
       sudo acceptrace doctor
       sudo acceptrace demo
     """
@@ -84,16 +92,19 @@ def cli(
         click.echo(explain_text())
         return
     if ctx.invoked_subcommand is not None:
-        if port is not None:
-            raise UserError("--port goes after the subcommand name, e.g. acceptrace doctor")
+        if port is not None or pid is not None or netns is not None:
+            raise UserError("--port, --pid and --netns go after the subcommand name, "
+                            "e.g. acceptrace doctor")
         return
     if port is None:
         click.echo(ctx.get_help())
         raise UserError("missing --port: which listening port should be traced?")
-    from .runner import TraceOptions, parse_port, trace  # noqa: PLC0415
+    from .runner import TraceOptions, parse_pid, parse_port, trace  # noqa: PLC0415
 
     opts = TraceOptions(
         port=parse_port(port),
+        pid=parse_pid(pid) if pid is not None else None,
+        netns=netns,
         duration_s=_positive("--duration", duration),
         interval_s=_positive("--interval", interval) or 1.0,
         json_path=json_path,

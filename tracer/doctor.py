@@ -119,12 +119,16 @@ def gather() -> tuple[list[Check], bool, str]:
     return checks, bool(works), backend
 
 
+WHEN = {"always": "always", "dispatch": "with dispatch tracing",
+        "busy": "where kallsyms shows the per-CPU busy flags (the blind-spot counter)",
+        "unseen": "where kprobes feed the drop counters (extra.packets_unseen)"}
+
+
 def _hook_check(hook: hooks.Hook, facts: kernel.KernelFacts) -> Check:
     """One catalogue row on this kernel: present (with its signature or fields), or why not."""
     name = f"{hook.kind.replace('_', ' ')} {hook.point}"
     if hook.kind == "raw_tracepoint":
-        return Check(name, OK, f"{hook.why} (when {hook.when})" if hook.when != "always"
-                     else hook.why)
+        return Check(name, OK, f"present; attached {WHEN[hook.when]}")
     why = selection.unavailable(hook, facts)
     users = ", ".join(hook.backends)
     if why is None:

@@ -89,6 +89,8 @@ class Meta:
     hooks: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     somaxconn: int | None = None  # net.core.somaxconn of the traced namespace
+    # the traced network namespace: {"inode", "name", "pid"}; its kernel figures are these
+    netns: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)

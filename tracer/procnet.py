@@ -62,12 +62,6 @@ class ListenerStats:
         return self.send_q
 
 
-def own_netns(path: Path = Path("/proc/self/ns/net")) -> int:
-    """The inode of this process's network namespace: what the kernel calls
-    net->ns.inum, the key of the BPF programs' target filter."""
-    return path.stat().st_ino
-
-
 def somaxconn(path: Path = Path("/proc/sys/net/core/somaxconn")) -> int | None:
     try:
         return int(path.read_text().strip())

@@ -20,9 +20,10 @@ from types import FrameType
 
 from rich.console import Console, RenderableType
 
-from . import procnet, selection
+from . import selection
 from .errors import UserError
 from .model import Interval, Run
+from .netns import NetNamespace, open_netns
 from .render import render_interval_line, render_summary
 from .session import Session
 
@@ -39,6 +40,19 @@ class TraceOptions:
     hist_stage: str | None = None
     dispatch: bool = True
     backend: str = "auto"
+    pid: int | None = None      # trace in this process's network namespace
+    netns: str | None = None    # ... or in this one (ip netns NAME, or a path)
+
+
+def parse_pid(value: str | int) -> int:
+    """A process id from user input; UserError otherwise."""
+    try:
+        pid = int(str(value).strip(), 10)
+    except ValueError:
+        raise UserError(f"--pid must be a process id, not {value!r}") from None
+    if pid <= 0:
+        raise UserError(f"--pid must be a positive process id, not {pid}")
+    return pid
 
 
 def parse_port(value: str | int) -> int:
@@ -161,15 +175,33 @@ def trace(
     """Trace until --duration, a signal, or `stop`; always returns (and writes) the run."""
     clock = StartClock()
     prep = selection.prepare()
+    ns = open_netns(pid=opts.pid, path=opts.netns)
+    try:
+        return _trace(opts, out, err, prep, ns, clock, on_started, stop)
+    finally:
+        ns.close()
+
+
+def _trace(
+    opts: TraceOptions,
+    out: Console,
+    err: Console,
+    prep: selection.Prepared,
+    ns: NetNamespace,
+    clock: StartClock,
+    on_started: Callable[[], None] | None,
+    stop: StopFlag | None,
+) -> Run:
     clock.step("prepare")
     if prep.tracefs_mounted:
         err.print("acceptrace: mounted tracefs at /sys/kernel/tracing")
     if prep.header_line:
         err.print(f"acceptrace: {prep.header_line}")
-    listening = bool(procnet.listening_sockets(opts.port))
+    where = "" if ns.is_own else f" in network namespace {ns.label} (inode {ns.inode})"
+    listening = bool(ns.listening_sockets(opts.port))
     if not listening:
         err.print(
-            f"acceptrace: warning: nothing is listening on port {opts.port} yet; "
+            f"acceptrace: warning: nothing is listening on port {opts.port}{where} yet; "
             "tracing anyway (a server may start later)",
             style="yellow",
         )
@@ -183,8 +215,8 @@ def trace(
         lambda msg: err.print(f"acceptrace: {msg}", style="dim"),
     )
     try:
-        # One listener for now: the port in acceptrace's own network namespace.
-        backend.set_targets([(procnet.own_netns(), opts.port)])
+        # One listener for now: the port in the traced network namespace.
+        backend.set_targets([(ns.inode, opts.port)])
     except BaseException:
         backend.close()
         raise
@@ -192,7 +224,7 @@ def trace(
     for note in backend.notes:
         err.print(f"acceptrace: note: {note}", style="dim")
     stop = stop or StopFlag()
-    session = Session(backend, opts.port, opts.interval_s, slowest_n=opts.slowest_n)
+    session = Session(backend, opts.port, opts.interval_s, slowest_n=opts.slowest_n, netns=ns)
     run: Run | None = None
     try:
         with handle_signals(stop):
@@ -204,7 +236,7 @@ def trace(
             clock.step("servers")
             err.print(f"acceptrace: {clock.line()}", style="dim")
             err.print(
-                f"acceptrace: tracing port {opts.port} with the {backend.name} backend"
+                f"acceptrace: tracing port {opts.port}{where} with the {backend.name} backend"
                 + (f" for {opts.duration_s:g} s" if opts.duration_s else "; Ctrl-C to stop"),
                 style="bold",
             )

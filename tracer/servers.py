@@ -98,6 +98,17 @@ def mapped_files(pid: int, proc: Path = Path("/proc")) -> list[str]:
     return out
 
 
+def seen_from_here(pid: int, path: str, proc: Path = Path("/proc")) -> str:
+    """A file ``pid`` maps, as a path acceptrace can open: through /proc/PID/root when
+    the process has its own mount namespace (a container's files are not ours)."""
+    try:
+        theirs = (proc / str(pid) / "ns" / "mnt").stat().st_ino
+        ours = (proc / "self" / "ns" / "mnt").stat().st_ino
+    except OSError:
+        return path
+    return path if theirs == ours else f"{proc}/{pid}/root{path}"
+
+
 def inspect(pid: int, proc: Path = Path("/proc")) -> ServerInfo:
     def read(name: str) -> str:
         try:
@@ -115,6 +126,8 @@ def inspect(pid: int, proc: Path = Path("/proc")) -> ServerInfo:
             info.parser, info.parser_path = "httptools", path
         if UVLOOP_SO_RE.search(path):
             info.loop = "uvloop"
+    if info.parser_path:
+        info.parser_path = seen_from_here(pid, info.parser_path, proc)
     if is_python and info.loop is None:
         info.loop = "asyncio"
     # uvicorn maps httptools whenever it is installed; the command line says which

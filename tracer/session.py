@@ -21,6 +21,7 @@ from .dispatch import DispatchTracker
 from .hist import Histogram
 from .layout import family_name
 from .model import DISPATCH_STAGES, STAGES, Interval, Listener, ProcessCount, Run, Sample
+from .netns import NetNamespace
 
 KERNEL_COUNTERS = (
     "TcpExtListenOverflows",
@@ -108,15 +109,16 @@ class ListenerDrops:
     """sk_drops of the port's listeners, from sock_diag, as deltas over the run."""
 
     port: int
+    netns: NetNamespace = field(default_factory=NetNamespace.own)
     baseline: dict[int, int] = field(default_factory=dict)
     last: dict[int, procnet.ListenerStats] = field(default_factory=dict)
 
     def start(self) -> None:
-        self.last = procnet.listener_drops(self.port)
+        self.last = self.netns.listener_drops(self.port)
         self.baseline = {ino: st.drops for ino, st in self.last.items()}
 
     def update(self) -> None:
-        self.last.update(procnet.listener_drops(self.port))
+        self.last.update(self.netns.listener_drops(self.port))
 
     def delta(self) -> int:
         # A listener created during the run started from 0 drops.
@@ -132,14 +134,16 @@ class Session:
         *,
         slowest_n: int = 20,
         clock: Callable[[], float] = time.monotonic,
+        netns: NetNamespace | None = None,
     ) -> None:
         self.backend = backend
+        self.netns = netns or NetNamespace.own()
         self.port = port
         self.interval_s = interval_s
         self.clock = clock
         self.slowest = Slowest(slowest_n)
         self.intervals: list[Interval] = []
-        self.listener_drops = ListenerDrops(port)
+        self.listener_drops = ListenerDrops(port, self.netns)
         self.started_wall = datetime.now(timezone.utc)
         self.t0 = clock()
         self._prev = KernelSnapshot()
@@ -154,7 +158,7 @@ class Session:
         self.notes: list[str] = []
 
     def start(self) -> None:
-        self.netstat_before = self.netstat_after = procnet.net_netstat()
+        self.netstat_before = self.netstat_after = self.netns.netstat()
         self.listener_drops.start()
         self.started_wall = datetime.now(timezone.utc)
         self.t0 = self._prev_t = self.clock()
@@ -196,7 +200,7 @@ class Session:
         now = self.clock()
         snap = self.backend.snapshot()
         self.listener_drops.update()
-        self.netstat_after = procnet.net_netstat()
+        self.netstat_after = self.netns.netstat()
         ground = self._ground()
         iv = self._interval(self._prev, snap, now - self.t0, now - self._prev_t, ground)
         if record:
@@ -308,7 +312,8 @@ class Session:
         run.meta.interval_s = self.interval_s
         run.meta.hooks = list(self.backend.hooks)
         run.meta.notes = list(self.backend.notes) + list(self.notes)
-        run.meta.somaxconn = procnet.somaxconn()
+        run.meta.somaxconn = self.netns.somaxconn()
+        run.meta.netns = self.netns.describe()
         run.connections = {
             "syn": c.get("syn_timed", 0),
             "queued": c.get("queued", 0),

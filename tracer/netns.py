@@ -1,0 +1,158 @@
+"""The network namespace a run traces, and reading the kernel's figures from inside it.
+
+A server in a container has its own network namespace: its listeners, its
+``/proc/net/netstat`` counters, its sock_diag view and its ``net.*`` sysctls
+are that namespace's, not acceptrace's.  :class:`NetNamespace` names one (its
+inode is what the BPF programs compare, ``net->ns.inum``) and runs the
+procnet readers inside it: a worker thread that ``setns(CLONE_NEWNET)``-ed
+into the namespace and reads ``/proc/thread-self/net/...`` (``/proc/net`` is
+the thread group leader's view, not the thread's), opens its sock_diag socket
+and its sysctl files there.  acceptrace's own namespace needs no thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from . import procnet
+from .errors import UserError
+
+T = TypeVar("T")
+CLONE_NEWNET = 0x40000000
+NETNS_RUN_DIR = Path("/run/netns")  # where `ip netns add NAME` mounts its namespaces
+THREAD_NET = Path("/proc/thread-self/net")
+
+
+def own_inode() -> int:
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class _Worker(threading.Thread):
+    """A thread living in another network namespace, running calls handed to it."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(name=f"netns {path}", daemon=True)
+        self.path = path
+        self.calls: queue.Queue[tuple[Callable[[], Any], Future[Any]] | None] = queue.Queue()
+        self.entered: Future[None] = Future()
+
+    def run(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _setns(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.entered.set_exception(exc)
+            return
+        self.entered.set_result(None)
+        while (item := self.calls.get()) is not None:
+            fn, fut = item
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+                fut.set_exception(exc)
+
+
+@dataclass
+class NetNamespace:
+    """One network namespace: its inode, how the user named it, a process in it."""
+
+    inode: int
+    label: str                 # "this namespace", "/run/netns/blue", "pid 4242's"
+    path: str | None = None    # None: acceptrace's own
+    pid: int | None = None
+    _worker: _Worker | None = field(default=None, repr=False)
+
+    @classmethod
+    def own(cls) -> NetNamespace:
+        return cls(inode=own_inode(), label="acceptrace's own")
+
+    @property
+    def is_own(self) -> bool:
+        return self._worker is None
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """fn() inside the namespace."""
+        if self._worker is None:
+            return fn()
+        fut: Future[T] = Future()
+        self._worker.calls.put((fn, fut))
+        return fut.result(timeout=30)
+
+    # The kernel's figures, from inside the namespace.
+    def netstat(self) -> dict[str, int]:
+        return self.call(lambda: procnet.net_netstat(
+            (THREAD_NET / "netstat", THREAD_NET / "snmp")))
+
+    def listening_sockets(self, port: int) -> list[procnet.ListenSocket]:
+        return self.call(lambda: procnet.listening_sockets(
+            port, proc={"ipv4": THREAD_NET / "tcp", "ipv6": THREAD_NET / "tcp6"}))
+
+    def listener_drops(self, port: int) -> dict[int, procnet.ListenerStats]:
+        return self.call(lambda: procnet.listener_drops(port))
+
+    def somaxconn(self) -> int | None:
+        return self.call(procnet.somaxconn)
+
+    def describe(self) -> dict[str, object]:
+        """For meta.netns: which namespace the figures are from."""
+        return {"inode": self.inode, "name": self.label, "pid": self.pid}
+
+    def close(self) -> None:
+        if self._worker is not None:
+            self._worker.calls.put(None)
+            self._worker.join(5)
+            self._worker = None
+
+
+def open_netns(*, pid: int | None = None, path: str | None = None) -> NetNamespace:
+    """--pid PID or --netns NAME|PATH (at most one); UserError (one line) if it is not one."""
+    if pid is not None and path is not None:
+        raise UserError("--pid and --netns both name a network namespace: give one")
+    if pid is None and path is None:
+        return NetNamespace.own()
+    if pid is not None:
+        if pid <= 0:
+            raise UserError(f"--pid must be a positive process id, not {pid}")
+        nspath = f"/proc/{pid}/ns/net"
+        if not Path(f"/proc/{pid}").is_dir():
+            raise UserError(f"--pid {pid}: no such process")
+        label = f"pid {pid}'s"
+    else:
+        assert path is not None
+        nspath = str(NETNS_RUN_DIR / path) if "/" not in path else path
+        label = nspath
+    try:
+        inode = os.stat(nspath).st_ino
+    except OSError as exc:
+        what = f"--pid {pid}" if pid is not None else f"--netns {path}"
+        raise UserError(f"{what}: cannot open {nspath} ({exc.strerror})") from None
+    if inode == own_inode():
+        return NetNamespace(inode=inode, label=label + " (acceptrace's own)", pid=pid)
+    worker = _Worker(nspath)
+    worker.start()
+    try:
+        worker.entered.result(timeout=10)
+    except OSError as exc:
+        what = f"--pid {pid}" if pid is not None else f"--netns {path}"
+        why = "not a network namespace" if exc.errno == 22 else exc.strerror
+        raise UserError(f"{what}: cannot enter {nspath} ({why})") from None
+    return NetNamespace(inode=inode, label=label, path=nspath, pid=pid, _worker=worker)
