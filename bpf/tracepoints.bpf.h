@@ -143,6 +143,7 @@ static __always_inline int on_accept_exit(long ret)
 	return 0;
 }
 
+#if AT_HOOK_KFREE_SKB /* its body needs AT_DROP_REASON_LISTEN_OVERFLOW */
 /*
  * The final ACK of a handshake found the accept queue full: tcp_check_req()
  * drops it with SKB_DROP_REASON_TCP_LISTEN_OVERFLOW (6.15+), rx_sk being the
@@ -156,5 +157,6 @@ static __always_inline int on_kfree_skb(u32 reason, const void *rx_sk)
 	count(AT_C_ACK_OVERFLOW);
 	return 0;
 }
+#endif
 
 #endif /* AT_TRACEPOINTS_BPF_H */

@@ -7,6 +7,7 @@ it makes) or the kernel's own counters (/proc/net/netstat, ss).
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
 import struct
@@ -145,14 +146,18 @@ def test_listen_overflow_matches_kernel_counters(tracer):
     if not split_unobservable(run):
         assert run["drops"]["syn_dropped"] + run["drops"]["ack_dropped"] == overflows
     check_drop_attribution(run, before, after)
+    # The kernel's own figures, from ss: Recv-Q the queue depth, Send-Q the limit.
+    # Its "full" is depth > backlog, so the queue holds backlog + 1 -- or one more
+    # per other CPU: the listener is lockless, and final ACKs handled on two CPUs
+    # at once can both pass the full test before either adds its child.
+    recv_q, send_q = (int(v) for v in ss.stdout.split()[1:3])
+    assert send_q == backlog
+    assert backlog + 1 <= recv_q <= backlog + os.cpu_count(), recv_q
     depth = run["queues"]["accept_queue_depth"]
-    assert depth["max"] == backlog + 1
+    assert depth["max"] == recv_q
     assert run["queues"]["backlog"] == backlog
-    assert run["connections"]["queued"] == backlog + 1
+    assert run["connections"]["queued"] == recv_q
     assert run["connections"]["accepted"] == 0
-    # ss agrees: Recv-Q (queue depth) backlog+1, Send-Q (limit) backlog.
-    recv_q, send_q = ss.stdout.split()[1:3]
-    assert (int(recv_q), int(send_q)) == (backlog + 1, backlog)
 
 
 def test_accept_queue_backlog_then_drain(tracer):
