@@ -186,6 +186,7 @@ struct at_listener {
 	u16 family;
 	u16 port;
 	u32 pad;
+	u64 ino;           /* the socket's inode, as sock_diag and /proc/PID/fd show it */
 };
 
 /* A 4-tuple as seen in a packet (client = s, server = d), IPv4 in the first 4 bytes. */

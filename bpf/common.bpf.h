@@ -189,6 +189,23 @@ static __always_inline void maybe_sample(struct at_conn *c, u64 reason)
 	samples.ringbuf_submit(s, 0);
 }
 
+/* The inode of a socket's file (sk->sk_socket->file->f_inode->i_ino): how
+ * userspace (sock_diag, /proc/PID/fd) names the same listener. */
+static __always_inline u64 sk_inode(const void *sk)
+{
+	const void *sock = NULL, *file = NULL, *inode = NULL;
+	u64 ino = 0;
+
+	READ_KERN(sock, sk + AT_OFF_SK_SOCKET);
+	if (sock)
+		READ_KERN(file, sock + AT_OFF_SOCKET_FILE);
+	if (file)
+		READ_KERN(inode, file + AT_OFF_FILE_INODE);
+	if (inode)
+		READ_KERN(ino, inode + AT_OFF_INODE_INO);
+	return ino;
+}
+
 /* The listener's last depth, for the per-listener view. */
 static __always_inline void listener_seen(const void *lsk, u64 now, u32 depth)
 {
@@ -203,6 +220,7 @@ static __always_inline void listener_seen(const void *lsk, u64 now, u32 depth)
 		READ_KERN(family, lsk + AT_OFF_SK_FAMILY);
 		lzero.family = family;
 		lzero.port = sk_port(lsk);
+		lzero.ino = sk_inode(lsk);
 		listeners.update(&key, &lzero);
 		l = listeners.lookup(&key);
 	}

@@ -314,3 +314,78 @@ def test_synack_retransmit_known_answer(tracer):
     assert run["drops"]["synack_retransmits"] >= 1
     if run["meta"]["backend"] in ("fentry", "kprobe"):
         assert s["syn_retransmits"] == 0          # the client's SYN got through at once
+
+
+def test_reuseport_listeners_keep_their_own_figures(tracer):
+    """Two SO_REUSEPORT listeners on one port, backlogs 4 and 64 (a server's workers
+    each with its own socket, or a restart with another backlog): each listener's
+    backlog and queue peak are its own, matched with the kernel's ss by inode."""
+    from acceptrace.procnet import parse_ss_listeners
+
+    socks = []
+    for backlog in (4, 64):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("127.0.0.1", socks[0].getsockname()[1] if socks else 0))
+        s.listen(backlog)
+        socks.append(s)
+    port = socks[0].getsockname()[1]
+    inodes = [os.fstat(s.fileno()).st_ino for s in socks]
+    t = tracer(port).start()
+    clients = []
+    try:
+        for _ in range(24):  # none accepted: the 4-backlog listener overflows
+            c = socket.socket()
+            c.setblocking(False)
+            assert c.connect_ex(("127.0.0.1", port)) in (0, errno.EINPROGRESS)
+            clients.append(c)
+        time.sleep(1.5)
+        ss = parse_ss_listeners(subprocess.run(["ss", "-H", "-ltnme", f"sport = :{port}"],
+                                               capture_output=True, text=True).stdout)
+    finally:
+        assert t.stop() == 0, t.stderr
+        for c in clients:
+            c.close()
+        for s in socks:
+            s.close()
+    run = t.report()
+    got = {lst["inode"]: lst for lst in run["queues"]["listeners"]}
+    assert set(got) == set(inodes) == set(ss)
+    for ino, backlog in zip(inodes, (4, 64)):
+        assert got[ino]["backlog"] == ss[ino].send_q == backlog
+        # nothing was accepted: each queue's peak is its depth at the end
+        assert got[ino]["max_depth"] == got[ino]["depth_now"] == ss[ino].recv_q, (got, ss)
+    assert run["queues"]["backlog"] == 4  # the queue that fills first
+    assert sum(lst["max_depth"] for lst in got.values()) == run["connections"]["queued"]
+
+
+def test_process_is_named_by_its_program_not_the_accepting_thread(tracer):
+    """A server whose accept() runs in a thread named otherwise (tokio-rt-worker,
+    a Python worker thread): processes[].comm is the program's name."""
+    srv = listener(16)
+    port = srv.getsockname()[1]
+    n = 5
+
+    def acceptor() -> None:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, b"at-worker-thread", 0, 0, 0)  # PR_SET_NAME
+        for _ in range(n):
+            srv.accept()[0].close()
+
+    t = tracer(port).start()
+    try:
+        th = threading.Thread(target=acceptor)
+        th.start()
+        for _ in range(n):
+            socket.create_connection(("127.0.0.1", port)).close()
+        th.join(10)
+        time.sleep(0.2)
+    finally:
+        assert t.stop() == 0, t.stderr
+        srv.close()
+    run = t.report()
+    own = open("/proc/self/comm").read().strip()
+    assert [(p["pid"], p["comm"], p["accepted"]) for p in run["processes"]] == \
+        [(os.getpid(), own, n)]
+    assert own != "at-worker-thread"

@@ -157,7 +157,7 @@ def test_every_backend_test_list_names_real_tests():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     collected = set(proc.stdout.split())
     for t in ids:
-        assert t in collected or any(c.startswith(t + "::") for c in collected), t
+        assert t in collected or any(c.startswith((t + "::", t + "[")) for c in collected), t
 
 
 def test_start_summary_median_and_slowest():

@@ -30,6 +30,7 @@ class ListenerSnapshot:
     port: int
     max_backlog: int
     max_depth: int
+    inode: int = 0      # the socket's inode (0: not known), as sock_diag reports it
 
 
 @dataclass

@@ -349,7 +349,8 @@ class BccBackend:
         for k, v in self._listeners.items():
             snap.listeners.append(
                 ListenerSnapshot(
-                    int(k.value), int(v.family), int(v.port), int(v.max_backlog), int(v.max_depth)
+                    int(k.value), int(v.family), int(v.port), int(v.max_backlog),
+                    int(v.max_depth), int(v.ino)
                 )
             )
         return snap

@@ -110,6 +110,8 @@ class Listener:
     port: int
     backlog: int | None = None
     max_depth: int | None = None
+    inode: int | None = None      # the listening socket's inode (ss -e ino:, /proc/PID/fd)
+    depth_now: int | None = None  # accept-queue depth at the end of the run (ss Recv-Q)
 
 
 @dataclass

@@ -66,8 +66,10 @@ def _queues_table(run: Run) -> Table:
     t.add_row("SYN-queue length at enqueue", _depth(q.syn_queue_depth))
     for lst in q.listeners:
         addr = f"[{lst.address}]" if lst.family == "ipv6" else lst.address
-        t.add_row(f"listener {addr}:{lst.port}",
-                  f"backlog {lst.backlog if lst.backlog is not None else 'n/a'}")
+        peak = f", peak {lst.max_depth}" if lst.max_depth is not None else ""
+        t.add_row(f"listener {addr}:{lst.port}" + (f" (ino {lst.inode})"
+                                                    if lst.inode and len(q.listeners) > 1 else ""),
+                  f"backlog {lst.backlog if lst.backlog is not None else 'n/a'}{peak}")
     return t
 
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 from . import __version__, procnet
 from .backend import Backend, ConnRecord, KernelSnapshot
@@ -34,6 +35,15 @@ KERNEL_COUNTERS = (
     "TcpPassiveOpens",
 )
 QUEUE_HISTS = ("accept_queue_depth", "syn_queue_depth")
+
+
+def program_name(pid: int) -> str | None:
+    """The process's own name (its main thread's comm): the kernel records the name of
+    the thread that called accept(), e.g. tokio-rt-worker for a Rust server."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() or None
+    except OSError:
+        return None  # exited: the thread's name is all there is
 
 
 def us(ns: int | None) -> float | None:
@@ -355,11 +365,13 @@ class Session:
         run.queues.accept_queue_depth = snap.hists.get("accept_queue_depth")
         run.queues.syn_queue_depth = snap.hists.get("syn_queue_depth")
         run.queues.listeners = self._listeners(snap)
+        # The smallest limit: the queue that fills first (each listener's is in listeners).
         backlogs = [lst.backlog for lst in run.queues.listeners if lst.backlog is not None]
-        backlogs += [ls.max_backlog for ls in snap.listeners]
-        run.queues.backlog = max(backlogs) if backlogs else None
+        backlogs = backlogs or [ls.max_backlog for ls in snap.listeners]
+        run.queues.backlog = min(backlogs) if backlogs else None
         run.processes = sorted(
-            (ProcessCount(pid=p.pid, comm=p.comm, accepted=p.accepted) for p in snap.procs),
+            (ProcessCount(pid=p.pid, comm=program_name(p.pid) or p.comm, accepted=p.accepted)
+             for p in snap.procs),
             key=lambda p: (-p.accepted, p.pid),
         )
         run.slowest = [record_to_sample(r) for r in self.slowest.records()]
@@ -380,16 +392,23 @@ class Session:
         return run
 
     def _listeners(self, snap: KernelSnapshot) -> list[Listener]:
+        """The port's listeners (sock_diag), each with what the kernel programs saw of it,
+        matched by socket inode: several listeners on one port (SO_REUSEPORT, a server
+        restarted with another backlog) each keep their own figures."""
+        by_ino = {ls.inode: ls for ls in snap.listeners if ls.inode}
         out = []
         for st in self.listener_drops.last.values():
-            kern = [ls for ls in snap.listeners if family_name(ls.family) == st.family]
+            kern = by_ino.get(st.inode)
             out.append(
                 Listener(
                     family=st.family,
                     address=st.address,
                     port=st.port,
                     backlog=st.send_q,
-                    max_depth=kern[0].max_depth if len(kern) == 1 else None,
+                    # seen by sock_diag but no child was queued on it while traced: 0
+                    max_depth=kern.max_depth if kern is not None else 0,
+                    inode=st.inode or None,
+                    depth_now=st.recv_q,
                 )
             )
         return out
