@@ -248,7 +248,15 @@ def test_final_ack_overflow_is_told_apart(tracer):
             hold.hold(True)
             held = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
             hold.hold(False)
-            fill = [socket.create_connection(("127.0.0.1", port)) for _ in range(backlog + 1)]
+            # Non-blocking: if a held ACK's retransmit (~1 s after its SYN-ACK) wins the
+            # race on a slow machine, a fill SYN meets the full queue and is dropped at
+            # every retry (nobody accepts); the counts below stay exact either way.
+            fill = []
+            for _ in range(backlog + 1):
+                c = socket.socket()
+                c.setblocking(False)
+                assert c.connect_ex(("127.0.0.1", port)) in (0, errno.EINPROGRESS)
+                fill.append(c)
             time.sleep(3.5)  # SYN-ACK retransmits at ~1 s and ~3 s: clients re-ACK
             for c in held + fill:
                 # RST, not FIN: a FIN+ACK would meet the full queue again, and again
