@@ -120,6 +120,16 @@ static __always_inline void syn_outcome(const void *lsk, u8 what)
 		x->outcome |= what;
 }
 
+/* sk_acceptq_is_full() of a listener, read now. */
+static __always_inline u8 acceptq_full_now(const void *lsk)
+{
+	u32 backlog = 0, max_backlog = 0;
+
+	READ_KERN(backlog, lsk + AT_OFF_SK_ACK_BACKLOG);
+	READ_KERN(max_backlog, lsk + AT_OFF_SK_MAX_ACK_BACKLOG);
+	return backlog > max_backlog;
+}
+
 /*
  * tcp_conn_request() exit: attribute a dropped SYN to the test that dropped it.
  * The function returns 0 whatever happened; what it did is known from the
@@ -149,10 +159,14 @@ static __always_inline void on_syn_done(const void *lsk)
 #endif
 	if (dropped) {
 		/* Order of the tests in tcp_conn_request(): SYN queue first, where
-		 * syncookies (if on) rescue the SYN, then the accept queue. */
+		 * syncookies (if on) rescue the SYN, then the accept queue -- which a
+		 * final ACK on another CPU may have filled since the entry read it
+		 * (the listener is lockless): a dropped SYN meeting a full queue now
+		 * met it at the kernel's test too. */
 		if (x->synq_full && !x->syncookies)
 			count(AT_C_SYN_DROPPED_SYNQ);
-		else if (x->acceptq_full)
+		else if (x->acceptq_full || (AT_HOOK_INET_CSK_REQSK_QUEUE_HASH_ADD &&
+					     acceptq_full_now((const void *)x->lsk)))
 			count(AT_C_SYN_DROPPED_ACCEPTQ);
 		else if (x->synq_at_limit && !x->syncookies)
 			count(AT_C_SYN_DROPPED_SYNQ);
@@ -192,14 +206,19 @@ static __always_inline void on_ack_done(u32 v6, const void *child)
 	const u8 *head = NULL;
 	u16 nh = 0;
 
+	const void *lsk;
+
 	if (!r || !r->lsk)
 		return;
+	lsk = (const void *)r->lsk;
 	r->lsk = 0;
 	if (child)
 		return; /* the child is followed from the queue insert (on_queue_start) */
 	if (skb_ip_version((const void *)r->skb, &head, &nh) != (v6 ? 6 : 4))
 		return;
-	count(r->acceptq_full ? AT_C_ACK_OVERFLOW : AT_C_LISTEN_DROPS_OTHER);
+	/* Full at entry, or filled since by a child queued on another CPU (the
+	 * listener is lockless) before the function's own first test. */
+	count(r->acceptq_full || acceptq_full_now(lsk) ? AT_C_ACK_OVERFLOW : AT_C_LISTEN_DROPS_OTHER);
 }
 
 /* The 4-tuple of a child socket, keyed as its SYN was (v4-mapped peers as IPv4). */
