@@ -179,7 +179,6 @@ static __always_inline void on_syn_done(const void *lsk)
 /* tcp_v{4,6}_syn_recv_sock() entry: note what its exit needs.  `v6` picks the slot. */
 static __always_inline void on_ack_start(u32 v6, const void *lsk, const void *skb)
 {
-	u32 backlog = 0, max_backlog = 0;
 	struct at_rsctx *r = rsctx.lookup(&v6);
 
 	if (!r)
@@ -187,11 +186,9 @@ static __always_inline void on_ack_start(u32 v6, const void *lsk, const void *sk
 	r->lsk = 0;
 	if (!sk_is_ours(lsk, AT_TCP_LISTEN))
 		return;
-	READ_KERN(backlog, lsk + AT_OFF_SK_ACK_BACKLOG);
-	READ_KERN(max_backlog, lsk + AT_OFF_SK_MAX_ACK_BACKLOG);
 	r->lsk = (u64)lsk;
 	r->skb = (u64)skb;
-	r->acceptq_full = backlog > max_backlog;
+	r->acceptq_full = acceptq_full_now(lsk);
 }
 
 /*

@@ -76,7 +76,7 @@ class NetNamespace:
     """One network namespace: its inode, how the user named it, a process in it."""
 
     inode: int
-    label: str                 # "this namespace", "/run/netns/blue", "pid 4242's"
+    label: str                 # "acceptrace's own", "/run/netns/blue", "pid 4242's"
     path: str | None = None    # None: acceptrace's own
     pid: int | None = None
     _worker: _Worker | None = field(default=None, repr=False)
@@ -124,14 +124,14 @@ class NetNamespace:
 
 
 def open_netns(*, pid: int | None = None, path: str | None = None) -> NetNamespace:
-    """--pid PID or --netns NAME|PATH (at most one); UserError (one line) if it is not one."""
+    """--pid PID (validated by runner.parse_pid) or --netns NAME|PATH, at most one;
+    UserError (one line) if it is not a network namespace that can be entered."""
     if pid is not None and path is not None:
         raise UserError("--pid and --netns both name a network namespace: give one")
     if pid is None and path is None:
         return NetNamespace.own()
+    what = f"--pid {pid}" if pid is not None else f"--netns {path}"
     if pid is not None:
-        if pid <= 0:
-            raise UserError(f"--pid must be a positive process id, not {pid}")
         nspath = f"/proc/{pid}/ns/net"
         if not Path(f"/proc/{pid}").is_dir():
             raise UserError(f"--pid {pid}: no such process")
@@ -143,7 +143,6 @@ def open_netns(*, pid: int | None = None, path: str | None = None) -> NetNamespa
     try:
         inode = os.stat(nspath).st_ino
     except OSError as exc:
-        what = f"--pid {pid}" if pid is not None else f"--netns {path}"
         raise UserError(f"{what}: cannot open {nspath} ({exc.strerror})") from None
     if inode == own_inode():
         return NetNamespace(inode=inode, label=label + " (acceptrace's own)", pid=pid)
@@ -152,7 +151,6 @@ def open_netns(*, pid: int | None = None, path: str | None = None) -> NetNamespa
     try:
         worker.entered.result(timeout=10)
     except OSError as exc:
-        what = f"--pid {pid}" if pid is not None else f"--netns {path}"
         why = "not a network namespace" if exc.errno == 22 else exc.strerror
         raise UserError(f"{what}: cannot enter {nspath} ({why})") from None
     return NetNamespace(inode=inode, label=label, path=nspath, pid=pid, _worker=worker)
