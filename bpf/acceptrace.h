@@ -70,7 +70,20 @@ struct at_hist {
 	u64 buckets[AT_HIST_NBUCKETS]; /* bucket of (value / AT_HIST_SCALE[kind]) */
 };
 
-/* Histogram slots (index into the `hists` per-CPU array). */
+/* ------------------------------------------------------------------------
+ * Per-target rows.  Each traced listener (network namespace, port) has a
+ * target slot 0..AT_SLOTS-1 (the value of its `targets` map entry; AT_SLOTS is
+ * a -D define: how many this run holds, decided in tracer/selection.py).
+ *   hists:    AT_SLOTS rows of AT_H_COUNT, index slot * AT_H_COUNT + id
+ *   counters: AT_SLOTS + 1 rows of AT_C_COUNT, index slot * AT_C_COUNT + id;
+ *             row AT_SLOTS is run-wide (what belongs to no one listener:
+ *             AT_C_SOFTIRQ_BUSY, AT_C_PACKETS_UNSEEN)
+ * so the sum over the rows is the run's total and each row is exact for its
+ * listener.
+ * ------------------------------------------------------------------------ */
+#define AT_NO_SLOT 0xffffffffU
+
+/* Histogram ids (within a target's row of the `hists` per-CPU array). */
 enum at_hist_id {
 	AT_H_HANDSHAKE = 0,      /* queued - syn            (ns, bucketed in us) */
 	AT_H_ACCEPT_QUEUE = 1,   /* accepted - queued       (ns, bucketed in us) */
@@ -85,7 +98,7 @@ enum at_hist_id {
 	AT_H_COUNT = 10,
 };
 
-/* Counters (index into the `counters` per-CPU array). */
+/* Counter ids (within a row of the `counters` per-CPU array). */
 enum at_counter_id {
 	AT_C_QUEUED = 0,           /* children queued on a traced listener */
 	AT_C_SYN_TIMED = 1,        /* ... of which the SYN time was recovered */
@@ -129,6 +142,7 @@ struct at_conn {
 	u64 syn_ok_ns;     /* the SYN that got through (== syn_ns unless the client retransmitted) */
 	u32 requests;      /* dispatches on this connection (keep-alive, pipelining) */
 	u32 pid;           /* tgid of the accepting process */
+	u32 slot;          /* the target slot of its listener */
 	u16 family;        /* AF_INET / AF_INET6 */
 	u16 sport;         /* client port (host order) */
 	u16 dport;         /* server port (host order) */
@@ -172,7 +186,12 @@ struct at_sample {
 #define AT_SAMPLE_CLOSE 2
 #define AT_SAMPLE_RESPONSE 3
 
-/* Per-process accept counts, keyed by tgid. */
+/* Per-process accept counts, keyed by (tgid, target slot). */
+struct at_proc_key {
+	u32 tgid;
+	u32 slot;
+};
+
 struct at_proc {
 	u64 accepted;
 	char comm[16];
@@ -185,7 +204,7 @@ struct at_listener {
 	u32 max_depth;     /* largest sk_ack_backlog seen at enqueue */
 	u16 family;
 	u16 port;
-	u32 pad;
+	u32 slot;          /* its target slot */
 	u64 ino;           /* the socket's inode, as sock_diag and /proc/PID/fd show it */
 };
 

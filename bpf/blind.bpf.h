@@ -45,7 +45,7 @@ static __always_inline int on_softirq_entry(u32 vec)
 #endif
 	busy = active > 0 || kp;
 	if (busy)
-		count(AT_C_SOFTIRQ_BUSY);
+		count_run(AT_C_SOFTIRQ_BUSY);
 #if AT_COUNT_UNSEEN
 	if (vec == AT_NET_RX_SOFTIRQ) {
 		u32 *f = blind.lookup(&zero);
@@ -100,7 +100,7 @@ static __always_inline int on_netif_receive_skb(const void *skb)
 		return 0;
 	READ_KERN(dport_be, head + l4 + 2);
 	if (port_watched((u16)((dport_be >> 8) | (dport_be << 8))))
-		count(AT_C_PACKETS_UNSEEN);
+		count_run(AT_C_PACKETS_UNSEEN);
 	return 0;
 }
 #endif /* AT_COUNT_UNSEEN */

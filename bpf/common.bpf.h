@@ -26,13 +26,14 @@
 
 BPF_TABLE("lru_hash", u64, struct at_conn, conns, AT_CONN_MAX);
 BPF_TABLE("lru_hash", u64, struct at_listener, listeners, 256);
-BPF_TABLE("lru_hash", u32, struct at_proc, procs, 4096);
-BPF_PERCPU_ARRAY(hists, struct at_hist, AT_H_COUNT);
-BPF_PERCPU_ARRAY(counters, u64, AT_C_COUNT);
+BPF_TABLE("lru_hash", struct at_proc_key, struct at_proc, procs, 4096);
+/* One row per target slot (acceptrace.h: "Per-target rows"). */
+BPF_PERCPU_ARRAY(hists, struct at_hist, AT_SLOTS * AT_H_COUNT);
+BPF_PERCPU_ARRAY(counters, u64, (AT_SLOTS + 1) * AT_C_COUNT);
 /* [0]: a connection is sampled when its total (ns) is >= this; set by userspace. */
 BPF_ARRAY(sample_min, u64, 1);
 BPF_RINGBUF_OUTPUT(samples, AT_RINGBUF_PAGES);
-/* The traced listeners, (namespace, port) -> target id, and beside it one flag
+/* The traced listeners, (namespace, port) -> target slot, and beside it one flag
  * per port number: an array lookup (inlined by the verifier) that rejects the
  * sockets of every other port before any namespace is read.  Both are filled
  * by userspace (tracer/bpfloader.py set_targets). */
@@ -47,18 +48,39 @@ BPF_HASH(server_pids, u32, u8, 4096);
 
 #define READ_KERN(dst, ptr) bpf_probe_read_kernel(&(dst), sizeof(dst), (const void *)(ptr))
 
-static __always_inline void count(u32 id)
+/* Counter `id` of the listener in target slot `slot`. */
+static __always_inline void count(u32 slot, u32 id)
 {
-	u64 *c = counters.lookup(&id);
+	u32 k;
+	u64 *c;
+
+	if (slot >= AT_SLOTS)
+		return;
+	k = slot * AT_C_COUNT + id;
+	c = counters.lookup(&k);
 	if (c)
 		(*c)++;
 }
 
-static __always_inline void hist_add(u32 id, u64 raw, u64 scale)
+/* A run-wide counter: one that belongs to no single listener. */
+static __always_inline void count_run(u32 id)
 {
-	struct at_hist *h = hists.lookup(&id);
-	u32 b;
+	u32 k = AT_SLOTS * AT_C_COUNT + id;
+	u64 *c = counters.lookup(&k);
 
+	if (c)
+		(*c)++;
+}
+
+static __always_inline void hist_add(u32 slot, u32 id, u64 raw, u64 scale)
+{
+	struct at_hist *h;
+	u32 k, b;
+
+	if (slot >= AT_SLOTS)
+		return;
+	k = slot * AT_H_COUNT + id;
+	h = hists.lookup(&k);
 	if (!h)
 		return;
 	b = at_hist_bucket(raw / scale);
@@ -97,39 +119,44 @@ static __always_inline u32 sk_netns(const void *sk)
 	return inum;
 }
 
-/* A socket whose (namespace, local port) is a traced listener's. */
-static __always_inline int sk_watched(const void *sk)
+/* The target slot of a socket whose (namespace, local port) is a traced
+ * listener's; AT_NO_SLOT for every other socket. */
+static __always_inline u32 sk_slot(const void *sk)
 {
 	struct at_target t = {};
 	u16 num = 0;
+	u32 *slot;
 
 	READ_KERN(num, sk + AT_OFF_SK_NUM);
 	if (!port_watched(num))
-		return 0;
+		return AT_NO_SLOT;
 	t.netns = sk_netns(sk);
 	t.port = num;
-	return targets.lookup(&t) != NULL;
+	slot = targets.lookup(&t);
+	return slot ? *slot : AT_NO_SLOT;
 }
 
-/* A TCP socket of a traced listener, in the expected state (-1: any state). */
-static __always_inline int sk_is_ours(const void *sk, int state)
+/* The target slot of a TCP socket of a traced listener in the expected state
+ * (-1: any state); AT_NO_SLOT if it is not one. */
+static __always_inline u32 sk_target(const void *sk, int state)
 {
 	u16 family = 0;
 	u8 st = 0;
+	u32 slot = sk_slot(sk);
 
-	if (!sk_watched(sk))
-		return 0;
+	if (slot == AT_NO_SLOT)
+		return AT_NO_SLOT;
 	READ_KERN(family, sk + AT_OFF_SK_FAMILY);
 	if (family != AT_AF_INET && family != AT_AF_INET6)
-		return 0;
+		return AT_NO_SLOT;
 	if (!sk_protocol_is_tcp(sk))
-		return 0;
+		return AT_NO_SLOT;
 	if (state >= 0) {
 		READ_KERN(st, sk + AT_OFF_SK_STATE);
 		if (st != state)
-			return 0;
+			return AT_NO_SLOT;
 	}
-	return 1;
+	return slot;
 }
 
 /* The local port of a socket (host order). */
@@ -180,7 +207,7 @@ static __always_inline void maybe_sample(struct at_conn *c, u64 reason)
 		return;
 	s = samples.ringbuf_reserve(sizeof(struct at_sample));
 	if (!s) {
-		count(AT_C_LOST_EVENTS);
+		count(c->slot, AT_C_LOST_EVENTS);
 		return;
 	}
 	c->sampled = 1;
@@ -207,7 +234,7 @@ static __always_inline u64 sk_inode(const void *sk)
 }
 
 /* The listener's last depth, for the per-listener view. */
-static __always_inline void listener_seen(const void *lsk, u64 now, u32 depth)
+static __always_inline void listener_seen(const void *lsk, u32 slot, u64 now, u32 depth)
 {
 	u64 key = (u64)lsk;
 	u32 max_backlog = 0;
@@ -221,6 +248,7 @@ static __always_inline void listener_seen(const void *lsk, u64 now, u32 depth)
 		lzero.family = family;
 		lzero.port = sk_port(lsk);
 		lzero.ino = sk_inode(lsk);
+		lzero.slot = slot;
 		listeners.update(&key, &lzero);
 		l = listeners.lookup(&key);
 	}
@@ -233,38 +261,44 @@ static __always_inline void listener_seen(const void *lsk, u64 now, u32 depth)
 }
 
 /* A child was put on the listener's accept queue: the queue depths now. */
-static __always_inline void queue_depths(const void *lsk, u64 now)
+static __always_inline void queue_depths(const void *lsk, u32 slot, u64 now)
 {
 	u32 depth = 0;
 	int qlen = 0;
 
 	READ_KERN(depth, lsk + AT_OFF_SK_ACK_BACKLOG);
 	READ_KERN(qlen, lsk + AT_OFF_ICSK_ACCEPTQ_QLEN);
-	count(AT_C_QUEUED);
-	hist_add(AT_H_ACCEPTQ_DEPTH, depth, 1);
-	hist_add(AT_H_SYNQ_DEPTH, qlen > 0 ? (u64)qlen : 0, 1);
-	listener_seen(lsk, now, depth);
+	count(slot, AT_C_QUEUED);
+	hist_add(slot, AT_H_ACCEPTQ_DEPTH, depth, 1);
+	hist_add(slot, AT_H_SYNQ_DEPTH, qlen > 0 ? (u64)qlen : 0, 1);
+	listener_seen(lsk, slot, now, depth);
 }
 
 /* accept() returned child `sk` of a traced listener, in the accepting task. */
 static __always_inline void on_accepted(const void *sk)
 {
 	u64 now, key;
-	u32 tgid;
+	u32 tgid, slot;
 	struct at_conn *c, zero = {};
 	struct at_proc *p, pzero = {};
+	struct at_proc_key pk = {};
 
-	if (!sk || !sk_is_ours(sk, -1))
+	if (!sk)
+		return;
+	slot = sk_target(sk, -1);
+	if (slot == AT_NO_SLOT)
 		return;
 	now = bpf_ktime_get_ns();
 	tgid = bpf_get_current_pid_tgid() >> 32;
-	count(AT_C_ACCEPTED);
+	count(slot, AT_C_ACCEPTED);
 
-	p = procs.lookup(&tgid);
+	pk.tgid = tgid;
+	pk.slot = slot;
+	p = procs.lookup(&pk);
 	if (!p) {
 		bpf_get_current_comm(pzero.comm, sizeof(pzero.comm));
-		procs.update(&tgid, &pzero);
-		p = procs.lookup(&tgid);
+		procs.update(&pk, &pzero);
+		p = procs.lookup(&pk);
 	}
 	if (p)
 		__sync_fetch_and_add(&p->accepted, 1);
@@ -273,9 +307,10 @@ static __always_inline void on_accepted(const void *sk)
 	c = conns.lookup(&key);
 	if (!c || !c->queued_ns || c->accepted_ns) {
 		/* Queued before we attached, or evicted from the LRU map. */
-		count(AT_C_ACCEPT_UNTRACKED);
+		count(slot, AT_C_ACCEPT_UNTRACKED);
 		zero.accepted_ns = now;
 		zero.pid = tgid;
+		zero.slot = slot;
 		bpf_get_current_comm(zero.comm, sizeof(zero.comm));
 		conn_tuple_from_sk(&zero, sk);
 		conns.update(&key, &zero);
@@ -285,10 +320,10 @@ static __always_inline void on_accepted(const void *sk)
 	c->pid = tgid;
 	bpf_get_current_comm(c->comm, sizeof(c->comm));
 	if (c->syn_ns == 0 && c->syncookie == 0)
-		count(AT_C_QUEUE_MISSED);
-	hist_add(AT_H_ACCEPT_QUEUE, now - c->queued_ns, 1000);
+		count(slot, AT_C_QUEUE_MISSED);
+	hist_add(slot, AT_H_ACCEPT_QUEUE, now - c->queued_ns, 1000);
 	if (c->syn_ns)
-		hist_add(AT_H_SYN_TO_ACCEPT, now - c->syn_ns, 1000);
+		hist_add(slot, AT_H_SYN_TO_ACCEPT, now - c->syn_ns, 1000);
 }
 
 /* A read of `ret` bytes from socket `sk` (any socket: the port is checked
@@ -312,8 +347,8 @@ static __always_inline void on_read(const void *sk, long ret)
 		return;
 	now = bpf_ktime_get_ns();
 	c->first_read_ns = now;
-	count(AT_C_READ);
-	hist_add(AT_H_ACCEPT_TO_READ, now - c->accepted_ns, 1000);
+	count(c->slot, AT_C_READ);
+	hist_add(c->slot, AT_H_ACCEPT_TO_READ, now - c->accepted_ns, 1000);
 #if !AT_DISPATCH
 	/* Without dispatch tracing the connection's story ends here. */
 	if (c->queued_ns)
@@ -358,18 +393,18 @@ static __always_inline int on_dispatch(void)
 	c = conns.lookup(&key);
 	if (!c || !c->accepted_ns)
 		return 0;
-	count(AT_C_REQUESTS);
+	count(c->slot, AT_C_REQUESTS);
 	c->requests++;
 	if (c->dispatch_ns)
 		return 0; /* keep-alive or pipelined: the stage is the first dispatch */
 	now = bpf_ktime_get_ns();
 	c->dispatch_ns = now;
-	count(AT_C_DISPATCHED);
-	hist_add(AT_H_ACCEPT_TO_DISPATCH, now - c->accepted_ns, 1000);
+	count(c->slot, AT_C_DISPATCHED);
+	hist_add(c->slot, AT_H_ACCEPT_TO_DISPATCH, now - c->accepted_ns, 1000);
 	if (c->first_read_ns && now >= c->first_read_ns)
-		hist_add(AT_H_READ_TO_DISPATCH, now - c->first_read_ns, 1000);
+		hist_add(c->slot, AT_H_READ_TO_DISPATCH, now - c->first_read_ns, 1000);
 	if (c->syn_ns)
-		hist_add(AT_H_SYN_TO_DISPATCH, now - c->syn_ns, 1000);
+		hist_add(c->slot, AT_H_SYN_TO_DISPATCH, now - c->syn_ns, 1000);
 	return 0;
 }
 
@@ -387,8 +422,8 @@ static __always_inline void on_send(const void *sk, long ret)
 		return;
 	now = bpf_ktime_get_ns();
 	c->response_ns = now;
-	count(AT_C_RESPONDED);
-	hist_add(AT_H_DISPATCH_TO_RESPONSE, now - c->dispatch_ns, 1000);
+	count(c->slot, AT_C_RESPONDED);
+	hist_add(c->slot, AT_H_DISPATCH_TO_RESPONSE, now - c->dispatch_ns, 1000);
 	if (c->queued_ns)
 		maybe_sample(c, AT_SAMPLE_RESPONSE);
 }
@@ -404,8 +439,8 @@ int on_dispatch_uprobe(struct pt_regs *ctx)
  * skaddr is the listener, sport its port). */
 static __always_inline void on_synack_retransmit(const void *lsk, u16 sport)
 {
-	if (port_watched(sport) && sk_watched(lsk))
-		count(AT_C_SYNACK_RETRANS);
+	if (port_watched(sport))
+		count(sk_slot(lsk), AT_C_SYNACK_RETRANS);
 }
 
 /* sock:sock_recv_length / sock:sock_send_length (6.3+): every backend prefers

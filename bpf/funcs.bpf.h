@@ -33,6 +33,8 @@ BPF_TABLE("lru_hash", struct at_tuple, struct at_syn, syns, AT_CONN_MAX);
 struct at_synctx {
 	u64 lsk;          /* the listener, 0: no SYN of ours in progress */
 	u64 now;
+	u32 slot;         /* its target slot */
+	u32 pad0;
 	struct at_tuple t;
 	u8 synq_full;     /* inet_csk_reqsk_queue_is_full() at entry */
 	u8 synq_at_limit; /* qlen >= max: full by the older kernels' test */
@@ -51,8 +53,9 @@ BPF_PERCPU_ARRAY(synctx, struct at_synctx, 1);
 struct at_rsctx {
 	u64 lsk;
 	u64 skb;
+	u32 slot;
 	u8 acceptq_full;
-	u8 pad[7];
+	u8 pad[3];
 };
 BPF_PERCPU_ARRAY(rsctx, struct at_rsctx, 2);
 
@@ -71,8 +74,9 @@ static __always_inline void on_syn(const void *lsk, const void *skb)
 	const void *net = NULL;
 	struct at_synctx *x;
 	struct at_syn *s, snew = {};
+	u32 slot = sk_target(lsk, AT_TCP_LISTEN);
 
-	if (!sk_is_ours(lsk, AT_TCP_LISTEN))
+	if (slot == AT_NO_SLOT)
 		return;
 	x = synctx.lookup(&zero);
 	if (!x)
@@ -80,7 +84,8 @@ static __always_inline void on_syn(const void *lsk, const void *skb)
 	__builtin_memset(x, 0, sizeof(*x));
 	x->lsk = (u64)lsk;
 	x->now = bpf_ktime_get_ns();
-	count(AT_C_SYNS);
+	x->slot = slot;
+	count(slot, AT_C_SYNS);
 
 	/* The two tests tcp_conn_request() makes, as it makes them. */
 	READ_KERN(qlen, lsk + AT_OFF_ICSK_ACCEPTQ_QLEN);
@@ -146,7 +151,7 @@ static __always_inline void on_syn_done(const void *lsk)
 	if (!x || !x->lsk || (lsk && x->lsk != (u64)lsk))
 		return;
 	if (x->outcome & AT_OUT_COOKIE) {
-		count(AT_C_SYNCOOKIES_SENT);
+		count(x->slot, AT_C_SYNCOOKIES_SENT);
 		s = syns.lookup(&x->t);
 		if (s)
 			s->cookie = 1;
@@ -164,14 +169,14 @@ static __always_inline void on_syn_done(const void *lsk)
 		 * (the listener is lockless): a dropped SYN meeting a full queue now
 		 * met it at the kernel's test too. */
 		if (x->synq_full && !x->syncookies)
-			count(AT_C_SYN_DROPPED_SYNQ);
+			count(x->slot, AT_C_SYN_DROPPED_SYNQ);
 		else if (x->acceptq_full || (AT_HOOK_INET_CSK_REQSK_QUEUE_HASH_ADD &&
 					     acceptq_full_now((const void *)x->lsk)))
-			count(AT_C_SYN_DROPPED_ACCEPTQ);
+			count(x->slot, AT_C_SYN_DROPPED_ACCEPTQ);
 		else if (x->synq_at_limit && !x->syncookies)
-			count(AT_C_SYN_DROPPED_SYNQ);
+			count(x->slot, AT_C_SYN_DROPPED_SYNQ);
 		else
-			count(AT_C_LISTEN_DROPS_OTHER);
+			count(x->slot, AT_C_LISTEN_DROPS_OTHER);
 	}
 	x->lsk = 0;
 }
@@ -180,13 +185,16 @@ static __always_inline void on_syn_done(const void *lsk)
 static __always_inline void on_ack_start(u32 v6, const void *lsk, const void *skb)
 {
 	struct at_rsctx *r = rsctx.lookup(&v6);
+	u32 slot;
 
 	if (!r)
 		return;
 	r->lsk = 0;
-	if (!sk_is_ours(lsk, AT_TCP_LISTEN))
+	slot = sk_target(lsk, AT_TCP_LISTEN);
+	if (slot == AT_NO_SLOT)
 		return;
 	r->lsk = (u64)lsk;
+	r->slot = slot;
 	r->skb = (u64)skb;
 	r->acceptq_full = acceptq_full_now(lsk);
 }
@@ -215,7 +223,8 @@ static __always_inline void on_ack_done(u32 v6, const void *child)
 		return;
 	/* Full at entry, or filled since by a child queued on another CPU (the
 	 * listener is lockless) before the function's own first test. */
-	count(r->acceptq_full || acceptq_full_now(lsk) ? AT_C_ACK_OVERFLOW : AT_C_LISTEN_DROPS_OTHER);
+	count(r->slot,
+	      r->acceptq_full || acceptq_full_now(lsk) ? AT_C_ACK_OVERFLOW : AT_C_LISTEN_DROPS_OTHER);
 }
 
 /* The 4-tuple of a child socket, keyed as its SYN was (v4-mapped peers as IPv4). */
@@ -260,8 +269,12 @@ static __always_inline void on_queue_start(const void *lsk, const void *req, con
 	struct at_syn *s;
 	struct at_conn c = {}, *old;
 	u64 key = (u64)child, now;
+	u32 slot;
 
-	if (!child || !sk_is_ours(lsk, AT_TCP_LISTEN))
+	if (!child)
+		return;
+	slot = sk_target(lsk, AT_TCP_LISTEN);
+	if (slot == AT_NO_SLOT)
 		return;
 	now = bpf_ktime_get_ns();
 	old = conns.lookup(&key);
@@ -269,6 +282,7 @@ static __always_inline void on_queue_start(const void *lsk, const void *req, con
 		return; /* queue_add called from the hashdance: the outer entry did it */
 	sk_tuple(child, &t);
 	c.queued_ns = now;
+	c.slot = slot;
 	c.family = t.family == 6 ? AT_AF_INET6 : AT_AF_INET;
 	__builtin_memcpy(c.saddr, t.saddr, 16);
 	__builtin_memcpy(c.daddr, t.daddr, 16);
@@ -301,9 +315,12 @@ static __always_inline void on_queue_done(const void *lsk, const void *child, co
 	struct at_conn *c;
 	struct at_qmark *m;
 	u64 key = (u64)child, now;
-	u32 zero = 0;
+	u32 zero = 0, slot;
 
-	if (!child || !sk_is_ours(lsk, AT_TCP_LISTEN))
+	if (!child)
+		return;
+	slot = sk_target(lsk, AT_TCP_LISTEN);
+	if (slot == AT_NO_SLOT)
 		return;
 	now = bpf_ktime_get_ns();
 	m = qmark.lookup(&zero);
@@ -323,16 +340,16 @@ static __always_inline void on_queue_done(const void *lsk, const void *child, co
 		return;
 	}
 	syn_outcome(lsk, AT_OUT_CHILD); /* Fast Open: queued from tcp_conn_request */
-	queue_depths(lsk, now);
+	queue_depths(lsk, slot, now);
 	if (!c || !(c->flags & AT_CONN_SYN_SEEN))
 		return;
-	count(AT_C_SYN_TIMED);
+	count(slot, AT_C_SYN_TIMED);
 	if (c->syn_retrans)
-		count(AT_C_SYN_RETRIED);
+		count(slot, AT_C_SYN_RETRIED);
 	if (c->syncookie)
-		count(AT_C_SYNCOOKIE);
+		count(slot, AT_C_SYNCOOKIE);
 	if (c->queued_ns >= c->syn_ok_ns)
-		hist_add(AT_H_HANDSHAKE, c->queued_ns - c->syn_ok_ns, 1000);
+		hist_add(slot, AT_H_HANDSHAKE, c->queued_ns - c->syn_ok_ns, 1000);
 }
 
 /* sock:inet_sock_set_state: a child of a traced listener closed. */

@@ -27,11 +27,15 @@ static __always_inline int on_data_ready(const void *lsk, u16 protocol)
 	u64 now, key, snt_us = 0;
 	u8 retrans = 0;
 	struct at_conn *c, zero = {};
+	u32 slot;
 
-	if (protocol != AT_IPPROTO_TCP || !sk_is_ours(lsk, AT_TCP_LISTEN))
+	if (protocol != AT_IPPROTO_TCP)
+		return 0;
+	slot = sk_target(lsk, AT_TCP_LISTEN);
+	if (slot == AT_NO_SLOT)
 		return 0;
 	now = bpf_ktime_get_ns();
-	queue_depths(lsk, now);
+	queue_depths(lsk, slot, now);
 
 	READ_KERN(req, lsk + AT_OFF_ICSK_ACCEPTQ_TAIL);
 	if (!req)
@@ -55,25 +59,26 @@ static __always_inline int on_data_ready(const void *lsk, u16 protocol)
 			return 0; /* the tail is stale: this child was accepted already */
 		/* Accepted on another CPU between the enqueue and this event (an
 		 * accept loop): it waited no time in the queue. */
-		count(AT_C_ACCEPT_EARLY);
+		count(slot, AT_C_ACCEPT_EARLY);
 		now = c->accepted_ns;
-		hist_add(AT_H_ACCEPT_QUEUE, 0, 1000);
+		hist_add(slot, AT_H_ACCEPT_QUEUE, 0, 1000);
 		if (snt_us && snt_us * 1000 <= now)
-			hist_add(AT_H_SYN_TO_ACCEPT, now - snt_us * 1000, 1000);
+			hist_add(slot, AT_H_SYN_TO_ACCEPT, now - snt_us * 1000, 1000);
 	}
 	conn_tuple_from_sk(c, child);
 	c->queued_ns = now;
+	c->slot = slot;
 	c->synack_retrans = retrans;
 	if (snt_us && snt_us * 1000 <= now) {
 		c->syn_ns = snt_us * 1000;
 		c->syn_ok_ns = c->syn_ns;
 		c->syncookie = 0;
-		count(AT_C_SYN_TIMED);
-		hist_add(AT_H_HANDSHAKE, now - c->syn_ns, 1000);
+		count(slot, AT_C_SYN_TIMED);
+		hist_add(slot, AT_H_HANDSHAKE, now - c->syn_ns, 1000);
 	} else if (!snt_us) {
 		c->syn_ns = 0;
 		c->syncookie = 1;
-		count(AT_C_SYNCOOKIE);
+		count(slot, AT_C_SYNCOOKIE);
 	}
 	return 0;
 }
@@ -89,6 +94,7 @@ static __always_inline int on_state_change(const void *sk, u16 protocol, u16 spo
 {
 	u64 key = (u64)sk;
 	struct at_conn *c, zero = {};
+	u32 slot;
 
 	/* Our connections are the server side: the local port is a traced one. */
 	if (protocol != AT_IPPROTO_TCP || !port_watched(sport))
@@ -97,12 +103,16 @@ static __always_inline int on_state_change(const void *sk, u16 protocol, u16 spo
 		on_close(sk);
 		return 0;
 	}
-	if (oldstate != AT_TCP_SYN_RECV || newstate != AT_TCP_ESTABLISHED || !sk_watched(sk))
+	if (oldstate != AT_TCP_SYN_RECV || newstate != AT_TCP_ESTABLISHED)
+		return 0;
+	slot = sk_slot(sk);
+	if (slot == AT_NO_SLOT)
 		return 0;
 	c = conns.lookup(&key);
 	if (c)
 		return 0;
 	zero.queued_ns = bpf_ktime_get_ns();
+	zero.slot = slot;
 	zero.syncookie = 0;
 	conn_tuple_from_sk(&zero, sk);
 	conns.update(&key, &zero);
@@ -152,9 +162,12 @@ static __always_inline int on_accept_exit(long ret)
  */
 static __always_inline int on_kfree_skb(u32 reason, const void *rx_sk)
 {
-	if (reason != AT_DROP_REASON_LISTEN_OVERFLOW || !rx_sk || !sk_is_ours(rx_sk, AT_TCP_LISTEN))
+	u32 slot;
+
+	if (reason != AT_DROP_REASON_LISTEN_OVERFLOW || !rx_sk)
 		return 0;
-	count(AT_C_ACK_OVERFLOW);
+	slot = sk_target(rx_sk, AT_TCP_LISTEN);
+	count(slot, AT_C_ACK_OVERFLOW); /* count() ignores AT_NO_SLOT */
 	return 0;
 }
 #endif

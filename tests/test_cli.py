@@ -45,13 +45,17 @@ def test_unknown_option_is_one_line():
     assert_one_line_error(run_cli("--prot", "80"), "--prot")
 
 
-def test_missing_port_shows_help_and_error():
-    res = run_cli()
-    assert res.returncode != 0
-    assert "Usage" in res.stdout
+def test_all_namespaces_with_one_namespace_is_one_line():
+    res = run_cli("--all-namespaces", "--pid", "1")
+    assert res.returncode == 2
     assert res.stderr.strip() == (
-        "acceptrace: missing --port: which listening port should be traced?"
-    )
+        "acceptrace: --all-namespaces traces every namespace: leave out --pid and --netns")
+
+
+def test_help_shows_every_listener_mode():
+    res = run_cli("--help")
+    assert res.returncode == 0
+    assert "every TCP listener" in res.stdout and "--all-namespaces" in res.stdout
 
 
 def test_report_of_missing_and_bad_files(tmp_path):

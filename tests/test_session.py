@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from acceptrace import session as S
-from acceptrace.backend import ConnRecord, KernelSnapshot, ListenerSnapshot, ProcSnapshot
+from acceptrace.backend import (
+    ConnRecord,
+    KernelSnapshot,
+    ListenerSnapshot,
+    ProcSnapshot,
+    TargetSnapshot,
+)
 from acceptrace.hist import Histogram
 from acceptrace.procnet import ListenerStats
 
@@ -15,6 +21,7 @@ class FakeBackend:
 
     dispatch = False
     dispatch_targets: list = []
+    slots = 1
     busy_counted = False
     unseen_counted = False
 
@@ -38,7 +45,7 @@ class FakeBackend:
     def set_sample_threshold(self, total_ns: int) -> None:
         self.thresholds.append(total_ns)
 
-    def set_targets(self, targets: list[tuple[int, int]]) -> None:
+    def set_targets(self, targets: dict[tuple[int, int], int]) -> None:
         self.targets = targets
 
     def close(self) -> None:
@@ -52,12 +59,12 @@ def snap(queued: int, accepted: int, ack: int, waits_us: list[int]) -> KernelSna
     depth = Histogram.empty("connections")
     for d in range(1, queued + 1):
         depth.add(min(d, 3))
-    return KernelSnapshot(
+    return KernelSnapshot(targets={0: TargetSnapshot(
         hists={"accept_queue": h, "accept_queue_depth": depth},
         counters={"queued": queued, "accepted": accepted, "ack_overflow": ack, "syn_timed": queued},
         procs=[ProcSnapshot(42, "server", accepted)],
         listeners=[ListenerSnapshot(1, 2, 8000, 2, 3)],
-    )
+    )})
 
 
 def rec(syn: int | None, queued: int, accepted: int, read: int | None = None) -> ConnRecord:
@@ -78,6 +85,8 @@ def make_session(monkeypatch, backend, drops: list[int],
         """The traced namespace's kernel figures, scripted."""
 
         inode = 4026531840
+        is_own = True
+        label = "test"
         listener_drops = staticmethod(fake_listener_drops)
 
         @staticmethod
@@ -155,7 +164,7 @@ def test_slowest_keeps_the_n_slowest_and_raises_threshold(monkeypatch):
     sess.add_records([rec(1000, 2000, 10_000), rec(1000, 2000, 5_000)])
     assert be.thresholds[-1] == 4_000 + 1  # list full: only slower than 4 us from now
     sess.add_records([rec(None, 2000, 100_000, 100_500), rec(1000, 2000, 3_000)])
-    out = sess.slowest.records()
+    out = sess.targets[(4026531840, 8000)].slowest.records()
     assert [S.record_total_ns(r) for r in out] == [98_500, 9_000]
     assert be.thresholds[-1] == 9_001
     sample = S.record_to_sample(out[0])
@@ -173,7 +182,7 @@ def test_span_rejects_unordered():
 def exact_snap(syn_acc: int, synq: int, cookies: int, ack: int, other: int,
                retried: int) -> KernelSnapshot:
     s = snap(3, 1, ack, [100])
-    s.counters.update({
+    s.targets[0].counters.update({
         "syn_dropped_acceptq_full": syn_acc, "syn_dropped_synq_full": synq,
         "syncookies_sent": cookies, "listen_drops_other": other, "syn_retried": retried,
     })

@@ -34,13 +34,25 @@ class ListenerSnapshot:
 
 
 @dataclass
-class KernelSnapshot:
-    """Cumulative kernel-side aggregates since the programs were loaded."""
+class TargetSnapshot:
+    """One traced listener's (namespace, port) cumulative kernel aggregates: its row
+    of the per-target maps (bpf/acceptrace.h, "Per-target rows")."""
 
     hists: dict[str, Histogram] = field(default_factory=dict)  # stage or queue name -> hist
     counters: dict[str, int] = field(default_factory=dict)
     procs: list[ProcSnapshot] = field(default_factory=list)
     listeners: list[ListenerSnapshot] = field(default_factory=list)
+
+
+@dataclass
+class KernelSnapshot:
+    """Cumulative kernel-side aggregates since the programs were loaded."""
+
+    targets: dict[int, TargetSnapshot] = field(default_factory=dict)  # by target slot
+    counters: dict[str, int] = field(default_factory=dict)  # the run-wide row
+
+    def target(self, slot: int) -> TargetSnapshot:
+        return self.targets.get(slot) or TargetSnapshot()
 
 
 @dataclass
@@ -65,12 +77,14 @@ class ConnRecord:
     requests: int = 0
     syn_ok_ns: int | None = None        # the SYN that got through (fentry/kprobe)
     syn_retransmits: int | None = None  # client SYNs before that one; None: not seen
+    slot: int = 0                       # the target slot of its listener
 
 
 class Backend(Protocol):
     """Everything the session, the run loop and doctor use of a loaded backend."""
 
     name: str
+    slots: int                  # how many targets the programs hold (AT_SLOTS)
     hooks: list[str]            # the attach points that really attached (meta.hooks)
     notes: list[str]
     dispatch: bool              # compiled with the dispatch hooks
@@ -96,8 +110,9 @@ class Backend(Protocol):
     def unseen_counted(self) -> bool:
         """... and the traced ports' packets in blind softirqs (extra.packets_unseen)."""
 
-    def set_targets(self, targets: list[tuple[int, int]]) -> None:
-        """Trace these (network namespace inode, port) listeners from now on."""
+    def set_targets(self, targets: dict[tuple[int, int], int]) -> None:
+        """Trace these (network namespace inode, port) listeners from now on, each
+        counted in its target slot (0 .. slots-1)."""
 
     def snapshot(self) -> KernelSnapshot: ...
 

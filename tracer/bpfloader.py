@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import layout as L
-from .backend import ConnRecord, KernelSnapshot, ListenerSnapshot, ProcSnapshot
+from .backend import ConnRecord, KernelSnapshot, ListenerSnapshot, ProcSnapshot, TargetSnapshot
 from .errors import KernelRefused, UserError
 from .hist import NBUCKETS, Histogram
 from .hooks import ATTACH_KPROBE, Plan
@@ -178,8 +178,15 @@ class BccBackend:
         self.dispatch_targets: list[DispatchTarget] = []
         self.hooks: list[str] = []
         self.defines = plan.defines()
+        self.slots = plan.slots
         self._pending: list[ConnRecord] = []
         self._ports: set[int] = set()
+        self._slots_used: set[int] = set()
+        # rows whose counters moved in one of the last two snapshots: their
+        # histograms are read again (a program counts, then adds to a histogram)
+        self._dirty: dict[int, int] = {}
+        self._last_rows: dict[int, tuple[int, ...]] = {}
+        self._last_hists: dict[int, dict[str, Histogram]] = {}
         self.bpf: Any = bpf
         try:
             self._attach()
@@ -237,14 +244,19 @@ class BccBackend:
                     raise UserError(f"kprobe on {hook.point} failed: {msg}") from exc
                 self.plan.lose(hook.name, f"kprobe on {hook.point} failed ({msg}): {hook.why}")
 
-    def set_targets(self, targets: list[tuple[int, int]]) -> None:
-        """Trace the listeners of these (network namespace inode, port) pairs, from now on."""
-        want = {(int(ns), int(port)) for ns, port in targets}
+    def set_targets(self, targets: dict[tuple[int, int], int]) -> None:
+        """Trace the listeners of these (network namespace inode, port) pairs, from now
+        on, each in its target slot."""
+        want = {(int(ns), int(port)): int(slot) for (ns, port), slot in targets.items()}
+        for slot in want.values():
+            if not 0 <= slot < self.slots:
+                raise ValueError(f"target slot {slot} outside 0..{self.slots - 1}")
         for k in list(self._targets.keys()):
             if (int(k.netns), int(k.port)) not in want:
                 del self._targets[k]
-        for i, (ns, port) in enumerate(sorted(want)):
-            self._targets[self._targets.Key(netns=ns, port=port, pad=0)] = ct.c_uint32(i)
+        for (ns, port), slot in want.items():
+            self._targets[self._targets.Key(netns=ns, port=port, pad=0)] = ct.c_uint32(slot)
+        self._slots_used |= set(want.values())
         ports = {port for _, port in want}
         for port in self._ports - ports:
             self._watched[ct.c_int(port)] = ct.c_uint8(0)
@@ -281,6 +293,7 @@ class BccBackend:
                 requests=int(c.requests),
                 syn_ok_ns=ts(c.syn_ok_ns),
                 syn_retransmits=int(c.syn_retrans) if syn_seen else None,
+                slot=int(c.slot),
             )
         )
 
@@ -314,8 +327,8 @@ class BccBackend:
         self._sample_min[ct.c_int(0)] = ct.c_uint64(max(0, int(total_ns)))
 
     # -- maps ------------------------------------------------------------------------
-    def _read_hist(self, hid: int, unit: str, scale: int) -> Histogram:
-        percpu = self._hists[ct.c_int(hid)]
+    def _read_hist(self, index: int, unit: str, scale: int) -> Histogram:
+        percpu = self._hists[ct.c_int(index)]
         count = total = 0
         lo: int | None = None
         hi = 0
@@ -327,32 +340,69 @@ class BccBackend:
             total += h.sum
             lo = h.min if lo is None else min(lo, h.min)
             hi = max(hi, h.max)
-            hb = h.buckets
-            for i in range(NBUCKETS):
-                if hb[i]:
-                    buckets[i] += hb[i]
+            for i, n in enumerate(h.buckets):
+                if n:
+                    buckets[i] += n
         return Histogram.from_kernel(unit, count, total, lo or 0, hi, buckets, scale)
 
-    def snapshot(self) -> KernelSnapshot:
-        snap = KernelSnapshot()
-        hists = dict(HIST_NAMES)
+    def _counter_rows(self) -> dict[int, tuple[int, ...]]:
+        """Every row of the counters array, summed over CPUs: one batch lookup where the
+        kernel has it (5.6+), else one lookup per entry."""
+        flat: dict[int, int] = {}
+        try:
+            for k, v in self._counters.items_lookup_batch():
+                flat[int(k.value)] = int(sum(v))
+        except Exception:  # noqa: BLE001 - bcc raises plain Exception; older kernels
+            rows = sorted(self._slots_used) + [self.slots]
+            for slot in rows:
+                for cid in COUNTER_NAMES:
+                    i = L.counter_index(slot, cid)
+                    flat[i] = int(sum(self._counters[ct.c_int(i)]))
+        out: dict[int, tuple[int, ...]] = {}
+        for slot in sorted(self._slots_used) + [self.slots]:
+            out[slot] = tuple(flat.get(L.counter_index(slot, cid), 0) for cid in range(L.C_COUNT))
+        return out
+
+    def snapshot(self, full: bool = False) -> KernelSnapshot:
+        """The kernel's aggregates now.  A target's histograms are read only when its
+        counters moved in this or the previous snapshot (or ``full``): every program
+        that adds to a histogram also counts in the same row, so an idle listener's
+        histograms are those already read, and 50 idle listeners cost 50 rows of
+        counters, not 500 histogram lookups."""
+        names = dict(HIST_NAMES)
         if self.dispatch:
-            hists.update(DISPATCH_HIST_NAMES)
-        for hid, (name, unit, scale) in hists.items():
-            snap.hists[name] = self._read_hist(hid, unit, scale)
-        for cid, name in COUNTER_NAMES.items():
-            snap.counters[name] = int(sum(self._counters[ct.c_int(cid)]))
+            names.update(DISPATCH_HIST_NAMES)
+        rows = self._counter_rows()
+        snap = KernelSnapshot(counters={
+            name: rows[self.slots][cid] for cid, name in COUNTER_NAMES.items()})
+        for slot in sorted(self._slots_used):
+            row = rows[slot]
+            if row != self._last_rows.get(slot):
+                self._dirty[slot] = 2
+            if full or self._dirty.get(slot, 0) > 0 or slot not in self._last_hists:
+                self._last_hists[slot] = {
+                    name: self._read_hist(L.hist_index(slot, hid), unit, scale)
+                    for hid, (name, unit, scale) in names.items()}
+                self._dirty[slot] = self._dirty.get(slot, 0) - 1
+            self._last_rows[slot] = row
+            snap.targets[slot] = TargetSnapshot(
+                hists=dict(self._last_hists[slot]),
+                counters={name: row[cid] for cid, name in COUNTER_NAMES.items()},
+            )
         for k, v in self._procs.items():
-            snap.procs.append(
-                ProcSnapshot(int(k.value), v.comm.decode(errors="replace"), int(v.accepted))
-            )
+            t = snap.targets.get(int(k.slot))
+            if t is not None:
+                t.procs.append(
+                    ProcSnapshot(int(k.tgid), v.comm.decode(errors="replace"), int(v.accepted)))
         for k, v in self._listeners.items():
-            snap.listeners.append(
-                ListenerSnapshot(
-                    int(k.value), int(v.family), int(v.port), int(v.max_backlog),
-                    int(v.max_depth), int(v.ino)
+            t = snap.targets.get(int(v.slot))
+            if t is not None:
+                t.listeners.append(
+                    ListenerSnapshot(
+                        int(k.value), int(v.family), int(v.port), int(v.max_backlog),
+                        int(v.max_depth), int(v.ino)
+                    )
                 )
-            )
         return snap
 
     def close(self) -> None:

@@ -31,7 +31,9 @@ def _positive(name: str, value: float | None) -> float | None:
 
 
 @click.group(context_settings=CONTEXT, invoke_without_command=True)
-@click.option("--port", "-p", metavar="PORT", help="TCP port the server listens on (1-65535).")
+@click.option("--port", "-p", "ports", metavar="PORT", multiple=True,
+              help="TCP port the server listens on (1-65535); give it again for several. "
+                   "Without it: every TCP listener, ranked worst first.")
 @click.option("--duration", "-d", type=float, metavar="SECONDS", help="Stop after this long.")
 @click.option(
     "--interval", "-i", type=float, default=1.0, show_default=True, metavar="SECONDS",
@@ -60,11 +62,14 @@ def _positive(name: str, value: float | None) -> float | None:
 @click.option("--netns", "netns", metavar="NAME|PATH",
               help="Trace in this network namespace: an `ip netns` NAME (/run/netns/NAME) "
                    "or a path such as /proc/PID/ns/net.")
+@click.option("--all-namespaces", "-A", "all_namespaces", is_flag=True,
+              help="Trace in every network namespace of the host (containers), each "
+                   "listener's kernel figures from its own.")
 @click.version_option(__version__, prog_name="acceptrace")
 @click.pass_context
 def cli(
     ctx: click.Context,
-    port: str | None,
+    ports: tuple[str, ...],
     duration: float | None,
     interval: float,
     json_path: Path | None,
@@ -76,11 +81,15 @@ def cli(
     backend: str,
     pid: str | None,
     netns: str | None,
+    all_namespaces: bool,
 ) -> None:
     """Trace where TCP connections to PORT wait: SYN queue, accept queue, accept(), first read.
 
     \b
       sudo acceptrace --port 8000
+      sudo acceptrace --port 8000 --port 8001     # several ports, each with its own figures
+      sudo acceptrace                             # every TCP listener, worst first
+      sudo acceptrace --all-namespaces            # ... of every network namespace
       sudo acceptrace --port 8000 --duration 60 --json run.json
       sudo acceptrace --port 8000 --pid 4242      # the namespace of a container's server
       sudo acceptrace doctor
@@ -92,17 +101,15 @@ def cli(
         click.echo(explain_text())
         return
     if ctx.invoked_subcommand is not None:
-        if port is not None or pid is not None or netns is not None:
-            raise UserError("--port, --pid and --netns go after the subcommand name, "
-                            "e.g. acceptrace doctor")
+        if ports or pid is not None or netns is not None or all_namespaces:
+            raise UserError("--port, --pid, --netns and --all-namespaces go after the "
+                            "subcommand name, e.g. acceptrace doctor")
         return
-    if port is None:
-        click.echo(ctx.get_help())
-        raise UserError("missing --port: which listening port should be traced?")
     from .runner import TraceOptions, parse_pid, parse_port, trace  # noqa: PLC0415
 
     opts = TraceOptions(
-        port=parse_port(port),
+        ports=[parse_port(p) for p in ports],
+        all_namespaces=all_namespaces,
         pid=parse_pid(pid) if pid is not None else None,
         netns=netns,
         duration_s=_positive("--duration", duration),

@@ -232,6 +232,7 @@ class Plan:
     missing: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     base_defines: dict[str, int] = field(default_factory=dict)
+    slots: int = 1              # targets the programs hold (AT_SLOTS)
 
     @property
     def source(self) -> str:

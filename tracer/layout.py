@@ -53,6 +53,17 @@ C_PACKETS_UNSEEN = 21
 C_COUNT = 22
 
 CONN_SYN_SEEN = 1
+NO_SLOT = 0xFFFFFFFF
+
+
+def hist_index(slot: int, hid: int) -> int:
+    """Index of histogram ``hid`` of target ``slot`` in the ``hists`` array."""
+    return slot * H_COUNT + hid
+
+
+def counter_index(slot: int, cid: int) -> int:
+    """Index of counter ``cid`` of row ``slot`` (``slots``: the run-wide row)."""
+    return slot * C_COUNT + cid
 
 SAMPLE_READ = 1
 SAMPLE_CLOSE = 2
@@ -70,6 +81,7 @@ class AtConn(ct.Structure):
         ("syn_ok_ns", ct.c_uint64),
         ("requests", ct.c_uint32),
         ("pid", ct.c_uint32),
+        ("slot", ct.c_uint32),
         ("family", ct.c_uint16),
         ("sport", ct.c_uint16),
         ("dport", ct.c_uint16),

@@ -90,7 +90,12 @@ class Meta:
     notes: list[str] = field(default_factory=list)
     somaxconn: int | None = None  # net.core.somaxconn of the traced namespace
     # the traced network namespace: {"inode", "name", "pid"}; its kernel figures are these
+    # (null at the top of a run over several namespaces: each target names its own)
     netns: dict | None = None
+    ports: list[int] = field(default_factory=list)  # --port as given; [] every listener
+    all_listeners: bool = False     # no --port: every TCP listener of the namespaces
+    all_namespaces: bool = False    # --all-namespaces
+    namespaces: list[dict] = field(default_factory=list)  # every namespace traced
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -200,6 +205,9 @@ class Interval:
 
 @dataclass
 class Run:
+    """A run, or (in ``targets``) one traced listener's section of it: the same fields,
+    for one (namespace, port); the top level holds the totals over the sections."""
+
     meta: Meta
     connections: dict[str, int | None] = field(
         default_factory=lambda: dict.fromkeys(CONNECTION_KEYS, 0)
@@ -212,6 +220,8 @@ class Run:
     slowest: list[Sample] = field(default_factory=list)
     intervals: list[Interval] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    recent: Interval | None = None   # the last interval (the rates "now")
+    targets: list[Run] = field(default_factory=list)  # one section per traced listener
 
     @classmethod
     def new(cls, port: int, backend: str) -> Run:
@@ -219,8 +229,14 @@ class Run:
                    stages={name: Histogram.empty("us") for name in STAGES})
 
     def to_json(self) -> dict:
+        out = {"schema": SCHEMA, **self.section_json()}
+        out["intervals"] = [asdict(i) for i in self.intervals]
+        out["targets"] = [t.section_json() for t in self.targets]
+        return out
+
+    def section_json(self) -> dict:
+        """The fields of one listener's section (no schema, intervals or sections)."""
         return {
-            "schema": SCHEMA,
             "meta": self.meta.to_json(),
             "connections": dict(self.connections),
             "drops": dict(self.drops),
@@ -229,8 +245,8 @@ class Run:
             "queues": self.queues.to_json(),
             "processes": [asdict(p) for p in self.processes],
             "slowest": [asdict(s) for s in self.slowest],
-            "intervals": [asdict(i) for i in self.intervals],
             "extra": dict(self.extra),
+            "recent": asdict(self.recent) if self.recent is not None else None,
         }
 
     @classmethod
@@ -239,6 +255,17 @@ class Run:
             raise ValueError("the top level is not a JSON object")
         if d.get("schema") != SCHEMA:
             raise ValueError(f"schema is {d.get('schema')!r}, expected {SCHEMA!r}")
+        run = cls.from_section(d)
+        try:
+            run.targets = [cls.from_section(t) for t in d.get("targets") or []]
+        except (TypeError, AttributeError) as exc:
+            raise ValueError(f"malformed report: {exc}") from exc
+        return run
+
+    @classmethod
+    def from_section(cls, d: Any) -> Run:
+        if not isinstance(d, dict):
+            raise ValueError("a section is not a JSON object")
         try:
             run = cls(
                 meta=Meta.from_json(d["meta"]),
@@ -254,6 +281,8 @@ class Run:
                 intervals=[_known_fields(Interval, i, "intervals")
                            for i in d.get("intervals", [])],
                 extra=dict(d.get("extra", {})),
+                recent=(_known_fields(Interval, d["recent"], "recent")
+                        if d.get("recent") is not None else None),
             )
         except KeyError as exc:
             raise ValueError(f"missing field {exc}") from exc

@@ -106,7 +106,7 @@ class NetNamespace:
         return self.call(lambda: procnet.listening_sockets(
             port, proc={"ipv4": THREAD_NET / "tcp", "ipv6": THREAD_NET / "tcp6"}))
 
-    def listener_drops(self, port: int) -> dict[int, procnet.ListenerStats]:
+    def listener_drops(self, port: int | None) -> dict[int, procnet.ListenerStats]:
         return self.call(lambda: procnet.listener_drops(port))
 
     def somaxconn(self) -> int | None:
@@ -154,3 +154,77 @@ def open_netns(*, pid: int | None = None, path: str | None = None) -> NetNamespa
         why = "not a network namespace" if exc.errno == 22 else exc.strerror
         raise UserError(f"{what}: cannot enter {nspath} ({why})") from None
     return NetNamespace(inode=inode, label=label, path=nspath, pid=pid, _worker=worker)
+
+
+def _namespace_paths(proc: Path = Path("/proc")) -> dict[int, tuple[str, str, int | None]]:
+    """inode -> (path to open, label, pid) for every network namespace a process or
+    `ip netns` holds; `ip netns` names first, else the lowest pid in it."""
+    found: dict[int, tuple[str, str, int | None]] = {}
+    try:
+        named = sorted(NETNS_RUN_DIR.iterdir())
+    except OSError:
+        named = []
+    for p in named:
+        try:
+            found.setdefault(os.stat(p).st_ino, (str(p), f"ip netns {p.name}", None))
+        except OSError:
+            continue
+    pids = sorted(int(d.name) for d in proc.iterdir() if d.name.isdigit())
+    for pid in pids:
+        path = proc / str(pid) / "ns" / "net"
+        try:
+            ino = os.stat(path).st_ino
+        except OSError:
+            continue  # exited, or a kernel thread
+        if ino not in found:
+            try:
+                comm = (proc / str(pid) / "comm").read_text().strip()
+            except OSError:
+                comm = "?"
+            found[ino] = (str(path), f"pid {pid} ({comm})", pid)
+    return found
+
+
+class NamespaceFinder:
+    """--all-namespaces: every network namespace of the host, found again at most
+    every ``every_s`` (containers start and stop); each one entered once."""
+
+    def __init__(self, own: NetNamespace, every_s: float = 5.0,
+                 clock: Callable[[], float] | None = None) -> None:
+        import time  # noqa: PLC0415
+
+        self.clock = clock or time.monotonic
+        self.every_s = every_s
+        self.known: set[int] = {own.inode}
+        self.opened: list[NetNamespace] = []
+        self._next = 0.0
+
+    def find(self) -> list[NetNamespace]:
+        """The namespaces not returned before."""
+        now = self.clock()
+        if now < self._next:
+            return []
+        self._next = now + self.every_s
+        out = []
+        for ino, (path, label, pid) in _namespace_paths().items():
+            if ino in self.known:
+                continue
+            try:
+                ns = open_netns(path=path)
+            except UserError:
+                continue  # gone between the scan and the open
+            self.known.add(ino)
+            if ns.inode != ino:  # a pid reused meanwhile: take it as it is now
+                if ns.inode in self.known:
+                    ns.close()
+                    continue
+                self.known.add(ns.inode)
+            ns.label, ns.pid = label, pid
+            self.opened.append(ns)
+            out.append(ns)
+        return out
+
+    def close(self) -> None:
+        for ns in self.opened:
+            ns.close()
+        self.opened = []

@@ -280,10 +280,11 @@ def parse_ss_listeners(text: str) -> dict[int, ListenerStats]:
     return out
 
 
-def _ss_listeners(port: int) -> dict[int, ListenerStats]:
+def _ss_listeners(port: int | None) -> dict[int, ListenerStats]:
+    flt = [f"sport = :{int(port)}"] if port is not None else []
     try:
         res = subprocess.run(
-            ["ss", "-H", "-ltnme", f"sport = :{int(port)}"],
+            ["ss", "-H", "-ltnme", *flt],
             capture_output=True, text=True, timeout=10, check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
@@ -291,8 +292,9 @@ def _ss_listeners(port: int) -> dict[int, ListenerStats]:
     return parse_ss_listeners(res.stdout)
 
 
-def listener_drops(port: int) -> dict[int, ListenerStats]:
-    """The port's listeners by socket inode: sk_drops, accept-queue depth and backlog limit.
+def listener_drops(port: int | None) -> dict[int, ListenerStats]:
+    """The port's listeners (every TCP listener: None) by socket inode: sk_drops,
+    accept-queue depth and backlog limit.
 
     From NETLINK_SOCK_DIAG; from ``ss`` only if netlink fails; ``{}`` if both do.
     """

@@ -14,7 +14,7 @@ import time
 import tty
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
@@ -23,14 +23,14 @@ from rich.console import Console, RenderableType
 from . import selection
 from .errors import UserError
 from .model import Interval, Run
-from .netns import NetNamespace, open_netns
+from .netns import NamespaceFinder, NetNamespace, open_netns
 from .render import render_interval_line, render_summary
 from .session import Session
 
 
 @dataclass
 class TraceOptions:
-    port: int
+    port: int | None = None     # one port (the demo, the tests); see ports
     duration_s: float | None = None
     interval_s: float = 1.0
     json_path: Path | None = None
@@ -42,6 +42,12 @@ class TraceOptions:
     backend: str = "auto"
     pid: int | None = None      # trace in this process's network namespace
     netns: str | None = None    # ... or in this one (ip netns NAME, or a path)
+    ports: list[int] = field(default_factory=list)  # --port, as often as given
+    all_namespaces: bool = False  # every network namespace of the host
+
+    def port_list(self) -> list[int]:
+        """The traced ports; [] means every listener."""
+        return list(dict.fromkeys(self.ports or ([self.port] if self.port else [])))
 
 
 def parse_pid(value: str | int) -> int:
@@ -174,12 +180,31 @@ def trace(
 ) -> Run:
     """Trace until --duration, a signal, or `stop`; always returns (and writes) the run."""
     clock = StartClock()
+    if opts.all_namespaces and (opts.pid is not None or opts.netns is not None):
+        raise UserError("--all-namespaces traces every namespace: leave out --pid and --netns")
     prep = selection.prepare()
     ns = open_netns(pid=opts.pid, path=opts.netns)
+    finder = NamespaceFinder(ns) if opts.all_namespaces else None
     try:
-        return _trace(opts, out, err, prep, ns, clock, on_started, stop)
+        return _trace(opts, out, err, prep, ns, finder, clock, on_started, stop)
     finally:
+        if finder is not None:
+            finder.close()
         ns.close()
+
+
+def _slots(opts: TraceOptions, namespaces: int) -> int:
+    """How many targets the programs must hold: every (namespace, port) pair named,
+    or room for every listener; UserError when this machine cannot hold them."""
+    cap = selection.target_capacity(selection.possible_cpus())
+    ports = opts.port_list()
+    if not ports or opts.all_namespaces:
+        return min(selection.ALL_LISTENERS_SLOTS, cap)
+    need = len(ports) * namespaces
+    if need > cap:
+        raise UserError(f"{need} ports are more than one run can trace on this machine "
+                        f"({cap}: per-listener histograms per CPU, see docs/listeners.md)")
+    return need
 
 
 def _trace(
@@ -188,6 +213,7 @@ def _trace(
     err: Console,
     prep: selection.Prepared,
     ns: NetNamespace,
+    finder: NamespaceFinder | None,
     clock: StartClock,
     on_started: Callable[[], None] | None,
     stop: StopFlag | None,
@@ -197,34 +223,37 @@ def _trace(
         err.print("acceptrace: mounted tracefs at /sys/kernel/tracing")
     if prep.header_line:
         err.print(f"acceptrace: {prep.header_line}")
+    ports = opts.port_list()
     where = "" if ns.is_own else f" in network namespace {ns.label} (inode {ns.inode})"
-    listening = bool(ns.listening_sockets(opts.port))
-    if not listening:
-        err.print(
-            f"acceptrace: warning: nothing is listening on port {opts.port}{where} yet; "
-            "tracing anyway (a server may start later)",
-            style="yellow",
-        )
+    if finder is not None:
+        where = " in every network namespace"
+    listening = True
+    for port in ports if finder is None else []:
+        if not ns.listening_sockets(port):
+            listening = False
+            err.print(
+                f"acceptrace: warning: nothing is listening on port {port}{where} yet; "
+                "tracing anyway (a server may start later)",
+                style="yellow",
+            )
 
     # Say each slow step before it starts: on a slow machine (or a TCG guest) a
     # start takes tens of seconds, and whoever waits should see where it is.
     err.print(f"acceptrace: loading the {opts.backend} backend (BCC compile, load, attach)",
               style="dim")
+    spaces = [ns] + (finder.find() if finder is not None else [])
     backend = selection.choose_backend(
         opts.backend, prep, opts.dispatch,
         lambda msg: err.print(f"acceptrace: {msg}", style="dim"),
+        slots=_slots(opts, len(spaces)),
     )
-    try:
-        # One listener for now: the port in the traced network namespace.
-        backend.set_targets([(ns.inode, opts.port)])
-    except BaseException:
-        backend.close()
-        raise
     clock.step("load")
     for note in backend.notes:
         err.print(f"acceptrace: note: {note}", style="dim")
     stop = stop or StopFlag()
-    session = Session(backend, opts.port, opts.interval_s, slowest_n=opts.slowest_n, netns=ns)
+    session = Session(backend, None, opts.interval_s, slowest_n=opts.slowest_n,
+                      ports=ports, namespaces=spaces,
+                      find_namespaces=finder.find if finder is not None else None)
     run: Run | None = None
     try:
         with handle_signals(stop):
@@ -235,8 +264,11 @@ def _trace(
                 err.print(f"acceptrace: {msg}")
             clock.step("servers")
             err.print(f"acceptrace: {clock.line()}", style="dim")
+            what = (f"port {ports[0]}" if len(ports) == 1 else
+                    f"ports {', '.join(map(str, ports))}" if ports else
+                    f"every TCP listener ({len(session.targets)} now)")
             err.print(
-                f"acceptrace: tracing port {opts.port}{where} with the {backend.name} backend"
+                f"acceptrace: tracing {what}{where} with the {backend.name} backend"
                 + (f" for {opts.duration_s:g} s" if opts.duration_s else "; Ctrl-C to stop"),
                 style="bold",
             )
@@ -357,9 +389,10 @@ def _loop(
     def on_tick(iv: Interval, msgs: list[str]) -> None:
         for msg in msgs:
             err.print(f"acceptrace: {msg}")
-        if not seen["listening"] and session.listener_drops.last:
+        if not seen["listening"] and not session.all_listeners and session.listening():
             seen["listening"] = True
-            err.print(f"acceptrace: a listener appeared on port {opts.port}")
+            err.print("acceptrace: a listener appeared on port "
+                      + ", ".join(str(t.port) for t in session.targets.values() if t.listening))
         if not opts.quiet_intervals:
             out.print(render_interval_line(session.build_run(), iv), highlight=False)
 

@@ -20,7 +20,9 @@ from . import headers, hooks, kernel
 from .backend import Backend
 from .bootmemo import BootMemo
 from .errors import KernelRefused, UserError
+from .hist import NBUCKETS
 from .hooks import ATTACH_KPROBE, ATTACH_OFF, Hook, Plan
+from .layout import H_COUNT
 
 BACKEND_CHOICES = ("auto", "fentry", "kprobe", "tracepoint")
 AUTO_ORDER = ("fentry", "kprobe", "tracepoint")
@@ -30,6 +32,32 @@ ACK_OVERFLOW_NOTE = (
 )
 CONN_MAX = 65536
 RINGBUF_PAGES = 64
+# Per-target rows (bpf/acceptrace.h): each target slot costs AT_H_COUNT histograms
+# per possible CPU.  The programs hold at most MAX_SLOTS targets and never more
+# histogram memory than HIST_BUDGET (docs/listeners.md).
+HIST_BYTES = 32 + 8 * NBUCKETS        # sizeof(struct at_hist)
+HIST_BUDGET = 64 << 20
+MAX_SLOTS = 256
+ALL_LISTENERS_SLOTS = 64              # a run without --port: room for this many listeners
+
+
+def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
+    """How many CPUs per-CPU maps allocate for ("0-3,8-11" -> 8)."""
+    try:
+        text = open(path).read().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n += (int(hi) if hi else int(lo)) - int(lo) + 1
+    return max(1, n)
+
+
+def target_capacity(ncpu: int) -> int:
+    """The most targets one run can hold on a machine with ``ncpu`` possible CPUs."""
+    per_slot = ncpu * H_COUNT * HIST_BYTES
+    return max(1, min(MAX_SLOTS, HIST_BUDGET // per_slot))
 
 
 def require_root() -> None:
@@ -87,13 +115,16 @@ def unavailable(hook: Hook, facts: kernel.KernelFacts) -> str | None:
 
 
 def plan_backend(name: str, facts: kernel.KernelFacts, dispatch: bool,
-                 overrides: dict[str, int] | None = None) -> Plan:
+                 overrides: dict[str, int] | None = None, slots: int = 1) -> Plan:
     """The plan of backend ``name`` on this kernel; UserError (one line) if it cannot run.
 
     ``overrides``: row -> attach type, for what the kernel refused on a first try
-    (the fentry backend's syn_recv_sock rows: ATTACH_KPROBE, or ATTACH_OFF)."""
+    (the fentry backend's syn_recv_sock rows: ATTACH_KPROBE, or ATTACH_OFF).
+    ``slots``: how many targets (namespace, port) the programs hold."""
     if name not in hooks.SOURCES:
         raise UserError(f"no such backend: {name}")
+    if not 1 <= slots <= MAX_SLOTS:
+        raise ValueError(f"slots must be 1..{MAX_SLOTS}, not {slots}")
     overrides = overrides or {}
     if name in hooks.FUNC_BACKENDS and facts.func_missing:
         raise UserError("this kernel's BTF " + "; ".join(facts.func_missing))
@@ -140,13 +171,15 @@ def plan_backend(name: str, facts: kernel.KernelFacts, dispatch: bool,
                 plan.chosen[row] = hooks.BY_NAME[row].attach_type(name)
     else:
         plan.notes.append(f"softirqs_busy not counted: {facts.busy_why}")
-    base = {**facts.defines, "AT_CONN_MAX": CONN_MAX, "AT_RINGBUF_PAGES": RINGBUF_PAGES}
+    base = {**facts.defines, "AT_CONN_MAX": CONN_MAX, "AT_RINGBUF_PAGES": RINGBUF_PAGES,
+            "AT_SLOTS": slots}
     if name in hooks.FUNC_BACKENDS:
         base.update(facts.func_defines)
     if plan.busy_counted:
         base.update(facts.busy)
         base["AT_HAVE_KSYM_CURRENT_KPROBE"] = int("AT_KSYM_CURRENT_KPROBE" in facts.busy)
     plan.base_defines = base
+    plan.slots = slots
     # catalogue order, whatever order the rows were decided in
     order = [h.name for h in hooks.CATALOGUE]
     plan.chosen = dict(sorted(plan.chosen.items(), key=lambda kv: order.index(kv[0])))
@@ -166,12 +199,12 @@ def _bpf_loader() -> Loader:
 
 
 def open_backend(name: str, prep: Prepared, dispatch: bool,
-                 loader: Loader | None = None) -> Backend:
+                 loader: Loader | None = None, slots: int = 1) -> Backend:
     """Plan and load one backend; UserError (one line) when this kernel refuses it."""
     load = loader or _bpf_loader()
     if name == "fentry":
-        return _open_fentry(prep.facts, dispatch, load)
-    return load(plan_backend(name, prep.facts, dispatch))
+        return _open_fentry(prep.facts, dispatch, load, slots)
+    return load(plan_backend(name, prep.facts, dispatch, slots=slots))
 
 
 SYN_RECV_ROWS = ("tcp_v4_syn_recv_sock", "tcp_v6_syn_recv_sock")
@@ -179,7 +212,8 @@ FENTRY_REFUSED = "fentry-refused"
 SYN_RECV_REFUSED = "fexit-syn-recv-refused"
 
 
-def _open_fentry(facts: kernel.KernelFacts, dispatch: bool, load: Loader) -> Backend:
+def _open_fentry(facts: kernel.KernelFacts, dispatch: bool, load: Loader,
+                 slots: int = 1) -> Backend:
     """The fentry backend, with the kernel's refusals remembered for the boot.
 
     tcp_v{4,6}_syn_recv_sock takes 7 arguments since a 2026 stable backport; x86
@@ -199,7 +233,7 @@ def _open_fentry(facts: kernel.KernelFacts, dispatch: bool, load: Loader) -> Bac
             policy.put(str(exc))
             raise
 
-    plan = plan_backend("fentry", facts, dispatch)
+    plan = plan_backend("fentry", facts, dispatch, slots=slots)
     syn_recv = [r for r in SYN_RECV_ROWS if r in plan.chosen]
     if not syn_recv:
         return attempt(plan)
@@ -216,7 +250,7 @@ def _open_fentry(facts: kernel.KernelFacts, dispatch: bool, load: Loader) -> Bac
             # skips this compile (under TCG, half of a fentry start on 6.1).
             memo.put(first)
     glue = ATTACH_KPROBE if facts.kprobes else ATTACH_OFF
-    plan = plan_backend("fentry", facts, dispatch, {r: glue for r in syn_recv})
+    plan = plan_backend("fentry", facts, dispatch, {r: glue for r in syn_recv}, slots)
     plan.notes.append(f"fexit on tcp_v4_syn_recv_sock refused ({first})")
     plan.notes.append("tcp_v{4,6}_syn_recv_sock hooked with kretprobes instead" if glue
                       else "no kprobes either: final-ACK drops are not counted (null)")
@@ -224,19 +258,19 @@ def _open_fentry(facts: kernel.KernelFacts, dispatch: bool, load: Loader) -> Bac
 
 
 def choose_backend(choice: str, prep: Prepared, dispatch: bool, say: Callable[[str], None],
-                   loader: Loader | None = None) -> Backend:
+                   loader: Loader | None = None, slots: int = 1) -> Backend:
     """--backend NAME, or auto: fentry, then kprobe, then tracepoint, by loading each."""
     if choice not in BACKEND_CHOICES:
         raise UserError(f"--backend must be one of {', '.join(BACKEND_CHOICES)}, not {choice!r}")
     if choice != "auto":
         try:
-            return open_backend(choice, prep, dispatch, loader)
+            return open_backend(choice, prep, dispatch, loader, slots)
         except UserError as exc:
             raise UserError(f"the {choice} backend cannot run here: {exc}") from None
     refused: list[str] = []
     for name in AUTO_ORDER:
         try:
-            backend = open_backend(name, prep, dispatch, loader)
+            backend = open_backend(name, prep, dispatch, loader, slots)
         except UserError as exc:
             refused.append(f"{name}: {exc}")
             say(f"{name} backend unavailable ({exc}); falling back")

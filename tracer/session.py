@@ -1,5 +1,9 @@
 """One tracing run: turns backend snapshots into the Run model.
 
+Owns the run's targets -- the traced (network namespace, port) listeners, each
+in a target slot of the kernel's per-target rows -- finding them (every
+listener of the namespaces when no port is given), reading each namespace's
+own kernel figures, and building one section per target plus the totals.
 Pure Python (no bcc): the backend is anything with the Backend protocol, so
 this logic is unit-tested with a fake backend.
 """
@@ -17,11 +21,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import __version__, procnet
-from .backend import Backend, ConnRecord, KernelSnapshot
+from .backend import Backend, ConnRecord, KernelSnapshot, TargetSnapshot
 from .dispatch import DispatchTracker
 from .hist import Histogram
 from .layout import family_name
-from .model import DISPATCH_STAGES, STAGES, Interval, Listener, ProcessCount, Run, Sample
+from .model import (
+    DISPATCH_STAGES,
+    STAGES,
+    Interval,
+    Listener,
+    Meta,
+    ProcessCount,
+    Run,
+    Sample,
+)
 from .netns import NetNamespace
 
 KERNEL_COUNTERS = (
@@ -122,142 +135,307 @@ class ListenerDrops:
     netns: NetNamespace = field(default_factory=NetNamespace.own)
     baseline: dict[int, int] = field(default_factory=dict)
     last: dict[int, procnet.ListenerStats] = field(default_factory=dict)
+    current: dict[int, procnet.ListenerStats] = field(default_factory=dict)  # listening now
 
-    def start(self) -> None:
-        self.last = self.netns.listener_drops(self.port)
+    def _mine(self, stats: dict[int, procnet.ListenerStats]) -> dict[int, procnet.ListenerStats]:
+        return {ino: st for ino, st in stats.items() if st.port == self.port}
+
+    def start(self, stats: dict[int, procnet.ListenerStats] | None = None) -> None:
+        self.last = self.current = self._mine(
+            stats if stats is not None else self.netns.listener_drops(self.port))
+        self.last = dict(self.last)
         self.baseline = {ino: st.drops for ino, st in self.last.items()}
 
-    def update(self) -> None:
-        self.last.update(self.netns.listener_drops(self.port))
+    def update(self, stats: dict[int, procnet.ListenerStats] | None = None) -> None:
+        self.current = self._mine(
+            stats if stats is not None else self.netns.listener_drops(self.port))
+        self.last.update(self.current)
 
     def delta(self) -> int:
         # A listener created during the run started from 0 drops.
         return sum(st.drops - self.baseline.get(ino, 0) for ino, st in self.last.items())
 
 
+@dataclass
+class Target:
+    """One traced listener: a (network namespace, port) pair and its target slot."""
+
+    slot: int
+    netns: NetNamespace
+    port: int
+    slowest: Slowest
+    drops: ListenerDrops
+    first_s: float = 0.0                       # when the run began tracing it
+    prev: TargetSnapshot = field(default_factory=TargetSnapshot)
+    last: TargetSnapshot = field(default_factory=TargetSnapshot)
+    prev_ground: tuple[int, int] = (0, 0)
+    syn_dropped_total: int = 0
+    recent: Interval | None = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.netns.inode, self.port)
+
+    @property
+    def listening(self) -> bool:
+        return bool(self.drops.current)
+
+
+@dataclass
+class _NsState:
+    """What the session reads of one namespace each interval."""
+
+    netns: NetNamespace
+    before: dict[str, int] = field(default_factory=dict)
+    after: dict[str, int] = field(default_factory=dict)
+    somaxconn: int | None = None
+    listeners: dict[int, procnet.ListenerStats] = field(default_factory=dict)
+
+
 class Session:
+    """The run: its targets, their kernel rows, and each namespace's own counters.
+
+    ``ports`` (``port`` for one): the traced ports, in each of ``namespaces``
+    (``netns`` for one; acceptrace's own by default).  No port at all: every
+    TCP listener of the namespaces, found at start and at each interval
+    (``find_namespaces`` adds namespaces that appear, for --all-namespaces),
+    up to ``backend.slots`` listeners.
+    """
+
     def __init__(
         self,
         backend: Backend,
-        port: int,
+        port: int | None,
         interval_s: float,
         *,
         slowest_n: int = 20,
         clock: Callable[[], float] = time.monotonic,
         netns: NetNamespace | None = None,
+        ports: list[int] | None = None,
+        namespaces: list[NetNamespace] | None = None,
+        find_namespaces: Callable[[], list[NetNamespace]] | None = None,
     ) -> None:
         self.backend = backend
-        self.netns = netns or NetNamespace.own()
-        self.port = port
+        self.ports = list(ports) if ports is not None else ([port] if port else [])
+        self.all_listeners = not self.ports
+        spaces = namespaces if namespaces is not None else [netns or NetNamespace.own()]
+        self.spaces: dict[int, _NsState] = {ns.inode: _NsState(ns) for ns in spaces}
+        self.find_namespaces = find_namespaces
         self.interval_s = interval_s
         self.clock = clock
-        self.slowest = Slowest(slowest_n)
+        self.slowest_n = slowest_n
         self.intervals: list[Interval] = []
-        self.listener_drops = ListenerDrops(port, self.netns)
+        self.targets: dict[tuple[int, int], Target] = {}
+        self.untraced: set[tuple[int, int]] = set()   # listeners beyond backend.slots
         self.started_wall = datetime.now(timezone.utc)
         self.t0 = clock()
-        self._prev = KernelSnapshot()
         self._prev_t = self.t0
-        self._prev_ground = (0, 0)
-        self._syn_dropped_total = 0
-        self.netstat_before: dict[str, int] = {}
-        self.netstat_after: dict[str, int] = {}
         self.last: KernelSnapshot = KernelSnapshot()
-        self.dispatch = DispatchTracker(port, backend, clock) if backend.dispatch else None
+        self.dispatch = (DispatchTracker(self.ports[0] if self.ports else 0, backend, clock)
+                         if backend.dispatch else None)
         self._next_scan = 0.0
+        self._comms: dict[int, str | None] = {}
         self.notes: list[str] = []
+        self.messages: list[str] = []   # for the live views: listeners found or gone
+        if not self.all_listeners:
+            for ns in spaces:
+                for p in self.ports:
+                    self._add_target(ns, p)
+
+    # -- compatibility with one-target callers --------------------------------------
+    @property
+    def port(self) -> int:
+        return self.ports[0] if self.ports else 0
+
+    @property
+    def netns(self) -> NetNamespace:
+        return next(iter(self.spaces.values())).netns
+
+    @property
+    def listener_drops(self) -> ListenerDrops:
+        return next(iter(self.targets.values())).drops
+
+    def listening(self) -> bool:
+        return any(t.listening for t in self.targets.values())
+
+    # -- targets --------------------------------------------------------------------
+    def _add_target(self, ns: NetNamespace, port: int) -> Target | None:
+        key = (ns.inode, port)
+        if key in self.targets or key in self.untraced:
+            return self.targets.get(key)
+        if len(self.targets) >= self.backend.slots:
+            self.untraced.add(key)
+            return None
+        t = Target(slot=len(self.targets), netns=ns, port=port,
+                   slowest=Slowest(self.slowest_n), drops=ListenerDrops(port, ns),
+                   first_s=round(self.clock() - self.t0, 3) if self.intervals else 0.0)
+        self.targets[key] = t
+        return t
+
+    def _push_targets(self) -> None:
+        self.backend.set_targets({t.key: t.slot for t in self.targets.values()})
+
+    def _read_listeners(self, st: _NsState) -> None:
+        """One sock_diag dump per namespace (per port when only one is traced there)."""
+        mine = [t for t in self.targets.values() if t.netns.inode == st.netns.inode]
+        if not self.all_listeners and len(mine) == 1:
+            st.listeners = st.netns.listener_drops(mine[0].port)
+        else:
+            st.listeners = st.netns.listener_drops(None)
+
+    def _discover(self) -> None:
+        """Every listener of the namespaces as a target (no --port); say what changed."""
+        if self.find_namespaces is not None:
+            for ns in self.find_namespaces():
+                if ns.inode not in self.spaces:
+                    st = self.spaces[ns.inode] = _NsState(ns)
+                    st.before = st.after = ns.netstat()
+                    st.somaxconn = ns.somaxconn()
+        before = len(self.targets)
+        for st in self.spaces.values():
+            if self.all_listeners:
+                for port in sorted({ls.port for ls in st.listeners.values()}):
+                    t = self._add_target(st.netns, port)
+                    if t is not None and t.slot >= before and self.intervals:
+                        self.messages.append(f"a listener appeared on port {port}"
+                                             + _where(st.netns))
+                        t.drops.start(st.listeners)
+                        t.drops.baseline = {}  # new: every drop it had is the run's
+        if len(self.targets) != before:
+            self._push_targets()
 
     def start(self) -> None:
-        self.netstat_before = self.netstat_after = self.netns.netstat()
-        self.listener_drops.start()
+        for st in self.spaces.values():
+            st.before = st.after = st.netns.netstat()
+            st.somaxconn = st.netns.somaxconn()
+            self._read_listeners(st)
+        self._discover()
+        for t in self.targets.values():
+            t.drops.start(self.spaces[t.netns.inode].listeners)
+        self._push_targets()
         self.started_wall = datetime.now(timezone.utc)
         self.t0 = self._prev_t = self.clock()
 
     def scan_servers(self, every_s: float = 2.0) -> list[str]:
         """Rescan the server processes (at most every ``every_s``); new messages."""
+        msgs, self.messages = self.messages, []
         if self.dispatch is None:
-            return []
+            self.notes.extend(msgs)
+            return msgs
         now = self.clock()
         if now >= self._next_scan:
             self._next_scan = now + every_s
-            if not self.listener_drops.last or now - self.t0 < every_s:
-                self.listener_drops.update()
-            self.dispatch.refresh({ino for ino in self.listener_drops.last if ino})
-        msgs = self.dispatch.take_messages()
+            if not self.listening() or now - self.t0 < every_s:
+                for st in self.spaces.values():
+                    self._read_listeners(st)
+                for t in self.targets.values():
+                    t.drops.update(self.spaces[t.netns.inode].listeners)
+            inodes = {ino for t in self.targets.values() for ino in t.drops.last if ino}
+            self.dispatch.refresh(inodes)
+        msgs += self.dispatch.take_messages()
         self.notes.extend(msgs)
         return msgs
 
     def add_records(self, records: list[ConnRecord]) -> None:
         if not records:
             return
+        by_slot = {t.slot: t for t in self.targets.values()}
+        touched: set[int] = set()
         for r in records:
-            self.slowest.add(r)
-        self.backend.set_sample_threshold(self.slowest.threshold_ns())
+            t = by_slot.get(r.slot)
+            if t is not None:
+                t.slowest.add(r)
+                touched.add(t.slot)
+        # The kernel's threshold is one for all targets: the lowest that any of
+        # their lists would still take.
+        self.backend.set_sample_threshold(
+            min(t.slowest.threshold_ns() for t in self.targets.values()) if self.targets else 0)
 
     def poll(self, timeout_ms: int) -> None:
         self.add_records(self.backend.poll(timeout_ms))
 
-    def _ground(self) -> tuple[int, int]:
-        """(listener sk_drops, netns ListenOverflows) since the start: the kernel's view."""
-        lo = "TcpExtListenOverflows"
-        return (
-            self.listener_drops.delta(),
-            self.netstat_after.get(lo, 0) - self.netstat_before.get(lo, 0),
-        )
-
+    # -- intervals ------------------------------------------------------------------
     def tick(self, record: bool = True) -> Interval:
         """Close an interval: read the kernel's aggregates and record the deltas."""
         now = self.clock()
         snap = self.backend.snapshot()
-        self.listener_drops.update()
-        self.netstat_after = self.netns.netstat()
-        ground = self._ground()
-        iv = self._interval(self._prev, snap, now - self.t0, now - self._prev_t, ground)
+        for st in self.spaces.values():
+            self._read_listeners(st)
+            st.after = st.netns.netstat()
+            st.somaxconn = st.netns.somaxconn()
+        self._discover()
+        dur = now - self._prev_t
+        # This interval's final-ACK overflows of each namespace's traced listeners.
+        ack_by_ns: dict[int, int] = {}
+        for t in self.targets.values():
+            cur = snap.target(t.slot)
+            ack_by_ns[t.netns.inode] = ack_by_ns.get(t.netns.inode, 0) + (
+                cur.counters.get("ack_overflow", 0) - t.prev.counters.get("ack_overflow", 0))
+        ivs: list[tuple[Interval, dict[str, Histogram]]] = []
+        for t in self.targets.values():
+            st = self.spaces[t.netns.inode]
+            t.drops.update(st.listeners)
+            lo = "TcpExtListenOverflows"
+            ground = (t.drops.delta(), st.after.get(lo, 0) - st.before.get(lo, 0))
+            cur = snap.target(t.slot)
+            iv, dh = self._interval(t, t.prev, cur, now - self.t0, dur, ground,
+                                    ack_by_ns.get(t.netns.inode, 0))
+            t.recent = iv
+            ivs.append((iv, dh))
+            t.prev, t.prev_ground, t.last = cur, ground, cur
+        total = _sum_intervals(ivs, round(now - self.t0, 3), round(dur, 3))
         if record:
-            self.intervals.append(iv)
-        self._prev, self._prev_t, self._prev_ground, self.last = snap, now, ground, snap
-        return iv
+            self.intervals.append(total)
+        self._prev_t, self.last = now, snap
+        return total
 
-    def _interval(
-        self,
-        prev: KernelSnapshot,
-        cur: KernelSnapshot,
-        t_s: float,
-        dur: float,
-        ground: tuple[int, int],
-    ) -> Interval:
-        def d(name: str) -> int:
-            return cur.counters.get(name, 0) - prev.counters.get(name, 0)
-
-        stages = {}
+    def _stages(self, dh: dict[str, Histogram]) -> dict[str, dict[str, object]]:
         dispatch_on = self.dispatch is not None and self.dispatch.available
+        out: dict[str, dict[str, object]] = {}
         for name in STAGES:
-            h = cur.hists.get(name)
+            h = dh.get(name)
             if h is None or (name in DISPATCH_STAGES and not dispatch_on):
                 continue
             if name in self.backend.missing_stages:
                 continue
+            out[name] = {"count": h.count, "p50": h.percentile(0.5), "p99": h.percentile(0.99)}
+        return out
+
+    def _interval(
+        self,
+        t: Target,
+        prev: TargetSnapshot,
+        cur: TargetSnapshot,
+        t_s: float,
+        dur: float,
+        ground: tuple[int, int],
+        ns_ack: int,
+    ) -> tuple[Interval, dict[str, Histogram]]:
+        def d(name: str) -> int:
+            return cur.counters.get(name, 0) - prev.counters.get(name, 0)
+
+        dh: dict[str, Histogram] = {}
+        for name, h in cur.hists.items():
             p = prev.hists.get(name)
-            dh = h.delta(p) if p is not None else h
-            stages[name] = {
-                "count": dh.count, "p50": dh.percentile(0.5), "p99": dh.percentile(0.99)
-            }
+            dh[name] = h.delta(p) if p is not None else h
+
         def depth_max(name: str) -> int | None:
-            h, p = cur.hists.get(name), prev.hists.get(name)
-            dh = h.delta(p) if h is not None and p is not None else h
-            return int(dh.max) if dh is not None and dh.max is not None else None
+            h = dh.get(name)
+            return int(h.max) if h is not None and h.max is not None else None
 
         if self.backend.exact_drops:
             syn: int | None = d("syn_dropped_acceptq_full")
         else:
             syn = self._syn_dropped(
                 d("ack_overflow"),
-                ground[0] - self._prev_ground[0],
-                ground[1] - self._prev_ground[1],
+                ground[0] - t.prev_ground[0],
+                ground[1] - t.prev_ground[1],
+                ns_ack,
             )
-        self._syn_dropped_total += syn or 0
+        t.syn_dropped_total += syn or 0
         overflow = None if syn is None else syn + d("ack_overflow")
-        return Interval(
+        dispatch_on = self.dispatch is not None and self.dispatch.available
+        iv = Interval(
             t_s=round(t_s, 3),
             duration_s=round(dur, 3),
             queued=d("queued"),
@@ -266,21 +444,20 @@ class Session:
             listen_overflow=overflow,
             synack_retransmits=d("synack_retransmits"),
             accept_queue_depth_max=depth_max("accept_queue_depth"),
-            stages=stages,
+            stages=self._stages(dh),
             syn=d("syn_timed"),
-            dispatched=(
-                d("dispatched") if self.dispatch is not None and self.dispatch.available else None
-            ),
+            dispatched=d("dispatched") if dispatch_on else None,
             syn_dropped=syn,
             syncookies=d("syncookies"),
             syn_queue_depth_max=depth_max("syn_queue_depth"),
             accept_queue_depth_now=(
-                sum(st.recv_q for st in self.listener_drops.last.values())
-                if self.listener_drops.last else None
+                sum(st.recv_q for st in t.drops.current.values()) if t.drops.current else None
             ),
         )
+        return iv, dh
 
-    def _syn_dropped(self, ack_overflow: int, sk_drops: int, overflows: int) -> int | None:
+    def _syn_dropped(self, ack_overflow: int, sk_drops: int, overflows: int,
+                     ns_ack: int | None = None) -> int | None:
         """SYNs this port's listeners dropped because the accept queue was full.
 
         The SYN is only consumed (no tracepoint sees it), so it is derived from
@@ -289,41 +466,55 @@ class Session:
           costs two: tcp_listendrop() in syn_recv_sock, then the skb's drop in
           tcp_v4_rcv) -- also counts other listener drops, e.g. an RST to a
           request in the SYN queue, or SYN-queue-full drops without syncookies;
-        - the namespace's ListenOverflows minus this port's ACK overflows --
-          also counts other ports' overflows.
+        - the namespace's ListenOverflows minus the final-ACK overflows of its
+          traced listeners (``ns_ack``) -- also counts other ports' overflows.
         The smaller is exact unless both kinds of noise happen in one interval;
         the run's figure is the sum of the intervals' (tighter than one minimum
         over the whole run).
         """
         if not self.backend.ack_overflow_observable:
             return None
-        return max(0, min(sk_drops - 2 * ack_overflow, overflows - ack_overflow))
+        ns_ack = ack_overflow if ns_ack is None else ns_ack
+        return max(0, min(sk_drops - 2 * ack_overflow, overflows - ns_ack))
 
     def finish(self) -> Run:
         """Read the kernel a last time (before the programs are detached) and build the run."""
         self.tick(record=self.clock() - self._prev_t > 0.05 or not self.intervals)
         return self.build_run()
 
-    def build_run(self) -> Run:
-        snap = self.last
+    # -- the run --------------------------------------------------------------------
+    def _comm(self, pid: int, fallback: str) -> str:
+        if pid not in self._comms:
+            self._comms[pid] = program_name(pid)
+        return self._comms[pid] or fallback
+
+    def _meta(self, port: int, st: _NsState | None) -> Meta:
+        m = Meta(port=port, backend=self.backend.name)
+        m.kernel = platform.release()
+        m.started = self.started_wall.isoformat(timespec="seconds")
+        m.duration_s = round(self._prev_t - self.t0, 3)
+        m.version = __version__
+        m.hostname = socket.gethostname()
+        m.interval_s = self.interval_s
+        m.hooks = list(self.backend.hooks)
+        m.notes = list(self.backend.notes) + list(self.notes)
+        if st is not None:
+            m.somaxconn = st.somaxconn
+            m.netns = st.netns.describe()
+        return m
+
+    def _section(self, t: Target) -> Run:
+        """One target's figures, its namespace's kernel counters beside them."""
+        st = self.spaces[t.netns.inode]
+        snap = t.last
         c = snap.counters
-        sk_drops = self._prev_ground[0]
+        sk_drops = t.prev_ground[0]
         ack = c.get("ack_overflow", 0)
         observable = self.backend.ack_overflow_observable
         exact = self.backend.exact_drops
-        syn_dropped = self._syn_dropped_total if observable else None
-        after = self.netstat_after
-        run = Run.new(port=self.port, backend=self.backend.name)
-        run.meta.kernel = platform.release()
-        run.meta.started = self.started_wall.isoformat(timespec="seconds")
-        run.meta.duration_s = round(self._prev_t - self.t0, 3)
-        run.meta.version = __version__
-        run.meta.hostname = socket.gethostname()
-        run.meta.interval_s = self.interval_s
-        run.meta.hooks = list(self.backend.hooks)
-        run.meta.notes = list(self.backend.notes) + list(self.notes)
-        run.meta.somaxconn = self.netns.somaxconn()
-        run.meta.netns = self.netns.describe()
+        syn_dropped = t.syn_dropped_total if observable else None
+        run = Run.new(port=t.port, backend=self.backend.name)
+        run.meta = self._meta(t.port, st)
         run.connections = {
             "syn": c.get("syn_timed", 0),
             "queued": c.get("queued", 0),
@@ -332,6 +523,7 @@ class Session:
             # connections whose client had to send its SYN again (first one dropped)
             "syn_retried": c.get("syn_retried", 0) if exact else None,
         }
+
         def at_decision(name: str) -> int | None:
             return c.get(name, 0) if exact else None
 
@@ -351,7 +543,7 @@ class Session:
             "ack_dropped_acceptq_full": ack if observable else None,
             "listen_drops_other": at_decision("listen_drops_other"),
         }
-        run.kernel_counters = procnet.counter_deltas(self.netstat_before, after, KERNEL_COUNTERS)
+        run.kernel_counters = procnet.counter_deltas(st.before, st.after, KERNEL_COUNTERS)
         # Before the first read of the kernel's maps every stage is empty, not unknown.
         run.stages = {name: snap.hists.get(name) or Histogram.empty("us") for name in STAGES}
         dispatch_on = self.dispatch is not None and self.dispatch.available
@@ -364,41 +556,77 @@ class Session:
         run.connections["requests"] = c.get("requests", 0) if dispatch_on else None
         run.queues.accept_queue_depth = snap.hists.get("accept_queue_depth")
         run.queues.syn_queue_depth = snap.hists.get("syn_queue_depth")
-        run.queues.listeners = self._listeners(snap)
+        run.queues.listeners = self._listeners(t)
         # The smallest limit: the queue that fills first (each listener's is in listeners).
         backlogs = [lst.backlog for lst in run.queues.listeners if lst.backlog is not None]
         backlogs = backlogs or [ls.max_backlog for ls in snap.listeners]
         run.queues.backlog = min(backlogs) if backlogs else None
         run.processes = sorted(
-            (ProcessCount(pid=p.pid, comm=program_name(p.pid) or p.comm, accepted=p.accepted)
+            (ProcessCount(pid=p.pid, comm=self._comm(p.pid, p.comm), accepted=p.accepted)
              for p in snap.procs),
             key=lambda p: (-p.accepted, p.pid),
         )
-        run.slowest = [record_to_sample(r) for r in self.slowest.records()]
-        run.intervals = list(self.intervals)
+        run.slowest = [record_to_sample(r) for r in t.slowest.records()]
+        run.recent = t.recent
         run.extra = {
             "accept_untracked": c.get("accept_untracked", 0) - c.get("accept_early", 0),
             "queue_missed": c.get("queue_missed", 0),
             "listener_sk_drops": sk_drops,
             # SYNs that reached tcp_conn_request (fentry/kprobe): retransmits included
             "syns": c.get("syns", 0) if exact else None,
-            # softirqs in which kprobe/tracepoint programs were skipped (null: not countable)
-            "softirqs_busy": (c.get("softirqs_busy", 0)
-                              if self.backend.busy_counted else None),
-            # TCP packets to the port in those softirqs (kprobe-fed drops only, else null)
-            "packets_unseen": (c.get("packets_unseen", 0)
-                               if self.backend.unseen_counted else None),
+            "listening": t.listening,     # false: its listeners are gone (totals kept)
+            "first_seen_s": t.first_s,
         }
         return run
 
-    def _listeners(self, snap: KernelSnapshot) -> list[Listener]:
+    def build_run(self) -> Run:
+        sections = [self._section(t) for t in sorted(self.targets.values(), key=lambda t: t.slot)]
+        run_c = self.last.counters
+        single = len(self.spaces) == 1
+        st0 = next(iter(self.spaces.values())) if single else None
+        if len(sections) == 1:
+            run = Run.from_section(sections[0].section_json())
+        else:
+            run = _total(sections, self.slowest_n)
+        run.meta = self._meta(self.port, st0)
+        run.meta.ports = list(self.ports)
+        run.meta.all_listeners = self.all_listeners
+        run.meta.all_namespaces = self.find_namespaces is not None
+        run.meta.namespaces = [st.netns.describe() for st in self.spaces.values()]
+        if not single:
+            # each namespace's counters once
+            totals: dict[str, int] = {}
+            for st in self.spaces.values():
+                for k, v in procnet.counter_deltas(st.before, st.after, KERNEL_COUNTERS).items():
+                    totals[k] = totals.get(k, 0) + v
+            run.kernel_counters = totals
+            run.meta.somaxconn = None
+        elif st0 is not None:
+            run.kernel_counters = procnet.counter_deltas(st0.before, st0.after, KERNEL_COUNTERS)
+        run.intervals = list(self.intervals)
+        run.recent = self.intervals[-1] if self.intervals else None
+        run.extra.pop("listening", None)
+        run.extra.pop("first_seen_s", None)
+        # softirqs in which kprobe/tracepoint programs were skipped (null: not countable)
+        run.extra["softirqs_busy"] = (run_c.get("softirqs_busy", 0)
+                                      if self.backend.busy_counted else None)
+        # TCP packets to the traced ports in those softirqs (kprobe-fed drops only, else null)
+        run.extra["packets_unseen"] = (run_c.get("packets_unseen", 0)
+                                       if self.backend.unseen_counted else None)
+        # listeners found but not traced: the run holds backend.slots targets
+        run.extra["listeners_untraced"] = len(self.untraced)
+        run.targets = sections
+        return run
+
+    def _listeners(self, t: Target) -> list[Listener]:
         """The port's listeners (sock_diag), each with what the kernel programs saw of it,
         matched by socket inode: several listeners on one port (SO_REUSEPORT, a server
         restarted with another backlog) each keep their own figures."""
-        by_ino = {ls.inode: ls for ls in snap.listeners if ls.inode}
+        by_ino = {ls.inode: ls for ls in t.last.listeners if ls.inode}
         out = []
-        for st in self.listener_drops.last.values():
+        for st in t.drops.last.values():
             kern = by_ino.get(st.inode)
+            gone = st.inode not in t.drops.current
             out.append(
                 Listener(
                     family=st.family,
@@ -408,7 +636,101 @@ class Session:
                     # seen by sock_diag but no child was queued on it while traced: 0
                     max_depth=kern.max_depth if kern is not None else 0,
                     inode=st.inode or None,
-                    depth_now=st.recv_q,
+                    depth_now=None if gone else st.recv_q,
                 )
             )
         return out
+
+
+def _where(ns: NetNamespace) -> str:
+    return "" if ns.is_own else f" in network namespace {ns.label}"
+
+
+def _add_opt(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else a + b
+
+
+def _max_opt(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else max(a, b)
+
+
+def _sum_intervals(ivs: list[tuple[Interval, dict[str, Histogram]]], t_s: float,
+                   dur: float) -> Interval:
+    """The run's interval: the targets' counts added, stages from their merged deltas."""
+    total = Interval(t_s=t_s, duration_s=dur, queued=0, accepted=0, read=0, listen_overflow=0,
+                     synack_retransmits=0, accept_queue_depth_max=None, syn=0, syn_dropped=0,
+                     dispatched=0)
+    if not ivs:
+        total.listen_overflow = total.syn_dropped = total.dispatched = None
+        return total
+    merged: dict[str, Histogram] = {}
+    now_depth: int | None = None
+    for iv, dh in ivs:
+        total.queued += iv.queued
+        total.accepted += iv.accepted
+        total.read += iv.read
+        total.listen_overflow = _add_opt(total.listen_overflow, iv.listen_overflow)
+        total.synack_retransmits += iv.synack_retransmits
+        total.accept_queue_depth_max = _max_opt(total.accept_queue_depth_max,
+                                                iv.accept_queue_depth_max)
+        total.syn = _add_opt(total.syn, iv.syn)
+        total.syn_dropped = _add_opt(total.syn_dropped, iv.syn_dropped)
+        total.syncookies += iv.syncookies
+        total.syn_queue_depth_max = _max_opt(total.syn_queue_depth_max, iv.syn_queue_depth_max)
+        if iv.accept_queue_depth_now is not None:
+            now_depth = (now_depth or 0) + iv.accept_queue_depth_now
+        total.dispatched = _add_opt(total.dispatched, iv.dispatched)
+        for name, h in dh.items():
+            merged[name] = merged[name].merge(h) if name in merged else h
+    total.accept_queue_depth_now = now_depth
+    names = set().union(*(iv.stages for iv, _ in ivs))
+    total.stages = {
+        name: {"count": merged[name].count, "p50": merged[name].percentile(0.5),
+               "p99": merged[name].percentile(0.99)}
+        for name in STAGES if name in names and name in merged}
+    return total
+
+
+def _total(sections: list[Run], slowest_n: int) -> Run:
+    """The top of a run over several targets: counts added, histograms merged, the
+    slowest connections of all, the smallest backlog."""
+    run = Run.new(port=0, backend=sections[0].meta.backend if sections else "")
+    if not sections:
+        return run
+    run.connections = {}
+    run.drops = {}
+    for sec in sections:
+        for k, v in sec.connections.items():
+            run.connections[k] = _add_opt(run.connections.get(k, 0), v)
+        for k, v in sec.drops.items():
+            run.drops[k] = _add_opt(run.drops.get(k, 0), v)
+        for name, h in sec.stages.items():
+            if h is None:
+                run.stages[name] = None
+            elif run.stages.get(name) is not None:
+                run.stages[name] = run.stages[name].merge(h)  # type: ignore[union-attr]
+        for q in ("accept_queue_depth", "syn_queue_depth"):
+            h = getattr(sec.queues, q)
+            mine = getattr(run.queues, q)
+            if h is not None:
+                setattr(run.queues, q, h if mine is None else mine.merge(h))
+        run.queues.listeners.extend(sec.queues.listeners)
+        for k, v in sec.extra.items():
+            if isinstance(v, int) and not isinstance(v, bool):
+                run.extra[k] = run.extra.get(k, 0) + v
+            elif v is None and k not in run.extra:
+                run.extra[k] = None
+    backlogs = [s.queues.backlog for s in sections if s.queues.backlog is not None]
+    run.queues.backlog = min(backlogs) if backlogs else None
+    procs: dict[int, ProcessCount] = {}
+    for sec in sections:
+        for p in sec.processes:
+            have = procs.get(p.pid)
+            if have is None:
+                procs[p.pid] = ProcessCount(pid=p.pid, comm=p.comm, accepted=p.accepted)
+            else:
+                have.accepted += p.accepted
+    run.processes = sorted(procs.values(), key=lambda p: (-p.accepted, p.pid))
+    slow = [s for sec in sections for s in sec.slowest]
+    run.slowest = sorted(slow, key=lambda s: -(s.total_us or 0))[:slowest_n]
+    return run
