@@ -203,10 +203,10 @@ def _log_start(line: str) -> None:
 class TracerProcess:
     """`python -m acceptrace --port P --json F` as a subprocess, stopped by a signal."""
 
-    def __init__(self, port: int, json_path: Path, *extra: str) -> None:
+    def __init__(self, port: int | None, json_path: Path, *extra: str) -> None:
         self.json_path = json_path
         self.argv = [
-            sys.executable, "-m", "acceptrace", "--port", str(port),
+            sys.executable, "-m", "acceptrace", *(["--port", str(port)] if port else []),
             "--json", str(json_path), "--interval", "0.5", *backend_args(), *extra,
         ]
         self.proc: subprocess.Popen[str] | None = None
@@ -220,7 +220,7 @@ class TracerProcess:
             self.stderr_lines.append(line)
             if "started in " in line:
                 _log_start(line)
-            if "tracing port" in line:
+            if "acceptrace: tracing " in line:
                 self._started.set()
         self._started.set()
 
@@ -279,7 +279,7 @@ def tracer(tmp_path: Path) -> Iterator[type[TracerProcess]]:
     started: list[TracerProcess] = []
 
     class _Tracer(TracerProcess):
-        def __init__(self, port: int, *extra: str) -> None:
+        def __init__(self, port: int | None, *extra: str) -> None:
             super().__init__(port, tmp_path / f"run{len(started)}.json", *extra)
             started.append(self)
 

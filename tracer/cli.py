@@ -173,13 +173,31 @@ def _read_run(path: Path):  # noqa: ANN202 - Run, imported lazily
                 type=click.Path(dir_okay=False, path_type=Path), metavar="RUN.json [AFTER.json]")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
               metavar="FILE", help="Write a self-contained HTML report (one run).")
-def report(runs: tuple[Path, ...], html_path: Path | None) -> None:
-    """Render a run saved with --json, with a diagnosis; or compare two runs."""
-    from .render import render_compare, render_report  # noqa: PLC0415
+@click.option("--port", "-p", "port", metavar="PORT",
+              help="Only this listener of a run of several (its own figures).")
+@click.option("--namespace", "namespace", metavar="NAME",
+              help="... in the namespace the listener table names (host, ip netns NAME, pid N).")
+def report(runs: tuple[Path, ...], html_path: Path | None, port: str | None,
+           namespace: str | None) -> None:
+    """Render a run saved with --json, with a diagnosis; or compare two runs (listener by
+    listener when they hold several)."""
+    from .render import render_compare_listeners, render_report, select_section  # noqa: PLC0415
+    from .runner import parse_port  # noqa: PLC0415
 
     if len(runs) > 2:
         raise UserError("report takes one run, or two to compare (BEFORE.json AFTER.json)")
     loaded = [_read_run(p) for p in runs]
+    if port is not None or namespace is not None:
+        want = parse_port(port) if port is not None else None
+        picked = []
+        for path, run in zip(runs, loaded):
+            sec = select_section(run, want, namespace)
+            if sec is None:
+                raise UserError(f"{path} has no listener "
+                                + (f"on port {want}" if want is not None else "")
+                                + (f" in namespace {namespace!r}" if namespace else ""))
+            picked.append(sec)
+        loaded = picked
     out, err = _consoles()
     if html_path is not None:
         if len(loaded) != 1:
@@ -194,7 +212,7 @@ def report(runs: tuple[Path, ...], html_path: Path | None) -> None:
         err.print(f"acceptrace: HTML report written to {html_path}")
         return
     if len(loaded) == 2:
-        out.print(render_compare(loaded[0], loaded[1], (runs[0].name, runs[1].name)))
+        out.print(render_compare_listeners(loaded[0], loaded[1], (runs[0].name, runs[1].name)))
     else:
         out.print(render_report(loaded[0]))
 

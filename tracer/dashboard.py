@@ -14,9 +14,10 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from . import listeners
 from .hist import Histogram
 from .model import Interval, Run
-from .render import dominant_stage, render_hist_chart
+from .render import dominant_stage, render_hist_chart, render_listener_table
 from .words import fmt_us
 
 FLOW = (  # (column title, stage whose latency ends at this step, interval count field)
@@ -57,6 +58,10 @@ EXPLAIN: dict[str, str] = {
     "syncookies": "Connections admitted by a syncookie because the SYN queue was full.",
     "processes": "Which processes called accept(): with uvicorn --workers N, one line per "
                  "worker; a very uneven split is the thundering herd on one shared socket.",
+    "listener table": "With several ports, or no --port: one row per listener (namespace, "
+                      "port), worst first: overflowing, then dropping SYNs, then the slowest "
+                      "accept queue, then the busiest; rates over the last interval. Up/down "
+                      "(or j/k) and Enter show one listener's dashboard; Esc goes back.",
 }
 
 
@@ -68,6 +73,34 @@ def explain_text() -> str:
 class DashboardState:
     hist_stage: str | None = None   # None: the stage that dominates
     explain: bool = False
+    cursor: int = 0                 # the listener table's selected row
+    selected: tuple[str, int] | None = None  # (namespace, port) shown alone; None: the table
+
+    def keys(self, run: Run) -> list[tuple[str, int]]:
+        return [(r.namespace, r.section.meta.port)
+                for r in listeners.table(run, listeners.NOW)]
+
+    def move(self, run: Run, step: int) -> None:
+        n = len(run.targets)
+        if self.selected is None and n:
+            self.cursor = max(0, min(n - 1, self.cursor + step))
+
+    def enter(self, run: Run) -> None:
+        keys = self.keys(run)
+        if self.selected is None and keys:
+            self.selected = keys[min(self.cursor, len(keys) - 1)]
+
+    def back(self) -> None:
+        self.selected = None
+
+    def section(self, run: Run) -> Run | None:
+        """The selected listener's section, while it is in the run."""
+        if self.selected is None:
+            return None
+        for r in listeners.table(run, listeners.NOW):
+            if (r.namespace, r.section.meta.port) == self.selected:
+                return r.section
+        return None
 
     def next_hist(self, run: Run) -> None:
         names = [n for n, h in run.stages.items() if h is not None]
@@ -180,7 +213,13 @@ def _procs_and_slowest(run: Run, rows: int) -> Table:
 
 def render_dashboard(run: Run, iv: Interval | None, state: DashboardState,
                      height: int = 24) -> RenderableType:
-    """One screen; fits 80x24 and uses the room of a larger terminal."""
+    """One screen; fits 80x24 and uses the room of a larger terminal.  A run of several
+    listeners shows the listener table until one is selected."""
+    if len(run.targets) > 1 or (run.meta.all_listeners and not state.selected):
+        sec = state.section(run)
+        if sec is None:
+            return _listener_screen(run, state, height)
+        run, iv = sec, sec.recent
     m = run.meta
     head = Text.assemble(
         ("acceptrace ", "bold"), f"port {m.port} · {m.duration_s:,.0f} s · "
@@ -212,6 +251,31 @@ def render_dashboard(run: Run, iv: Interval | None, state: DashboardState,
         spare -= 1
     if spare >= 3:
         parts.append(_procs_and_slowest(run, min(8, spare - 2)))
+    for note in m.notes[:1]:
+        parts.append(Text(f"note: {note}", style="dim"))
+    return Group(*parts)
+
+
+def _listener_screen(run: Run, state: DashboardState, height: int) -> RenderableType:
+    m = run.meta
+    n = len(run.targets)
+    head = Text.assemble(
+        ("acceptrace ", "bold"),
+        f"{n} listener{'s' if n != 1 else ''} · {m.duration_s:,.0f} s · accepted "
+        f"{run.connections.get('accepted') or 0:,}",
+        ("   ↑↓ select · Enter show · ? explain · q quit", "dim"))
+    if state.explain:
+        return Group(head, Panel(Text(explain_text()), title="what the figures mean"))
+    if not n:
+        return Group(head, Text("no TCP listener yet: waiting for one to appear", style="dim"))
+    state.cursor = min(state.cursor, n - 1)
+    parts: list[RenderableType] = [
+        head, render_listener_table(run, listeners.NOW, cursor=state.cursor,
+                                    limit=max(3, height - 6))]
+    untraced = run.extra.get("listeners_untraced")
+    if untraced:
+        parts.append(Text(f"{untraced} more listeners not traced (one run holds a bounded "
+                          "number: docs/listeners.md)", style="yellow"))
     for note in m.notes[:1]:
         parts.append(Text(f"note: {note}", style="dim"))
     return Group(*parts)

@@ -200,6 +200,7 @@ class Interval:
     syn_queue_depth_max: int | None = None
     accept_queue_depth_now: int | None = None  # ss Recv-Q summed over listeners, at the end
     dispatched: int | None = None
+    synq_dropped: int | None = None            # SYN queue full, no syncookies (fentry/kprobe)
 
 
 

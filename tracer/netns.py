@@ -139,7 +139,7 @@ def open_netns(*, pid: int | None = None, path: str | None = None) -> NetNamespa
     else:
         assert path is not None
         nspath = str(NETNS_RUN_DIR / path) if "/" not in path else path
-        label = nspath
+        label = f"ip netns {path}" if "/" not in path else nspath
     try:
         inode = os.stat(nspath).st_ino
     except OSError as exc:

@@ -9,9 +9,10 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from . import listeners
 from .diagnose import diagnose
 from .hist import Histogram
-from .model import Interval, Run
+from .model import Interval, Meta, Run
 from .words import (
     COUNTER_FOR_DROP,
     DROP_MEANING,
@@ -143,12 +144,52 @@ def _slowest_table(run: Run, limit: int = 10) -> Table:
     return t
 
 
+def _rate_cell(v: float | None, alarm: bool = True) -> Text:
+    if v is None:
+        return Text("n/a", style="dim")
+    text = f"{v:,.1f}" if v < 100 else f"{v:,.0f}"
+    return Text(text, style="bold red" if alarm and v > 0 else "")
+
+
+def render_listener_table(run: Run, window: str = listeners.RUN,
+                          cursor: int | None = None, limit: int | None = None) -> Table:
+    """The run's listeners, worst first; ``cursor``: the row the dashboard selects."""
+    per = "now" if window == listeners.NOW else "over the run"
+    t = Table(title=f"listeners, worst first (rates per second {per})", title_justify="left",
+              show_edge=False, pad_edge=False)
+    rows = listeners.table(run, window)
+    widest = max((len(r.address) + (0 if r.listening else 7) for r in rows), default=6)
+    t.add_column("#", justify="right", no_wrap=True)
+    t.add_column("namespace", no_wrap=True, max_width=22)
+    t.add_column("listen", no_wrap=True, min_width=widest)
+    t.add_column("processes", no_wrap=True, max_width=16)
+    for col in ("backlog", "depth now/max", "overflows/s", "SYNq drops/s", "acceptq p99",
+                "conn/s"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for i, r in enumerate(rows[:limit] if limit else rows):
+        depth = f"{fmt_count(r.depth_now)}/{fmt_count(r.depth_max)}"
+        style = "reverse" if cursor == i else ("dim" if not r.listening else "")
+        t.add_row(str(i + 1), r.namespace, r.address + ("" if r.listening else " (gone)"),
+                  r.processes, fmt_count(r.backlog), depth, _rate_cell(r.overflows_s),
+                  _rate_cell(r.synq_drops_s), fmt_us(r.aq_p99_us),
+                  _rate_cell(r.conn_s, alarm=False), style=style)
+    return t
+
+
+def _what(m: Meta) -> str:
+    if m.all_listeners:
+        return "every listener" + (" of every namespace" if m.all_namespaces else "")
+    if len(m.ports) > 1:
+        return "ports " + ", ".join(map(str, m.ports))
+    return f"port {m.port}"
+
+
 def render_summary(run: Run) -> RenderableType:
     m = run.meta
     c = run.connections
     header = Text.assemble(
         ("acceptrace", "bold"),
-        f"  port {m.port}  backend {m.backend}  {m.duration_s:.1f} s  kernel {m.kernel}",
+        f"  {_what(m)}  backend {m.backend}  {m.duration_s:.1f} s  kernel {m.kernel}",
     )
     counts = Text(
         "connections: "
@@ -161,8 +202,18 @@ def render_summary(run: Run) -> RenderableType:
                   if run.stages.get(k) is not None),
         style="dim",
     )
-    parts: list[RenderableType] = [header, counts, _stage_table(run), legend, _queues_table(run),
-                                   _drops_table(run), _other_counters(run), _procs_table(run)]
+    parts: list[RenderableType] = [header]
+    several = len(run.targets) > 1
+    if several or m.all_listeners:
+        parts.append(render_listener_table(run))
+        untraced = run.extra.get("listeners_untraced")
+        if untraced:
+            parts.append(Text(f"{untraced} more listeners were found but not traced: one run "
+                              "holds a bounded number (docs/listeners.md)", style="yellow"))
+        parts.append(Text("totals over the listeners (each one's figures: "
+                          "acceptrace report RUN.json --port PORT):", style="bold"))
+    parts += [counts, _stage_table(run), legend, _queues_table(run),
+              _drops_table(run), _other_counters(run), _procs_table(run)]
     if run.slowest:
         parts.append(_slowest_table(run))
     for note in m.notes:
@@ -170,8 +221,9 @@ def render_summary(run: Run) -> RenderableType:
     return Group(*parts)
 
 
-def render_interval_line(run: Run, interval: Interval) -> str:
-    """One compact, greppable line per interval (no colour)."""
+def render_interval_line(run: Run, interval: Interval, label: bool = False) -> str:
+    """One compact, greppable line per interval (no colour); ``label``: start with the
+    listener's namespace and port (one line per listener of a run of several)."""
     when = ""
     try:
         started = datetime.fromisoformat(run.meta.started)
@@ -183,6 +235,7 @@ def render_interval_line(run: Run, interval: Interval) -> str:
     depth = interval.accept_queue_depth_max
     parts = [
         f"{when}+{interval.t_s:.1f}s",
+        *([f"{listeners.namespace_name(run)} port {run.meta.port}:"] if label else []),
         f"accepted {interval.accepted} ({rate:.0f}/s)",
         f"queued {interval.queued}",
         f"overflow {fmt_count(interval.listen_overflow)}",
@@ -192,9 +245,9 @@ def render_interval_line(run: Run, interval: Interval) -> str:
     for name, st in interval.stages.items():
         if not st.get("count"):
             continue
-        label = SHORT_STAGE.get(name, name)
+        short = SHORT_STAGE.get(name, name)
         parts.append(
-            f"{label} p50 {fmt_compact_us(st.get('p50'))} p99 {fmt_compact_us(st.get('p99'))}"
+            f"{short} p50 {fmt_compact_us(st.get('p50'))} p99 {fmt_compact_us(st.get('p99'))}"
         )
     return "  ".join(parts)
 
@@ -257,11 +310,33 @@ def dominant_stage(run: Run) -> str:
 
 
 def render_diagnosis(run: Run) -> RenderableType:
-
+    """The findings; a run of several listeners gets each listener's, worst first."""
     lines = [Text("diagnosis", style="bold")]
+    if len(run.targets) > 1:
+        for r in listeners.table(run):
+            found = [f for f in diagnose(r.section) if f.rule not in ("healthy", "no_traffic")]
+            for f in found:
+                lines.append(Text.assemble(("• ", SEVERITY_STYLE[f.severity]),
+                                           (f"{r.namespace} {r.address}: ", "bold"), f.text))
+        if len(lines) == 1:
+            lines.append(Text(f"• no accept-path problem on any of the {len(run.targets)} "
+                              "listeners", style="cyan"))
+        return Group(*lines)
     for f in diagnose(run):
         lines.append(Text.assemble(("• ", SEVERITY_STYLE[f.severity]), f.text))
     return Group(*lines)
+
+
+def select_section(run: Run, port: int | None, namespace: str | None = None) -> Run | None:
+    """The section of listener ``port`` (in the namespace named ``namespace``, as the
+    listener table names it), or None."""
+    for sec in run.targets:
+        if port is not None and sec.meta.port != port:
+            continue
+        if namespace is not None and listeners.namespace_name(sec) != namespace:
+            continue
+        return sec
+    return None
 
 
 def render_report(run: Run) -> RenderableType:
@@ -280,6 +355,29 @@ def _delta(a: float | None, b: float | None, unit: str) -> Text:
     style = "green" if diff < 0 else ("red" if diff > 0 else "")
     body = (("+" if diff >= 0 else "−") + fmt_us(abs(diff))) if unit == "us" else f"{diff:+,.0f}"
     return Text(body + pct, style=style)
+
+
+def render_compare_listeners(a: Run, b: Run,
+                             names: tuple[str, str] = ("before", "after")) -> RenderableType:
+    """Two runs compared listener by listener (matched by namespace and port); a run
+    of one listener is compared as a whole."""
+    if len(a.targets) <= 1 and len(b.targets) <= 1:
+        return render_compare(a, b, names)
+
+    def key(sec: Run) -> tuple[str, int]:
+        return (listeners.namespace_name(sec), sec.meta.port)
+
+    ka = {key(s): s for s in a.targets}
+    kb = {key(s): s for s in b.targets}
+    parts: list[RenderableType] = []
+    for k in dict.fromkeys([*ka, *kb]):
+        parts.append(Text(f"\n{k[0]} port {k[1]}", style="bold underline"))
+        if k in ka and k in kb:
+            parts.append(render_compare(ka[k], kb[k], names))
+        else:
+            only = names[0] if k in ka else names[1]
+            parts.append(Text(f"only in {only}", style="yellow"))
+    return Group(*parts)
 
 
 def render_compare(a: Run, b: Run, names: tuple[str, str] = ("before", "after")) -> RenderableType:

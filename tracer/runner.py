@@ -72,8 +72,40 @@ def parse_port(value: str | int) -> int:
     return port
 
 
+# Escape sequences of the keys the dashboard uses (xterm and VT100 cursor keys).
+KEY_SEQUENCES = {"\x1b[A": "up", "\x1b[B": "down", "\x1bOA": "up", "\x1bOB": "down"}
+KEY_NAMES = {"\r": "enter", "\n": "enter", "\x7f": "backspace", "\x08": "backspace"}
+
+
+def key_names(data: str) -> list[str]:
+    """Keys from what the terminal sent: cursor keys by name, a lone Esc as "esc"."""
+    out: list[str] = []
+    i = 0
+    while i < len(data):
+        seq = next((q for q in KEY_SEQUENCES if data.startswith(q, i)), None)
+        if seq is not None:
+            out.append(KEY_SEQUENCES[seq])
+            i += len(seq)
+            continue
+        ch = data[i]
+        if ch == "\x1b":
+            # an unknown sequence: skip it whole; a lone Esc is a key
+            j = i + 1
+            if j < len(data) and data[j] in "[O":
+                j += 1
+                while j < len(data) and not data[j].isalpha() and data[j] != "~":
+                    j += 1
+                i = j + 1
+                continue
+            out.append("esc")
+        else:
+            out.append(KEY_NAMES.get(ch, ch))
+        i += 1
+    return out
+
+
 class KeyReader:
-    """Single keys from the terminal (cbreak mode) in a thread, while the dashboard runs."""
+    """Keys from the terminal (cbreak mode) in a thread, while the dashboard runs."""
 
     def __init__(self, on_key: Callable[[str], None]) -> None:
         self.on_key = on_key
@@ -95,9 +127,9 @@ class KeyReader:
         while not self._stop.is_set():
             ready, _, _ = select.select([fd], [], [], 0.2)
             if ready:
-                ch = os.read(fd, 1).decode(errors="ignore")
-                if ch:
-                    self.on_key(ch)
+                # a cursor key arrives as one read of its whole sequence
+                for key in key_names(os.read(fd, 64).decode(errors="ignore")):
+                    self.on_key(key)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
@@ -316,14 +348,22 @@ def _live_loop(session: Session, opts: TraceOptions, out: Console, stop: StopFla
     lock = threading.Lock()
     redraw = threading.Event()
 
-    def on_key(ch: str) -> None:
+    def on_key(key: str) -> None:
         with lock:
-            if ch in ("q", "Q"):
+            if key in ("q", "Q"):
                 stop(signal.SIGINT, None)
-            elif ch in ("h", "H"):
-                state.next_hist(view.run)
-            elif ch == "?":
+            elif key in ("h", "H"):
+                state.next_hist(state.section(view.run) or view.run)
+            elif key == "?":
                 state.explain = not state.explain
+            elif key in ("up", "k"):
+                state.move(view.run, -1)
+            elif key in ("down", "j"):
+                state.move(view.run, 1)
+            elif key == "enter":
+                state.enter(view.run)
+            elif key in ("esc", "backspace", "b"):
+                state.back()
         redraw.set()
 
     def draw() -> RenderableType:
@@ -394,6 +434,14 @@ def _loop(
             err.print("acceptrace: a listener appeared on port "
                       + ", ".join(str(t.port) for t in session.targets.values() if t.listening))
         if not opts.quiet_intervals:
-            out.print(render_interval_line(session.build_run(), iv), highlight=False)
+            run = session.build_run()
+            out.print(render_interval_line(run, iv), highlight=False)
+            if len(run.targets) > 1:
+                # one line per listener that saw traffic, worst first
+                for sec in run.targets:
+                    if sec.recent is not None and (sec.recent.queued or sec.recent.accepted
+                                                   or sec.recent.listen_overflow):
+                        out.print("  " + render_interval_line(sec, sec.recent, label=True),
+                                  highlight=False)
 
     _run_intervals(session, opts, stop, on_tick)

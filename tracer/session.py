@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import __version__, procnet
+from . import __version__, listeners, procnet
 from .backend import Backend, ConnRecord, KernelSnapshot, TargetSnapshot
 from .dispatch import DispatchTracker
 from .hist import Histogram
@@ -448,6 +448,7 @@ class Session:
             syn=d("syn_timed"),
             dispatched=d("dispatched") if dispatch_on else None,
             syn_dropped=syn,
+            synq_dropped=d("syn_dropped_synq_full") if self.backend.exact_drops else None,
             syncookies=d("syncookies"),
             syn_queue_depth_max=depth_max("syn_queue_depth"),
             accept_queue_depth_now=(
@@ -616,6 +617,12 @@ class Session:
         # listeners found but not traced: the run holds backend.slots targets
         run.extra["listeners_untraced"] = len(self.untraced)
         run.targets = sections
+        if len(sections) > 1:
+            # the listener table's order (listeners.py): worst first
+            order = {id(r.section): i for i, r in enumerate(listeners.table(run))}
+            sections.sort(key=lambda sec: order[id(sec)])
+        for i, sec in enumerate(sections):
+            sec.extra["rank"] = i + 1
         return run
 
     def _listeners(self, t: Target) -> list[Listener]:
@@ -675,6 +682,8 @@ def _sum_intervals(ivs: list[tuple[Interval, dict[str, Histogram]]], t_s: float,
                                                 iv.accept_queue_depth_max)
         total.syn = _add_opt(total.syn, iv.syn)
         total.syn_dropped = _add_opt(total.syn_dropped, iv.syn_dropped)
+        total.synq_dropped = (iv.synq_dropped if total.synq_dropped is None
+                              else _add_opt(total.synq_dropped, iv.synq_dropped))
         total.syncookies += iv.syncookies
         total.syn_queue_depth_max = _max_opt(total.syn_queue_depth_max, iv.syn_queue_depth_max)
         if iv.accept_queue_depth_now is not None:
