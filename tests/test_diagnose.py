@@ -57,8 +57,9 @@ def test_slow_accept_without_overflow():
     assert "accept_queue_slow" not in rules(with_stage(base_run(), "accept_queue", 20_000))
 
 
-@pytest.mark.parametrize("somaxconn, needle", [(64, "net.core.somaxconn (64) caps it"),
-                                               (4096, "uvicorn's default is 2048")])
+@pytest.mark.parametrize("somaxconn, needle", [
+    (64, "net.core.somaxconn (64) of the namespace caps it"),
+    (4096, "uvicorn's default is 2048")])
 def test_small_backlog(somaxconn, needle):
     run = base_run(listen_overflow=5, syn_dropped=5)
     run.queues.backlog = 64
@@ -133,3 +134,21 @@ def test_first_syn_dropped_is_said_with_its_count():
 def test_syn_queue_full_without_syncookies():
     assert "syn_dropped_synq_full" in rules(base_run(syn_dropped_synq_full=12))
     assert "syn_dropped_synq_full" not in rules(base_run(syn_dropped_synq_full=None))
+
+
+def test_other_listeners_overflows_in_the_namespace_are_named():
+    run = base_run(listen_overflow=5, syn_dropped=5)
+    run.meta.netns = {"inode": 4026532000, "name": "ip netns blue", "pid": None}
+    run.kernel_counters["TcpExtListenOverflows"] = 545
+    f = {x.rule: x for x in diagnose(run)}["other_listeners_overflow"]
+    assert "ip netns blue counted 545" in f.text and "the other 540" in f.text
+    run.kernel_counters["TcpExtListenOverflows"] = 5
+    assert "other_listeners_overflow" not in rules(run)
+
+
+def test_somaxconn_of_the_traced_namespace():
+    run = base_run(listen_overflow=5, syn_dropped=5)
+    run.queues.backlog = run.meta.somaxconn = 64
+    run.meta.netns = {"inode": 4026532000, "name": "pid 4242", "pid": 4242}
+    f = {x.rule: x for x in diagnose(run)}["small_backlog"]
+    assert "net.core.somaxconn (64) of the namespace of pid 4242 caps it" in f.text

@@ -239,3 +239,97 @@ def test_syn_retry_in_the_sample():
     assert s.syn_retry_us == 1_000_000.0       # first SYN -> the one that got through
     assert s.handshake_us == 1_000.0           # that SYN -> queued, not from the first
     assert s.syn_to_accept_us == 1_001_050.0   # the whole wait, from the first SYN
+
+
+class FakeNs:
+    """A namespace whose listeners and counters the test sets."""
+
+    def __init__(self, inode: int, ports: list[int]) -> None:
+        self.inode = inode
+        self.label = f"ns{inode}"
+        self.is_own = False
+        self.ports = ports
+        self.counters = {"TcpExtListenOverflows": 0, "TcpPassiveOpens": 0}
+
+    def listener_drops(self, port):
+        return {self.inode * 100 + p: ListenerStats("ipv4", "127.0.0.1", p,
+                                                    self.inode * 100 + p, 0, 0, 128)
+                for p in self.ports if port is None or p == port}
+
+    def netstat(self):
+        return dict(self.counters)
+
+    def somaxconn(self):
+        return 4096
+
+    def describe(self):
+        return {"inode": self.inode, "name": self.label, "pid": None}
+
+
+def tsnap(accepted: int, wait_us: int) -> TargetSnapshot:
+    h = Histogram.empty("us")
+    for _ in range(accepted):
+        h.add(wait_us)
+    return TargetSnapshot(hists={"accept_queue": h},
+                          counters={"queued": accepted, "accepted": accepted})
+
+
+def test_every_listener_gets_a_slot_and_its_own_section():
+    be = FakeBackend(exact=True)
+    be.slots = 8
+    a, b = FakeNs(1, [80, 443]), FakeNs(2, [80])
+    sess = S.Session(be, None, 1.0, namespaces=[a, b])  # type: ignore[list-item]
+    sess.start()
+    assert be.targets == {(1, 80): 0, (1, 443): 1, (2, 80): 2}
+    a.counters = {"TcpExtListenOverflows": 0, "TcpPassiveOpens": 5}
+    b.counters = {"TcpExtListenOverflows": 0, "TcpPassiveOpens": 7}
+    b.ports = [80, 8080]  # a new listener appears
+    be.snaps = [KernelSnapshot(targets={0: tsnap(2, 100), 1: tsnap(3, 50_000), 2: tsnap(7, 10)})]
+    sess.tick()
+    assert be.targets[(2, 8080)] == 3
+    assert any("port 8080" in m for m in sess.messages)
+    run = sess.build_run()
+    assert run.connections["accepted"] == 12
+    assert run.kernel_counters["TcpPassiveOpens"] == 12  # each namespace once
+    assert run.meta.netns is None and run.meta.all_listeners
+    by = {(t.meta.netns["inode"], t.meta.port): t for t in run.targets}  # type: ignore[index]
+    assert by[(1, 443)].connections["accepted"] == 3
+    assert by[(2, 80)].kernel_counters["TcpPassiveOpens"] == 7
+    # no overflow anywhere: ranked by accept-queue p99, the slow one first
+    assert run.targets[0].meta.port == 443 and run.targets[0].extra["rank"] == 1
+    assert run.stages["accept_queue"].count == 12  # type: ignore[union-attr]
+
+
+def test_listeners_beyond_the_slots_are_counted_not_traced():
+    be = FakeBackend()
+    be.slots = 2
+    ns = FakeNs(1, [1, 2, 3, 4])
+    sess = S.Session(be, None, 1.0, namespaces=[ns])  # type: ignore[list-item]
+    sess.start()
+    assert len(be.targets) == 2
+    be.snaps = [KernelSnapshot()]
+    sess.tick()
+    assert sess.build_run().extra["listeners_untraced"] == 2
+
+
+def test_a_gone_namespace_keeps_its_totals_and_is_not_read_again():
+    be = FakeBackend(exact=True)
+    be.slots = 4
+    own, gone = FakeNs(1, [80]), FakeNs(2, [80])
+    released: list = []
+    sess = S.Session(be, 80, 1.0, namespaces=[own, gone],  # type: ignore[list-item]
+                     find_namespaces=lambda: [], gone_namespaces=lambda: released)
+    sess.start()
+    be.snaps = [KernelSnapshot(targets={1: tsnap(4, 10)}) for _ in range(2)]
+    sess.tick()
+    released.append(gone)
+
+    def boom(*_a):
+        raise AssertionError("a released namespace was read")
+
+    gone.netstat = boom  # type: ignore[method-assign]
+    gone.listener_drops = boom  # type: ignore[method-assign]
+    sess.tick()
+    run = sess.build_run()
+    sec = next(t for t in run.targets if t.meta.netns["inode"] == 2)  # type: ignore[index]
+    assert sec.connections["accepted"] == 4 and sec.extra["listening"] is False

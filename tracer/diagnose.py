@@ -30,6 +30,12 @@ def _p(run: Run, stage: str, q: float) -> float | None:
     return None if h is None else h.percentile(q)
 
 
+def _namespace(run: Run) -> str:
+    """How the findings name the run's network namespace ("" for acceptrace's own)."""
+    name = str((run.meta.netns or {}).get("name") or "")
+    return "" if not name or name.startswith("acceptrace's own") else f" of {name}"
+
+
 def diagnose(run: Run) -> list[Finding]:
     out: list[Finding] = []
     d = run.drops
@@ -91,7 +97,8 @@ def diagnose(run: Run) -> list[Finding]:
     if overflow and backlog is not None and backlog < SMALL_BACKLOG:
         why = ""
         if somaxconn is not None and backlog == somaxconn:
-            why = f": net.core.somaxconn ({somaxconn}) caps it — raise it with sysctl"
+            why = (f": net.core.somaxconn ({somaxconn}) of the namespace{_namespace(run)} "
+                   "caps it — raise it with sysctl there (it is per network namespace)")
         out.append(Finding(
             "small_backlog", "warning",
             f"the listen backlog is only {backlog}{why}; uvicorn's default is 2048 "
@@ -154,6 +161,18 @@ def diagnose(run: Run) -> list[Finding]:
             "kernel skips kprobe and tracepoint programs there, so SYNs, drops and "
             "connections in them may be missing from these counts (fentry programs are "
             "not affected). kernel_counters are the kernel's own, exact figures."))
+
+    # The namespace's counter covers every listener in it; this run may trace one.
+    ns_over = run.kernel_counters.get("TcpExtListenOverflows")
+    if (overflow is not None and ns_over is not None and ns_over > overflow
+            and run.meta.netns is not None and not run.meta.all_listeners):
+        others = ns_over - overflow
+        out.append(Finding(
+            "other_listeners_overflow", "info",
+            f"the namespace{_namespace(run)} counted {ns_over:,} listen overflows "
+            f"(TcpExtListenOverflows), {overflow:,} of them on port {run.meta.port}: the other "
+            f"{others:,} belong to other listeners of the namespace — run acceptrace without "
+            "--port to see which."))
 
     accepted = run.connections.get("accepted") or 0
     if accepted == 0 and not overflow:

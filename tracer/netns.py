@@ -17,6 +17,7 @@ import ctypes.util
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -76,7 +77,7 @@ class NetNamespace:
     """One network namespace: its inode, how the user named it, a process in it."""
 
     inode: int
-    label: str                 # "acceptrace's own", "/run/netns/blue", "pid 4242's"
+    label: str                 # "acceptrace's own", "ip netns blue", "pid 4242"
     path: str | None = None    # None: acceptrace's own
     pid: int | None = None
     _worker: _Worker | None = field(default=None, repr=False)
@@ -135,7 +136,7 @@ def open_netns(*, pid: int | None = None, path: str | None = None) -> NetNamespa
         nspath = f"/proc/{pid}/ns/net"
         if not Path(f"/proc/{pid}").is_dir():
             raise UserError(f"--pid {pid}: no such process")
-        label = f"pid {pid}'s"
+        label = f"pid {pid}"
     else:
         assert path is not None
         nspath = str(NETNS_RUN_DIR / path) if "/" not in path else path
@@ -191,22 +192,29 @@ class NamespaceFinder:
 
     def __init__(self, own: NetNamespace, every_s: float = 5.0,
                  clock: Callable[[], float] | None = None) -> None:
-        import time  # noqa: PLC0415
-
         self.clock = clock or time.monotonic
         self.every_s = every_s
         self.known: set[int] = {own.inode}
         self.opened: list[NetNamespace] = []
+        self.gone: list[NetNamespace] = []   # held by nothing but us any more: released
         self._next = 0.0
 
     def find(self) -> list[NetNamespace]:
-        """The namespaces not returned before."""
+        """The namespaces not returned before.  Those that no process and no `ip
+        netns` name holds any more (the container stopped) are released -- the
+        worker thread inside would keep them alive -- and listed in ``gone``."""
         now = self.clock()
         if now < self._next:
             return []
         self._next = now + self.every_s
         out = []
-        for ino, (path, label, pid) in _namespace_paths().items():
+        paths = _namespace_paths()
+        for ns in list(self.opened):
+            if ns.inode not in paths:
+                self.opened.remove(ns)
+                ns.close()
+                self.gone.append(ns)
+        for ino, (path, label, pid) in paths.items():
             if ino in self.known:
                 continue
             try:
@@ -222,6 +230,10 @@ class NamespaceFinder:
             ns.label, ns.pid = label, pid
             self.opened.append(ns)
             out.append(ns)
+        return out
+
+    def take_gone(self) -> list[NetNamespace]:
+        out, self.gone = self.gone, []
         return out
 
     def close(self) -> None:

@@ -285,7 +285,8 @@ def _trace(
     stop = stop or StopFlag()
     session = Session(backend, None, opts.interval_s, slowest_n=opts.slowest_n,
                       ports=ports, namespaces=spaces,
-                      find_namespaces=finder.find if finder is not None else None)
+                      find_namespaces=finder.find if finder is not None else None,
+                      gone_namespaces=finder.take_gone if finder is not None else None)
     run: Run | None = None
     try:
         with handle_signals(stop):

@@ -190,6 +190,7 @@ class _NsState:
     after: dict[str, int] = field(default_factory=dict)
     somaxconn: int | None = None
     listeners: dict[int, procnet.ListenerStats] = field(default_factory=dict)
+    gone: bool = False     # released (--all-namespaces: nothing holds it any more)
 
 
 class Session:
@@ -214,6 +215,7 @@ class Session:
         ports: list[int] | None = None,
         namespaces: list[NetNamespace] | None = None,
         find_namespaces: Callable[[], list[NetNamespace]] | None = None,
+        gone_namespaces: Callable[[], list[NetNamespace]] | None = None,
     ) -> None:
         self.backend = backend
         self.ports = list(ports) if ports is not None else ([port] if port else [])
@@ -221,6 +223,7 @@ class Session:
         spaces = namespaces if namespaces is not None else [netns or NetNamespace.own()]
         self.spaces: dict[int, _NsState] = {ns.inode: _NsState(ns) for ns in spaces}
         self.find_namespaces = find_namespaces
+        self.gone_namespaces = gone_namespaces or (lambda: [])
         self.interval_s = interval_s
         self.clock = clock
         self.slowest_n = slowest_n
@@ -237,6 +240,7 @@ class Session:
         self._comms: dict[int, str | None] = {}
         self.notes: list[str] = []
         self.messages: list[str] = []   # for the live views: listeners found or gone
+        self._started = False           # start() done: what is found now is new
         if not self.all_listeners:
             for ns in spaces:
                 for p in self.ports:
@@ -268,7 +272,7 @@ class Session:
             return None
         t = Target(slot=len(self.targets), netns=ns, port=port,
                    slowest=Slowest(self.slowest_n), drops=ListenerDrops(port, ns),
-                   first_s=round(self.clock() - self.t0, 3) if self.intervals else 0.0)
+                   first_s=round(self.clock() - self.t0, 3) if self._started else 0.0)
         self.targets[key] = t
         return t
 
@@ -277,6 +281,9 @@ class Session:
 
     def _read_listeners(self, st: _NsState) -> None:
         """One sock_diag dump per namespace (per port when only one is traced there)."""
+        if st.gone:
+            st.listeners = {}
+            return
         mine = [t for t in self.targets.values() if t.netns.inode == st.netns.inode]
         if not self.all_listeners and len(mine) == 1:
             st.listeners = st.netns.listener_drops(mine[0].port)
@@ -291,12 +298,13 @@ class Session:
                     st = self.spaces[ns.inode] = _NsState(ns)
                     st.before = st.after = ns.netstat()
                     st.somaxconn = ns.somaxconn()
+
         before = len(self.targets)
         for st in self.spaces.values():
             if self.all_listeners:
                 for port in sorted({ls.port for ls in st.listeners.values()}):
                     t = self._add_target(st.netns, port)
-                    if t is not None and t.slot >= before and self.intervals:
+                    if t is not None and t.slot >= before and self._started:
                         self.messages.append(f"a listener appeared on port {port}"
                                              + _where(st.netns))
                         t.drops.start(st.listeners)
@@ -315,6 +323,7 @@ class Session:
         self._push_targets()
         self.started_wall = datetime.now(timezone.utc)
         self.t0 = self._prev_t = self.clock()
+        self._started = True
 
     def scan_servers(self, every_s: float = 2.0) -> list[str]:
         """Rescan the server processes (at most every ``every_s``); new messages."""
@@ -359,7 +368,14 @@ class Session:
         """Close an interval: read the kernel's aggregates and record the deltas."""
         now = self.clock()
         snap = self.backend.snapshot()
+        for ns in self.gone_namespaces():
+            old = self.spaces.get(ns.inode)
+            if old is not None and not old.gone:
+                old.gone = True  # its figures stay as last read
+                self.messages.append(f"network namespace {ns.label} is gone")
         for st in self.spaces.values():
+            if st.gone:
+                continue
             self._read_listeners(st)
             st.after = st.netns.netstat()
             st.somaxconn = st.netns.somaxconn()
@@ -374,7 +390,10 @@ class Session:
         ivs: list[tuple[Interval, dict[str, Histogram]]] = []
         for t in self.targets.values():
             st = self.spaces[t.netns.inode]
-            t.drops.update(st.listeners)
+            if not st.gone:
+                t.drops.update(st.listeners)
+            else:
+                t.drops.current = {}
             lo = "TcpExtListenOverflows"
             ground = (t.drops.delta(), st.after.get(lo, 0) - st.before.get(lo, 0))
             cur = snap.target(t.slot)
@@ -502,6 +521,9 @@ class Session:
         if st is not None:
             m.somaxconn = st.somaxconn
             m.netns = st.netns.describe()
+        m.ports = list(self.ports)
+        m.all_listeners = self.all_listeners
+        m.all_namespaces = self.find_namespaces is not None
         return m
 
     def _section(self, t: Target) -> Run:
@@ -590,9 +612,6 @@ class Session:
         else:
             run = _total(sections, self.slowest_n)
         run.meta = self._meta(self.port, st0)
-        run.meta.ports = list(self.ports)
-        run.meta.all_listeners = self.all_listeners
-        run.meta.all_namespaces = self.find_namespaces is not None
         run.meta.namespaces = [st.netns.describe() for st in self.spaces.values()]
         if not single:
             # each namespace's counters once
