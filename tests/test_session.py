@@ -98,6 +98,10 @@ def make_session(monkeypatch, backend, drops: list[int],
             return 4096
 
         @staticmethod
+        def read_together(port):
+            return fake_listener_drops(port), FakeNetns.netstat()
+
+        @staticmethod
         def describe() -> dict[str, object]:
             return {"inode": FakeNetns.inode, "name": "test", "pid": None}
 
@@ -261,6 +265,9 @@ class FakeNs:
 
     def somaxconn(self):
         return 4096
+
+    def read_together(self, port):
+        return self.listener_drops(port), self.netstat()
 
     def describe(self):
         return {"inode": self.inode, "name": self.label, "pid": None}

@@ -31,6 +31,9 @@ T = TypeVar("T")
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = Path("/run/netns")  # where `ip netns add NAME` mounts its namespaces
 THREAD_NET = Path("/proc/thread-self/net")
+# read_together: the counters a listen drop raises, and how often to try for a quiet moment
+STABLE_COUNTERS = ("TcpExtListenOverflows", "TcpExtListenDrops")
+STABLE_TRIES = 5
 
 
 def own_inode() -> int:
@@ -102,6 +105,28 @@ class NetNamespace:
     def netstat(self) -> dict[str, int]:
         return self.call(lambda: procnet.net_netstat(
             (THREAD_NET / "netstat", THREAD_NET / "snmp")))
+
+    def read_together(self, port: int | None) -> tuple[dict[int, procnet.ListenerStats],
+                                                        dict[str, int]]:
+        """The listeners' stats (``listener_drops``) and the namespace's counters
+        (``netstat``) as of one moment.  A dropped SYN raises ListenOverflows first and
+        the listener's sk_drops a moment later; read across an interval's boundary, the
+        two would put it in different intervals and the SYN drops derived from them
+        (session._syn_dropped) would lose it.  So the counters are read on both sides
+        of the dump, again until no listen drop happened in between."""
+        files = (THREAD_NET / "netstat", THREAD_NET / "snmp")
+
+        def read() -> tuple[dict[int, procnet.ListenerStats], dict[str, int]]:
+            after = procnet.net_netstat(files)
+            for _ in range(STABLE_TRIES):
+                before = after
+                stats = procnet.listener_drops(port)
+                after = procnet.net_netstat(files)
+                if all(before.get(k) == after.get(k) for k in STABLE_COUNTERS):
+                    break
+            return stats, after
+
+        return self.call(read)
 
     def listening_sockets(self, port: int) -> list[procnet.ListenSocket]:
         return self.call(lambda: procnet.listening_sockets(

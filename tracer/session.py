@@ -279,16 +279,15 @@ class Session:
     def _push_targets(self) -> None:
         self.backend.set_targets({t.key: t.slot for t in self.targets.values()})
 
-    def _read_listeners(self, st: _NsState) -> None:
-        """One sock_diag dump per namespace (per port when only one is traced there)."""
-        if st.gone:
-            st.listeners = {}
-            return
+    def _dump_port(self, st: _NsState) -> int | None:
+        """What one sock_diag dump asks for: the port when only one is traced in the
+        namespace, else every listener."""
         mine = [t for t in self.targets.values() if t.netns.inode == st.netns.inode]
-        if not self.all_listeners and len(mine) == 1:
-            st.listeners = st.netns.listener_drops(mine[0].port)
-        else:
-            st.listeners = st.netns.listener_drops(None)
+        return mine[0].port if not self.all_listeners and len(mine) == 1 else None
+
+    def _read_listeners(self, st: _NsState) -> None:
+        """One sock_diag dump per namespace."""
+        st.listeners = {} if st.gone else st.netns.listener_drops(self._dump_port(st))
 
     def _discover(self) -> None:
         """Every listener of the namespaces as a target (no --port); say what changed."""
@@ -376,8 +375,7 @@ class Session:
         for st in self.spaces.values():
             if st.gone:
                 continue
-            self._read_listeners(st)
-            st.after = st.netns.netstat()
+            st.listeners, st.after = st.netns.read_together(self._dump_port(st))
             st.somaxconn = st.netns.somaxconn()
         self._discover()
         dur = now - self._prev_t
