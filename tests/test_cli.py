@@ -210,3 +210,13 @@ def test_report_renders_saved_run(tracer):
     original = json.loads(Path(t.json_path).read_text())
     assert Run.from_json(original).to_json() == original
 
+
+
+def test_report_of_one_listener(tmp_path):
+    fixture = Path(__file__).parent / "fixtures" / "run-demo-overflow.json"
+    port = json.loads(fixture.read_text())["meta"]["port"]
+    res = run_cli("report", str(fixture), "--port", str(port))
+    assert res.returncode == 0 and "accept queue overflowed" in res.stdout
+    res = run_cli("report", str(fixture), "--port", "1")
+    assert res.returncode == 2
+    assert res.stderr.strip() == f"acceptrace: {fixture} has no listener on port 1"

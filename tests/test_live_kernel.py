@@ -69,8 +69,11 @@ def test_delayed_accept_known_answer(tracer):
     hs = run["stages"]["handshake"]
     assert hs["count"] == n
     # A loopback handshake is far shorter than the imposed wait (under a millisecond
-    # on hardware, a few under QEMU's emulation): it must not include the wait.
-    assert hs["p99"] < delay_us / 2, hs
+    # on hardware, a few under QEMU's emulation): it must not include the wait.  The
+    # median, not the tail: a starved vCPU (a TCG guest beside a CPU hog) once took
+    # 61 ms over one handshake, while a handshake that included the wait would put
+    # every one of them above it.
+    assert hs["p50"] < delay_us / 2, hs
     s2a = run["stages"]["syn_to_accept"]
     assert s2a["count"] == n and s2a["min"] >= aq["min"]
     assert run["stages"]["accept_to_read"]["count"] == n

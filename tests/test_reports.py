@@ -192,3 +192,55 @@ def test_html_renders_in_chromium(run, tmp_path):
     assert (123, 97, 201) in colours   # .bar  #7b61c9
     assert (208, 69, 58) in colours    # .drop #d0453a
     assert (11, 92, 173) in colours    # .line #0b5cad
+
+
+def several(run: Run) -> Run:
+    """The fixture as a run of three listeners: itself (overflowing) and two quiet ones."""
+    mid = run.intervals[len(run.intervals) // 2]
+    quiet = []
+    for port in (9001, 9002):
+        q = copy.deepcopy(run)
+        q.meta.port = port
+        q.drops = dict.fromkeys(q.drops, 0)
+        for lst in q.queues.listeners:
+            lst.port = port
+        q.recent = copy.deepcopy(mid)
+        q.recent.listen_overflow = 0
+        quiet.append(q)
+    hot = copy.deepcopy(run)
+    hot.recent = copy.deepcopy(mid)
+    top = copy.deepcopy(run)
+    top.meta.all_listeners = True
+    top.targets = [hot, *quiet]
+    return top
+
+
+def test_dashboard_listener_table_and_selection(run):
+    top = several(run)
+    state = DashboardState()
+    text = to_text(render_dashboard(top, top.recent, state, 30), 120)
+    assert "listeners, worst first" in text and "3 listeners" in text
+    rows = [ln for ln in text.splitlines() if ":9001" in ln or ":9002" in ln
+            or f":{run.meta.port}" in ln]
+    assert f":{run.meta.port}" in rows[0]  # the overflowing one first
+    state.move(top, 1)
+    state.enter(top)
+    assert state.selected is not None and state.selected[1] in (9001, 9002)
+    one = to_text(render_dashboard(top, top.recent, state, 30), 120)
+    assert f"port {state.selected[1]}" in one and "listeners, worst first" not in one
+    state.back()
+    assert "listeners, worst first" in to_text(render_dashboard(top, top.recent, state, 30), 120)
+
+
+def test_report_of_several_listeners_and_compare_by_listener(run):
+    from acceptrace.render import render_compare_listeners, render_summary
+
+    top = several(run)
+    text = to_text(render_summary(top), 140)
+    assert "listeners, worst first" in text and "totals over the listeners" in text
+    after = copy.deepcopy(top)
+    after.targets = after.targets[:2]
+    cmp = to_text(render_compare_listeners(top, after), 140)
+    assert "port 9001" in cmp and "only in before" in cmp
+    diag = to_text(render_report(top), 200)
+    assert f":{run.meta.port}: accept queue overflowed" in diag

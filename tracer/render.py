@@ -329,8 +329,8 @@ def render_diagnosis(run: Run) -> RenderableType:
 
 def select_section(run: Run, port: int | None, namespace: str | None = None) -> Run | None:
     """The section of listener ``port`` (in the namespace named ``namespace``, as the
-    listener table names it), or None."""
-    for sec in run.targets:
+    listener table names it), or None.  A report without sections is its only listener."""
+    for sec in run.targets or [run]:
         if port is not None and sec.meta.port != port:
             continue
         if namespace is not None and listeners.namespace_name(sec) != namespace:
