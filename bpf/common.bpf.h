@@ -30,8 +30,9 @@ BPF_TABLE("lru_hash", struct at_proc_key, struct at_proc, procs, 4096);
 /* One row per target slot (acceptrace.h: "Per-target rows"). */
 BPF_PERCPU_ARRAY(hists, struct at_hist, AT_SLOTS * AT_H_COUNT);
 BPF_PERCPU_ARRAY(counters, u64, (AT_SLOTS + 1) * AT_C_COUNT);
-/* [0]: a connection is sampled when its total (ns) is >= this; set by userspace. */
-BPF_ARRAY(sample_min, u64, 1);
+/* [slot]: a connection of that target is sampled when its total (ns) is >= this
+ * (the N-th slowest so far of that target: set by userspace). */
+BPF_ARRAY(sample_min, u64, AT_SLOTS);
 BPF_RINGBUF_OUTPUT(samples, AT_RINGBUF_PAGES);
 /* The traced listeners, (namespace, port) -> target slot, and beside it one flag
  * per port number: an array lookup (inlined by the verifier) that rejects the
@@ -193,8 +194,8 @@ static __always_inline void conn_tuple_from_sk(struct at_conn *c, const void *sk
 /* Send a finished connection to userspace if it is among the slowest. */
 static __always_inline void maybe_sample(struct at_conn *c, u64 reason)
 {
-	u32 zero = 0;
-	u64 *min = sample_min.lookup(&zero);
+	u32 slot = c->slot;
+	u64 *min = sample_min.lookup(&slot);
 	u64 start = c->syn_ns ? c->syn_ns : c->queued_ns;
 	u64 end = c->response_ns ? c->response_ns :
 		  c->dispatch_ns ? c->dispatch_ns :

@@ -42,7 +42,7 @@ class FakeBackend:
     def poll(self, timeout_ms: int) -> list[ConnRecord]:
         return self.records.pop(0) if self.records else []
 
-    def set_sample_threshold(self, total_ns: int) -> None:
+    def set_sample_threshold(self, slot: int, total_ns: int) -> None:
         self.thresholds.append(total_ns)
 
     def set_targets(self, targets: dict[tuple[int, int], int]) -> None:

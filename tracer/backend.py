@@ -118,7 +118,8 @@ class Backend(Protocol):
 
     def poll(self, timeout_ms: int) -> list[ConnRecord]: ...
 
-    def set_sample_threshold(self, total_ns: int) -> None: ...
+    def set_sample_threshold(self, slot: int, total_ns: int) -> None:
+        """Send only connections of target ``slot`` slower than this from now on."""
 
     def attach_dispatch(self, target: DispatchTarget) -> None: ...
 

@@ -323,8 +323,8 @@ class BccBackend:
         for pid in keep:
             table[ct.c_uint32(pid)] = ct.c_uint8(1)
 
-    def set_sample_threshold(self, total_ns: int) -> None:
-        self._sample_min[ct.c_int(0)] = ct.c_uint64(max(0, int(total_ns)))
+    def set_sample_threshold(self, slot: int, total_ns: int) -> None:
+        self._sample_min[ct.c_int(slot)] = ct.c_uint64(max(0, int(total_ns)))
 
     # -- maps ------------------------------------------------------------------------
     def _read_hist(self, index: int, unit: str, scale: int) -> Histogram:
@@ -351,7 +351,8 @@ class BccBackend:
         flat: dict[int, int] = {}
         try:
             for k, v in self._counters.items_lookup_batch():
-                flat[int(k.value)] = int(sum(v))
+                # the keys come out of a ctypes array: plain ints
+                flat[k if isinstance(k, int) else int(k.value)] = int(sum(v))
         except Exception:  # noqa: BLE001 - bcc raises plain Exception; older kernels
             rows = sorted(self._slots_used) + [self.slots]
             for slot in rows:

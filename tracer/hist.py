@@ -107,6 +107,9 @@ class Histogram:
 
     def merge(self, other: Histogram) -> Histogram:
         """The sum of two histograms (e.g. of two CPUs); an empty side is ignored."""
+        if not other.count or not self.count:  # the other one, copied (idle listeners)
+            src = self if not other.count else other
+            return Histogram(self.unit, list(src.counts), src.count, src.sum, src.min, src.max)
         out = Histogram(self.unit, [a + b for a, b in zip(self.counts, other.counts)],
                         self.count + other.count, self.sum + other.sum)
         mins = [m for m in (self.min, other.min) if m is not None]
@@ -122,6 +125,8 @@ class Histogram:
         lowest and the hi of the highest non-empty bucket, clamped into this
         histogram's overall [min, max].
         """
+        if self.count == prev.count:  # nothing added (cumulative: the buckets agree)
+            return Histogram(self.unit)
         counts = [a - b for a, b in zip(self.counts, prev.counts)]
         out = Histogram(self.unit, counts, self.count - prev.count, self.sum - prev.sum)
         nz = [i for i, c in enumerate(counts) if c > 0]

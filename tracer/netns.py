@@ -128,7 +128,7 @@ class NetNamespace:
 
         return self.call(read)
 
-    def listening_sockets(self, port: int) -> list[procnet.ListenSocket]:
+    def listening_sockets(self, port: int | None) -> list[procnet.ListenSocket]:
         return self.call(lambda: procnet.listening_sockets(
             port, proc={"ipv4": THREAD_NET / "tcp", "ipv6": THREAD_NET / "tcp6"}))
 

@@ -80,8 +80,9 @@ def _parse_hex_addr(hexaddr: str, family: str) -> str:
     return str(ipaddress.IPv6Address(words))
 
 
-def listening_sockets(port: int, *, proc: dict[str, Path] | None = None) -> list[ListenSocket]:
-    """TCP sockets in LISTEN on ``port`` in this network namespace."""
+def listening_sockets(port: int | None, *,
+                      proc: dict[str, Path] | None = None) -> list[ListenSocket]:
+    """TCP sockets in LISTEN on ``port`` (None: on any port) in this network namespace."""
     out = []
     for family, path in (proc or PROC_TCP).items():
         try:
@@ -93,9 +94,10 @@ def listening_sockets(port: int, *, proc: dict[str, Path] | None = None) -> list
             if len(f) < 10 or f[3] != TCP_LISTEN_HEX:
                 continue
             addr, _, hport = f[1].rpartition(":")
-            if int(hport, 16) != port:
+            if port is not None and int(hport, 16) != port:
                 continue
-            out.append(ListenSocket(family, _parse_hex_addr(addr, family), port, int(f[9])))
+            out.append(ListenSocket(family, _parse_hex_addr(addr, family), int(hport, 16),
+                                    int(f[9])))
     return out
 
 

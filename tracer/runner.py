@@ -260,8 +260,9 @@ def _trace(
     if finder is not None:
         where = " in every network namespace"
     listening = True
+    now = {s.port for s in ns.listening_sockets(None)} if ports and finder is None else set()
     for port in ports if finder is None else []:
-        if not ns.listening_sockets(port):
+        if port not in now:
             listening = False
             err.print(
                 f"acceptrace: warning: nothing is listening on port {port}{where} yet; "

@@ -354,10 +354,11 @@ class Session:
             if t is not None:
                 t.slowest.add(r)
                 touched.add(t.slot)
-        # The kernel's threshold is one for all targets: the lowest that any of
-        # their lists would still take.
-        self.backend.set_sample_threshold(
-            min(t.slowest.threshold_ns() for t in self.targets.values()) if self.targets else 0)
+        # Each target's threshold: only what its own list would still take (an idle
+        # listener's empty list must not make the kernel send every other one's).
+        for t in self.targets.values():
+            if t.slot in touched:
+                self.backend.set_sample_threshold(t.slot, t.slowest.threshold_ns())
 
     def poll(self, timeout_ms: int) -> None:
         self.add_records(self.backend.poll(timeout_ms))
