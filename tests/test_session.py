@@ -340,3 +340,22 @@ def test_a_gone_namespace_keeps_its_totals_and_is_not_read_again():
     run = sess.build_run()
     sec = next(t for t in run.targets if t.meta.netns["inode"] == 2)  # type: ignore[index]
     assert sec.connections["accepted"] == 4 and sec.extra["listening"] is False
+
+
+def test_blind_spot_figures_are_the_runs_in_every_section():
+    """packets_unseen/softirqs_busy are counted for the whole run (no one listener owns a
+    softirq): each section repeats the run's figure as its bound, never a sum."""
+    be = FakeBackend(exact=True)
+    be.slots = 4
+    be.busy_counted = True
+    be.unseen_counted = True
+    ns = FakeNs(1, [80, 443])
+    sess = S.Session(be, None, 1.0, namespaces=[ns])  # type: ignore[list-item]
+    sess.start()
+    be.snaps = [KernelSnapshot(targets={0: tsnap(2, 10), 1: tsnap(3, 10)},
+                               counters={"packets_unseen": 3, "softirqs_busy": 5})]
+    sess.tick()
+    run = sess.build_run()
+    assert run.extra["packets_unseen"] == 3 and run.extra["softirqs_busy"] == 5
+    assert [t.extra["packets_unseen"] for t in run.targets] == [3, 3]
+    assert [t.extra["softirqs_busy"] for t in run.targets] == [5, 5]

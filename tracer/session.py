@@ -599,11 +599,25 @@ class Session:
             "listening": t.listening,     # false: its listeners are gone (totals kept)
             "first_seen_s": t.first_s,
         }
+        run.extra.update(self._blind_extra())
         return run
+
+    def _blind_extra(self) -> dict[str, int | None]:
+        """What the kernel skipped (docs/backends.md, "Blind spots").  Counted for the
+        whole run, not per listener (a softirq, or a packet seen before any socket
+        lookup, belongs to no one target): in a section it is the run's figure, the
+        most that section's drop counters can be short."""
+        c = self.last.counters
+        return {
+            # softirqs in which kprobe/tracepoint programs were skipped (null: not countable)
+            "softirqs_busy": c.get("softirqs_busy", 0) if self.backend.busy_counted else None,
+            # TCP packets to the traced ports in those softirqs (kprobe-fed drops only)
+            "packets_unseen": (c.get("packets_unseen", 0)
+                               if self.backend.unseen_counted else None),
+        }
 
     def build_run(self) -> Run:
         sections = [self._section(t) for t in sorted(self.targets.values(), key=lambda t: t.slot)]
-        run_c = self.last.counters
         single = len(self.spaces) == 1
         st0 = next(iter(self.spaces.values())) if single else None
         if len(sections) == 1:
@@ -626,12 +640,7 @@ class Session:
         run.recent = self.intervals[-1] if self.intervals else None
         run.extra.pop("listening", None)
         run.extra.pop("first_seen_s", None)
-        # softirqs in which kprobe/tracepoint programs were skipped (null: not countable)
-        run.extra["softirqs_busy"] = (run_c.get("softirqs_busy", 0)
-                                      if self.backend.busy_counted else None)
-        # TCP packets to the traced ports in those softirqs (kprobe-fed drops only, else null)
-        run.extra["packets_unseen"] = (run_c.get("packets_unseen", 0)
-                                       if self.backend.unseen_counted else None)
+        run.extra.update(self._blind_extra())
         # listeners found but not traced: the run holds backend.slots targets
         run.extra["listeners_untraced"] = len(self.untraced)
         run.targets = sections
