@@ -380,7 +380,12 @@ class BccBackend:
             row = rows[slot]
             if row != self._last_rows.get(slot):
                 self._dirty[slot] = 2
-            if full or self._dirty.get(slot, 0) > 0 or slot not in self._last_hists:
+            if not any(row) and not full:
+                # nothing counted in this row yet: nothing added to its histograms
+                if slot not in self._last_hists:
+                    self._last_hists[slot] = {name: Histogram.empty(unit)
+                                              for name, unit, _ in names.values()}
+            elif full or self._dirty.get(slot, 0) > 0 or slot not in self._last_hists:
                 self._last_hists[slot] = {
                     name: self._read_hist(L.hist_index(slot, hid), unit, scale)
                     for hid, (name, unit, scale) in names.items()}
