@@ -207,3 +207,40 @@ def test_too_many_ports_is_one_line():
     assert res.returncode == 2, res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert "more than one run can trace" in lines[-1] and "Traceback" not in res.stderr
+
+
+def test_a_namespace_that_goes_away_keeps_its_totals(tracer):
+    """--all-namespaces: a container stops mid-run (its server killed, its namespace
+    deleted).  The run goes on for the other namespace, the gone one's section keeps
+    what it counted (listening: false), and the JSON is written at the end."""
+    port = free_port()
+    with network_namespace() as keep, network_namespace() as goes:
+        procs = [start(in_ns(ns, sys.executable, "-c", ACCEPTOR, str(port)))
+                 for ns in (keep, goes)]
+        ino_keep, ino_goes = (os.stat(f"/run/netns/{ns}").st_ino for ns in (keep, goes))
+        try:
+            t = tracer(port, "--all-namespaces").start()
+            before = ns_netstat(keep)
+            try:
+                clients(keep, port, 3)
+                clients(goes, port, 5)
+                time.sleep(1.5)  # an interval reads the namespace's figures
+                stop_all([procs.pop()])
+                subprocess.run(["ip", "netns", "del", goes], check=True)
+                assert wait_until(lambda: "is gone" in t.stderr, timeout=scaled(30)), t.stderr
+                clients(keep, port, 4)
+                time.sleep(1.0)
+            finally:
+                assert t.stop() == 0, t.stderr
+            after = ns_netstat(keep)
+        finally:
+            stop_all(procs)
+    run = t.report()
+    kept, gone = section(run, port, ino_keep), section(run, port, ino_goes)
+    assert kept["connections"]["accepted"] == 7
+    assert kept["kernel_counters"]["TcpPassiveOpens"] == (
+        after["TcpPassiveOpens"] - before["TcpPassiveOpens"]) == 7
+    assert kept["extra"]["listening"] is True
+    assert gone["connections"]["accepted"] == 5 and gone["extra"]["listening"] is False
+    assert gone["kernel_counters"]["TcpPassiveOpens"] == 5
+    assert run["connections"]["accepted"] == 12
