@@ -231,6 +231,9 @@ class Session:
         self.targets: dict[tuple[int, int], Target] = {}
         self.untraced: set[tuple[int, int]] = set()   # listeners beyond backend.slots
         self.started_wall = datetime.now(timezone.utc)
+        self._started_iso = self.started_wall.isoformat(timespec="seconds")
+        self._kernel = platform.release()
+        self._hostname = socket.gethostname()
         self.t0 = clock()
         self._prev_t = self.t0
         self.last: KernelSnapshot = KernelSnapshot()
@@ -321,6 +324,7 @@ class Session:
             t.drops.start(self.spaces[t.netns.inode].listeners)
         self._push_targets()
         self.started_wall = datetime.now(timezone.utc)
+        self._started_iso = self.started_wall.isoformat(timespec="seconds")
         self.t0 = self._prev_t = self.clock()
         self._started = True
 
@@ -509,11 +513,11 @@ class Session:
 
     def _meta(self, port: int, st: _NsState | None) -> Meta:
         m = Meta(port=port, backend=self.backend.name)
-        m.kernel = platform.release()
-        m.started = self.started_wall.isoformat(timespec="seconds")
+        m.kernel = self._kernel
+        m.started = self._started_iso
         m.duration_s = round(self._prev_t - self.t0, 3)
         m.version = __version__
-        m.hostname = socket.gethostname()
+        m.hostname = self._hostname
         m.interval_s = self.interval_s
         m.hooks = list(self.backend.hooks)
         m.notes = list(self.backend.notes) + list(self.notes)
@@ -717,7 +721,10 @@ def _sum_intervals(ivs: list[tuple[Interval, dict[str, Histogram]]], t_s: float,
             now_depth = (now_depth or 0) + iv.accept_queue_depth_now
         total.dispatched = _add_opt(total.dispatched, iv.dispatched)
         for name, h in dh.items():
-            merged[name] = merged[name].merge(h) if name in merged else h
+            if name not in merged:
+                merged[name] = h
+            elif h.count:  # an idle listener's empty delta adds nothing (and copies 464 buckets)
+                merged[name] = merged[name].merge(h)
     total.accept_queue_depth_now = now_depth
     names = set().union(*(iv.stages for iv, _ in ivs))
     total.stages = {
@@ -743,12 +750,12 @@ def _total(sections: list[Run], slowest_n: int) -> Run:
         for name, h in sec.stages.items():
             if h is None:
                 run.stages[name] = None
-            elif run.stages.get(name) is not None:
+            elif h.count and run.stages.get(name) is not None:
                 run.stages[name] = run.stages[name].merge(h)  # type: ignore[union-attr]
         for q in ("accept_queue_depth", "syn_queue_depth"):
             h = getattr(sec.queues, q)
             mine = getattr(run.queues, q)
-            if h is not None:
+            if h is not None and (mine is None or h.count):
                 setattr(run.queues, q, h if mine is None else mine.merge(h))
         run.queues.listeners.extend(sec.queues.listeners)
         for k, v in sec.extra.items():
