@@ -152,3 +152,17 @@ def test_somaxconn_of_the_traced_namespace():
     run.meta.netns = {"inode": 4026532000, "name": "pid 4242", "pid": 4242}
     f = {x.rule: x for x in diagnose(run)}["small_backlog"]
     assert "net.core.somaxconn (64) of the namespace of pid 4242 caps it" in f.text
+
+
+def test_skipped_runs_are_named_with_what_they_feed():
+    from acceptrace.model import Cost, ProgramCost
+
+    run = base_run()
+    run.cost = Cost(stats="BPF_ENABLE_STATS", seconds=1.0, programs=[
+        ProgramCost("raw_tracepoint:sock:sk_data_ready", 100, 1000, 3, ["queued"]),
+        ProgramCost("tracepoint:syscalls:sys_exit_accept4", 100, 1000, None, ["accepted"])])
+    f = next(f for f in diagnose(run) if f.rule == "missed_runs")
+    assert "3 of raw_tracepoint:sock:sk_data_ready (feeds queued)" in f.text
+    assert "sys_exit_accept4" not in f.text   # not counted there: not claimed as 0 or N
+    run.cost.programs[0].missed = 0
+    assert "missed_runs" not in rules(run)

@@ -24,6 +24,15 @@ class FakeBackend:
     slots = 1
     busy_counted = False
     unseen_counted = False
+    stats_how: str | None = None
+    stats_why: str | None = "not measured (a fake backend)"
+    programs: dict = {}
+
+    def misses_counted(self, label: str) -> bool:
+        return label.startswith("raw_tracepoint:")
+
+    def program_stats(self) -> dict:
+        return dict(self.programs)
 
     def __init__(self, observable: bool = True, exact: bool = False,
                  missing_stages: set[str] | None = None) -> None:
@@ -359,3 +368,49 @@ def test_blind_spot_figures_are_the_runs_in_every_section():
     assert run.extra["packets_unseen"] == 3 and run.extra["softirqs_busy"] == 5
     assert [t.extra["packets_unseen"] for t in run.targets] == [3, 3]
     assert [t.extra["softirqs_busy"] for t in run.targets] == [5, 5]
+
+
+def test_cost_is_the_kernels_statistics_since_start_per_connection():
+    """The cost section: each program's runs and time since start() (not since load),
+    per traced connection; missed runs only where the kernel counts them."""
+    from acceptrace.bpfstats import ProgStats
+    from acceptrace.model import Run
+
+    be = FakeBackend(exact=True)
+    be.slots = 2
+    be.stats_how, be.stats_why = "BPF_ENABLE_STATS", None
+    be.programs = {"tracepoint:sock:inet_sock_set_state": ProgStats(100, 50_000, 7),
+                   "raw_tracepoint:softirq_entry": ProgStats(10, 1_000, 2)}
+    ns = FakeNs(1, [80])
+    clock = iter([0.0, 0.0, 2.0, 2.0])
+    sess = S.Session(be, None, 1.0, namespaces=[ns],  # type: ignore[list-item]
+                     clock=lambda: next(clock))
+    sess.start()
+    be.programs = {"tracepoint:sock:inet_sock_set_state": ProgStats(300, 250_000, 9),
+                   "raw_tracepoint:softirq_entry": ProgStats(30, 3_000, 5)}
+    be.snaps = [KernelSnapshot(targets={0: tsnap(20, 10)})]
+    sess.tick()
+    run = sess.build_run()
+    cost = run.cost
+    assert cost is not None and cost.stats == "BPF_ENABLE_STATS" and cost.seconds == 2.0
+    by = {p.hook: p for p in cost.programs}
+    tp, raw = by["tracepoint:sock:inet_sock_set_state"], by["raw_tracepoint:softirq_entry"]
+    assert (tp.runs, tp.run_time_ns, tp.missed) == (200, 200_000, None)  # not counted: null
+    assert (raw.runs, raw.run_time_ns, raw.missed) == (20, 2_000, 3)
+    assert raw.feeds == ["softirqs_busy"] and tp.ns_per_run == 1000.0
+    assert cost.connections == 20
+    assert cost.events_per_connection == 11.0            # 220 runs / 20 connections
+    assert cost.kernel_ns_per_connection == 10_100.0      # 202 000 ns / 20
+    assert abs(cost.kernel_cpu_pct - 100 * 202_000e-9 / 2.0) < 1e-9  # type: ignore[operator]
+    back = Run.from_json(run.to_json()).cost
+    assert back is not None and back.to_json() == cost.to_json()
+
+
+def test_cost_without_kernel_statistics_is_null_not_zero():
+    from acceptrace.model import Cost
+
+    c = Cost(stats=None, seconds=10.0, why="BPF_ENABLE_STATS failed (Operation not permitted)",
+             user_cpu_s=0.5, connections=100)
+    j = c.to_json()
+    assert j["kernel_cpu_pct"] is None and j["events_per_connection"] is None
+    assert j["user_cpu_pct"] == 5.0 and j["programs"] == [] and j["missed"] is None

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from .bpfstats import ProgStats
 from .hist import Histogram
 from .servers import DispatchTarget
 
@@ -89,6 +90,8 @@ class Backend(Protocol):
     notes: list[str]
     dispatch: bool              # compiled with the dispatch hooks
     dispatch_targets: list[DispatchTarget]  # the uprobes attached so far
+    stats_how: str | None       # what turned the kernel's BPF statistics on (Cost.stats)
+    stats_why: str | None       # ... or why they are off
 
     @property
     def exact_drops(self) -> bool:
@@ -109,6 +112,13 @@ class Backend(Protocol):
     @property
     def unseen_counted(self) -> bool:
         """... and the traced ports' packets in blind softirqs (extra.packets_unseen)."""
+
+    def misses_counted(self, label: str) -> bool:
+        """The kernel counts the runs it skips of the program at this attach point."""
+
+    def program_stats(self) -> dict[str, ProgStats]:
+        """Each attached program's run-time statistics (cumulative), by attach point;
+        {} when the kernel's statistics are off."""
 
     def set_targets(self, targets: dict[tuple[int, int], int]) -> None:
         """Trace these (network namespace inode, port) listeners from now on, each

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import bpfstats
 from . import layout as L
 from .backend import ConnRecord, KernelSnapshot, ListenerSnapshot, ProcSnapshot, TargetSnapshot
 from .errors import KernelRefused, UserError
@@ -190,8 +191,15 @@ class BccBackend:
         self._last_rows: dict[int, tuple[int, ...]] = {}
         self._last_hists: dict[int, dict[str, Histogram]] = {}
         self.bpf: Any = bpf
+        self._stats: bpfstats.StatsSwitch | None = None
+        self.stats_how: str | None = None
+        self.stats_why: str | None = "this kernel's BTF has no bpf_prog_info run-time fields"
         try:
             self._attach()
+            if plan.prog_info:
+                # The kernel times our programs from here on (off again at close()).
+                self._stats = bpfstats.StatsSwitch.on()
+                self.stats_how, self.stats_why = self._stats.how, self._stats.why
             self.hooks = plan.points()
             self._hists = self.bpf.get_table("hists")
             self._counters = self.bpf.get_table("counters")
@@ -227,6 +235,30 @@ class BccBackend:
     @property
     def unseen_counted(self) -> bool:
         return self.plan.unseen_counted
+
+    def misses_counted(self, label: str) -> bool:
+        return self.plan.misses_counted(label)
+
+    def program_stats(self) -> dict[str, bpfstats.ProgStats]:
+        """Each attached program's statistics, by attach point; {} when off."""
+        if self._stats is None or self.stats_how is None:
+            return {}
+        out: dict[str, bpfstats.ProgStats] = {}
+        attached = set(self.hooks)
+        for fname, fn in list(self.bpf.funcs.items()):
+            label = _program_label(fname.decode() if isinstance(fname, bytes) else str(fname),
+                                   self.plan)
+            if label is None or not (label in attached or label.startswith("uprobe:")):
+                continue
+            try:
+                st = bpfstats.prog_stats(int(fn.fd), self.plan.prog_info)
+            except OSError:
+                continue
+            have = out.get(label)
+            out[label] = st if have is None else bpfstats.ProgStats(
+                have.runs + st.runs, have.run_time_ns + st.run_time_ns,
+                None if have.misses is None or st.misses is None else have.misses + st.misses)
+        return out
 
     def _attach(self) -> None:
         """Attach the kprobe glue (BCC attached the rest when it loaded the program)."""
@@ -418,6 +450,10 @@ class BccBackend:
         if bpf is not None:
             bpf.cleanup()
             self.bpf = None
+        stats = getattr(self, "_stats", None)
+        if stats is not None:
+            stats.close()
+            self._stats = None
 
 
 def _percpu_u64_sums(map_fd: int, n: int, ncpu: int) -> list[int] | None:
@@ -452,6 +488,31 @@ def _percpu_u64_sums(map_fd: int, n: int, ncpu: int) -> list[int] | None:
     for cpu in range(1, ncpu):
         sums = list(map(operator.add, sums, flat[cpu::ncpu]))
     return sums
+
+
+# BCC's names of the programs it loads itself (TRACEPOINT_PROBE, RAW_TRACEPOINT_PROBE,
+# KFUNC_PROBE, KRETFUNC_PROBE) -> the attach-point prefix meta.hooks uses.
+_AUTOLOAD = (("tracepoint__", "tracepoint"), ("raw_tracepoint__", "raw_tracepoint"),
+             ("kfunc__vmlinux__", "fentry"), ("kretfunc__vmlinux__", "fexit"),
+             ("kfunc__", "fentry"), ("kretfunc__", "fexit"))
+
+
+def _program_label(fname: str, plan: Plan) -> str | None:
+    """The attach point (as meta.hooks names it) of the program BCC loaded as ``fname``."""
+    for prefix, kind in _AUTOLOAD:
+        if fname.startswith(prefix):
+            rest = fname[len(prefix):]
+            return f"{kind}:{rest.replace('__', ':', 1)}" if kind == "tracepoint" else \
+                f"{kind}:{rest}"
+    for hook, _glue in plan.rows():
+        entry, ret = hook.kprobe_programs()
+        if fname == entry:
+            return f"kprobe:{hook.point}"
+        if fname == ret:
+            return f"kretprobe:{hook.point}"
+    if fname == "on_dispatch_uprobe":
+        return "uprobe:dispatch"
+    return None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -17,7 +17,7 @@ from rich.text import Text
 from . import listeners
 from .hist import Histogram
 from .model import Interval, Run
-from .render import dominant_stage, render_hist_chart, render_listener_table
+from .render import cost_line, dominant_stage, render_hist_chart, render_listener_table
 from .words import fmt_us
 
 FLOW = (  # (column title, stage whose latency ends at this step, interval count field)
@@ -251,6 +251,9 @@ def render_dashboard(run: Run, iv: Interval | None, state: DashboardState,
         spare -= 1
     if spare >= 3:
         parts.append(_procs_and_slowest(run, min(8, spare - 2)))
+    if spare >= 2 and run.cost is not None:
+        parts.append(Text(cost_line(run.cost), style="dim", overflow="ellipsis", no_wrap=True))
+        spare -= 1
     for note in m.notes[:1]:
         parts.append(Text(f"note: {note}", style="dim"))
     return Group(*parts)
@@ -276,6 +279,8 @@ def _listener_screen(run: Run, state: DashboardState, height: int) -> Renderable
     if untraced:
         parts.append(Text(f"{untraced} more listeners not traced (one run holds a bounded "
                           "number: docs/listeners.md)", style="yellow"))
+    if run.cost is not None:
+        parts.append(Text(cost_line(run.cost), style="dim", overflow="ellipsis", no_wrap=True))
     for note in m.notes[:1]:
         parts.append(Text(f"note: {note}", style="dim"))
     return Group(*parts)

@@ -162,6 +162,19 @@ def diagnose(run: Run) -> list[Finding]:
             "connections in them may be missing from these counts (fentry programs are "
             "not affected). kernel_counters are the kernel's own, exact figures."))
 
+    cost = run.cost
+    if cost is not None and cost.missed:
+        skipped = [p for p in cost.programs if p.missed]
+        out.append(Finding(
+            "missed_runs", "warning",
+            "the kernel skipped runs of acceptrace's programs (another BPF program was running "
+            "on that CPU, or the program itself): "
+            + "; ".join(f"{p.missed:,} of {p.hook}"
+                        + (f" (feeds {', '.join(p.feeds)})" if p.feeds else "")
+                        for p in skipped)
+            + ". Each figure fed by such a program may be short by at most that many; "
+            "kernel_counters are the kernel's own, exact figures."))
+
     # The namespace's counter covers every listener in it; this run may trace one.
     ns_over = run.kernel_counters.get("TcpExtListenOverflows")
     if (overflow is not None and ns_over is not None and ns_over > overflow

@@ -212,6 +212,24 @@ def rows(kind: Kind | None = None, backend: str | None = None) -> list[Hook]:
             if (kind is None or h.kind == kind) and (backend is None or backend in h.backends)]
 
 
+BY_POINT: dict[str, Hook] = {h.point: h for h in CATALOGUE}
+
+
+def for_point(label: str) -> Hook | None:
+    """The row of an attach point as meta.hooks names it ("tracepoint:sock:sk_data_ready",
+    "kretprobe:inet_csk_accept", ...); None for what is not a catalogue row (uprobes)."""
+    _, _, point = label.partition(":")
+    return BY_POINT.get(point)
+
+
+def feeds(label: str) -> list[str]:
+    """The figures (counters, then stages) the program at ``label`` feeds."""
+    h = for_point(label)
+    if h is None:
+        return list(DISPATCH_STAGES) if label.startswith("uprobe:") else []
+    return [*h.counters, *h.stages]
+
+
 def stages_fed_by(names: set[str] | list[str]) -> set[str]:
     """The stages that become null when these rows are missing."""
     return {stage for name in names for stage in BY_NAME[name].stages}
@@ -233,6 +251,21 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     base_defines: dict[str, int] = field(default_factory=dict)
     slots: int = 1              # targets the programs hold (AT_SLOTS)
+    prog_info: dict[str, int] = field(default_factory=dict)  # kernel.prog_info_facts()
+
+    def misses_counted(self, label: str) -> bool:
+        """Does this kernel count the runs it skips of the program at ``label``
+        (bpf_prog_info.recursion_misses; kernel.prog_info_facts says since when)?"""
+        kind = label.partition(":")[0]
+        if "recursion_misses" not in self.prog_info:
+            return False
+        if kind in ("fentry", "fexit"):
+            return True
+        if kind == "raw_tracepoint":
+            return bool(self.prog_info.get("misses_raw_tp"))
+        if kind in ("tracepoint", "kprobe", "kretprobe"):
+            return bool(self.prog_info.get("misses_perf"))
+        return False  # uprobes: never counted (their runs are not guarded)
 
     @property
     def source(self) -> str:

@@ -312,6 +312,33 @@ def busy_defines(btf: BTF, kallsyms: str | None = None) -> tuple[dict[str, int],
     return defines, None
 
 
+def prog_info_facts(btf: BTF) -> dict[str, int]:
+    """Where struct bpf_prog_info keeps a program's run-time statistics, and which
+    attach paths count the runs the kernel skipped (bpfstats.py reads them):
+
+    - ``size``, ``run_time_ns``, ``run_cnt`` (Linux 5.1), ``recursion_misses``
+      (5.12, commit 9ed9e9ba2337 "bpf: Count the number of times recursion was
+      prevented": fentry/fexit trampolines count from then on);
+    - ``misses_raw_tp``: raw tracepoints skip a program re-entering itself and count
+      it since 6.1 (05b24ff9b2cf "bpf: Prevent bpf program recursion for raw
+      tracepoint probes", which also made bpf_prog_inc_misses_counter a function);
+    - ``misses_perf``: kprobes and perf-event tracepoints count their skipped runs
+      (trace_call_bpf() while bpf_prog_active is held) since 6.7 (dd8657894c11 "bpf:
+      Count missed stats in trace_call_bpf"); its series added
+      bpf_link_info.kprobe_multi.missed (e2b2cd592adb), the marker checked here.
+    Empty where BTF has no struct bpf_prog_info with the run-time fields."""
+    st = "bpf_prog_info"
+    if not all(btf.has_member(st, m) for m in ("run_time_ns", "run_cnt")):
+        return {}
+    out = {"size": btf.struct_size(st), "run_time_ns": btf.member_offset(st, "run_time_ns"),
+           "run_cnt": btf.member_offset(st, "run_cnt")}
+    if btf.has_member(st, "recursion_misses"):
+        out["recursion_misses"] = btf.member_offset(st, "recursion_misses")
+        out["misses_raw_tp"] = int(btf.has_func("bpf_prog_inc_misses_counter"))
+        out["misses_perf"] = int(btf.has_member("bpf_link_info", "kprobe_multi.missed"))
+    return out
+
+
 @dataclass
 class KernelFacts:
     """Everything a start learns from BTF, tracefs and kallsyms: fixed for a boot.
@@ -332,6 +359,7 @@ class KernelFacts:
     busy: dict[str, int]             # the blind-spot counter's defines ({}: not countable)
     busy_why: str | None             # why not
     kprobes: bool                    # kprobe_events in tracefs (CONFIG_KPROBES)
+    prog_info: dict[str, int] = dataclasses.field(default_factory=dict)  # prog_info_facts()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -343,7 +371,8 @@ class KernelFacts:
             facts = cls(**json.loads(text))
         except (TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"not kernel facts: {exc}") from exc
-        for defines in (facts.defines, facts.func_defines, facts.func_args, facts.busy):
+        for defines in (facts.defines, facts.func_defines, facts.func_args, facts.busy,
+                        facts.prog_info):
             if not isinstance(defines, dict):
                 raise ValueError("not kernel facts: a table is not a mapping")
             for name, value in defines.items():
@@ -386,7 +415,7 @@ def compute_facts(tracefs: Path, btf: BTF | None = None) -> KernelFacts:
         release=platform.release(), defines=defines, notes=notes, func_defines=func_defines,
         func_missing=func_missing, func_args=args, signatures=sigs,
         tracepoints=probe_tracepoints(tracefs), busy=busy, busy_why=why,
-        kprobes=(tracefs / "kprobe_events").exists())
+        kprobes=(tracefs / "kprobe_events").exists(), prog_info=prog_info_facts(btf))
 
 
 def kernel_facts(tracefs: Path) -> tuple[KernelFacts, bool]:

@@ -205,6 +205,118 @@ class Interval:
 
 
 @dataclass
+class ProgramCost:
+    """One of acceptrace's BPF programs, over the run, as the kernel counted it."""
+
+    hook: str                 # its attach point, as meta.hooks names it
+    runs: int                 # runs (timed while the kernel's statistics were on)
+    run_time_ns: int          # their total time in the kernel
+    missed: int | None        # runs the kernel skipped (null: not counted for this attach type)
+    feeds: list[str] = field(default_factory=list)  # the figures (counters, stages) it feeds
+
+    @property
+    def ns_per_run(self) -> float | None:
+        return self.run_time_ns / self.runs if self.runs else None
+
+
+@dataclass
+class Cost:
+    """What tracing cost, measured by the kernel and by acceptrace itself (docs/schema.md).
+
+    ``stats``: what turned the kernel's BPF statistics on ("BPF_ENABLE_STATS",
+    "kernel.bpf_stats_enabled", "already on"), null when they could not be (``why``):
+    then ``programs`` is empty and only the userspace figures are known."""
+
+    stats: str | None
+    seconds: float                       # the wall time over which it was measured
+    programs: list[ProgramCost] = field(default_factory=list)
+    user_cpu_s: float = 0.0              # acceptrace's own CPU (all its threads)
+    peak_rss_kib: int = 0
+    connections: int = 0                 # traced connections over the same time
+    virtual_machine: bool = False        # figures include a hypervisor's overhead
+    why: str | None = None
+
+    @property
+    def kernel_ns(self) -> int:
+        return sum(p.run_time_ns for p in self.programs)
+
+    @property
+    def runs(self) -> int:
+        return sum(p.runs for p in self.programs)
+
+    def per_second(self, x: float) -> float | None:
+        return x / self.seconds if self.seconds > 0 else None
+
+    @property
+    def kernel_cpu_pct(self) -> float | None:
+        """In-kernel time of acceptrace's programs, in % of one CPU."""
+        r = self.per_second(self.kernel_ns / 1e9) if self.stats else None
+        return None if r is None else 100.0 * r
+
+    @property
+    def user_cpu_pct(self) -> float | None:
+        r = self.per_second(self.user_cpu_s)
+        return None if r is None else 100.0 * r
+
+    @property
+    def events_per_connection(self) -> float | None:
+        return self.runs / self.connections if self.stats and self.connections else None
+
+    @property
+    def kernel_ns_per_connection(self) -> float | None:
+        return self.kernel_ns / self.connections if self.stats and self.connections else None
+
+    @property
+    def missed(self) -> int | None:
+        counted = [p.missed for p in self.programs if p.missed is not None]
+        return sum(counted) if counted else None
+
+    def to_json(self) -> dict:
+        def r(x: float | None, n: int = 3) -> float | None:
+            return None if x is None else round(x, n)
+
+        kcpu = self.per_second(self.kernel_ns / 1e6) if self.stats else None
+        return {
+            "stats": self.stats,
+            "why": self.why,
+            "seconds": self.seconds,
+            "virtual_machine": self.virtual_machine,
+            "kernel_cpu_ms_per_s": r(kcpu, 4),
+            "kernel_cpu_pct": r(self.kernel_cpu_pct, 4),
+            "user_cpu_s": self.user_cpu_s,
+            "user_cpu_pct": r(self.user_cpu_pct),
+            "peak_rss_kib": self.peak_rss_kib,
+            "connections": self.connections,
+            "events_per_connection": r(self.events_per_connection),
+            "kernel_ns_per_connection": r(self.kernel_ns_per_connection, 1),
+            "missed": self.missed,
+            "programs": [{"hook": p.hook, "runs": p.runs, "run_time_ns": p.run_time_ns,
+                          "ns_per_run": r(p.ns_per_run, 1), "missed": p.missed,
+                          "feeds": list(p.feeds)} for p in self.programs],
+        }
+
+    @classmethod
+    def from_json(cls, d: Any) -> Cost:
+        if not isinstance(d, dict):
+            raise ValueError(f"cost must be an object, not {d!r}")
+        try:
+            progs = [ProgramCost(hook=str(p["hook"]), runs=int(p["runs"]),
+                                 run_time_ns=int(p["run_time_ns"]),
+                                 missed=_opt_int(p.get("missed"), "cost.programs.missed"),
+                                 feeds=[str(f) for f in p.get("feeds", [])])
+                     for p in d.get("programs", [])]
+            return cls(stats=None if d.get("stats") is None else str(d["stats"]),
+                       seconds=float(d["seconds"]), programs=progs,
+                       user_cpu_s=float(d.get("user_cpu_s", 0.0)),
+                       peak_rss_kib=int(d.get("peak_rss_kib", 0)),
+                       connections=int(d.get("connections", 0)),
+                       virtual_machine=bool(d.get("virtual_machine", False)),
+                       why=None if d.get("why") is None else str(d["why"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"malformed cost: {exc}") from exc
+
+
+@dataclass
 class Run:
     """A run, or (in ``targets``) one traced listener's section of it: the same fields,
     for one (namespace, port); the top level holds the totals over the sections."""
@@ -223,6 +335,7 @@ class Run:
     extra: dict[str, Any] = field(default_factory=dict)
     recent: Interval | None = None   # the last interval (the rates "now")
     targets: list[Run] = field(default_factory=list)  # one section per traced listener
+    cost: Cost | None = None          # the whole run's (top level only; null in sections)
 
     @classmethod
     def new(cls, port: int, backend: str) -> Run:
@@ -233,6 +346,7 @@ class Run:
         out = {"schema": SCHEMA, **self.section_json()}
         out["intervals"] = [asdict(i) for i in self.intervals]
         out["targets"] = [t.section_json() for t in self.targets]
+        out["cost"] = self.cost.to_json() if self.cost is not None else None
         return out
 
     def section_json(self) -> dict:
@@ -259,6 +373,7 @@ class Run:
         run = cls.from_section(d)
         try:
             run.targets = [cls.from_section(t) for t in d.get("targets") or []]
+            run.cost = Cost.from_json(d["cost"]) if d.get("cost") is not None else None
         except (TypeError, AttributeError) as exc:
             raise ValueError(f"malformed report: {exc}") from exc
         return run

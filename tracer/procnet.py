@@ -304,3 +304,23 @@ def listener_drops(port: int | None) -> dict[int, ListenerStats]:
         return {s.inode: s for s in sock_diag_listeners(port)}
     except OSError:
         return _ss_listeners(port)
+
+
+def in_virtual_machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """The CPU says it runs under a hypervisor (the ``hypervisor`` flag, x86): run-time
+    figures then include the hypervisor's overhead (many times over under QEMU's TCG)."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return "hypervisor" in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return False
+
+
+def own_cpu_and_rss() -> tuple[float, int]:
+    """This process's CPU seconds (user + system, all threads) and its peak RSS in KiB."""
+    import resource  # noqa: PLC0415 - Unix only, as everything here
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime, int(ru.ru_maxrss)

@@ -12,7 +12,7 @@ from rich.text import Text
 from . import listeners
 from .diagnose import diagnose
 from .hist import Histogram
-from .model import Interval, Meta, Run
+from .model import Cost, Interval, Meta, Run
 from .words import (
     COUNTER_FOR_DROP,
     DROP_MEANING,
@@ -184,6 +184,64 @@ def _what(m: Meta) -> str:
     return f"port {m.port}"
 
 
+def fmt_ns(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:,.0f} ns" if v < 10_000 else f"{v / 1000:,.1f} µs"
+
+
+def cost_line(cost: Cost) -> str:
+    """What tracing cost, in one line (the dashboard's, the summary's first)."""
+    user = cost.user_cpu_pct
+    mine = (f"acceptrace {user:.1f} % of a CPU, {cost.peak_rss_kib / 1024:.0f} MiB peak"
+            if user is not None else "")
+    if cost.stats is None:
+        return f"cost: {mine}; in-kernel cost not measured ({cost.why})"
+    k = cost.kernel_cpu_pct
+    per = cost.kernel_ns_per_connection
+    ev = cost.events_per_connection
+    line = (f"cost: BPF {fmt_ns(per)} per connection ({ev:.1f} program runs each)"
+            if per is not None and ev is not None else "cost: BPF (no connection yet)")
+    line += f", {k:.2f} % of a CPU in the kernel; {mine}" if k is not None else f"; {mine}"
+    if cost.virtual_machine:
+        line += " [a virtual machine: includes the hypervisor's overhead]"
+    return line
+
+
+def missed_lines(cost: Cost) -> list[str]:
+    """One line per program the kernel skipped runs of, and what that does to the figures."""
+    out = []
+    for p in cost.programs:
+        if p.missed:
+            feeds = ", ".join(p.feeds) if p.feeds else "no count of its own"
+            out.append(f"the kernel skipped {p.missed:,} runs of {p.hook} "
+                       f"(of {p.runs + p.missed:,}): {feeds} may be short by up to "
+                       f"{p.missed:,}")
+    uncounted = [p.hook for p in cost.programs if p.missed is None]
+    if uncounted and cost.stats is not None:
+        out.append("runs the kernel skipped are not counted for "
+                   + ", ".join(uncounted) + " on this kernel (docs/backends.md)")
+    return out
+
+
+def render_cost(cost: Cost) -> RenderableType:
+    parts: list[RenderableType] = [Text(cost_line(cost), style="dim")]
+    for line in missed_lines(cost):
+        parts.append(Text(line, style="yellow" if "skipped" in line else "dim"))
+    return Group(*parts)
+
+
+def render_programs(cost: Cost) -> RenderableType:
+    """Each BPF program's runs, time and skipped runs (the report's cost detail)."""
+    t = Table(title="BPF programs (the kernel's own statistics)", title_justify="left")
+    for col in ("program", "runs", "ns/run", "total", "skipped", "feeds"):
+        t.add_column(col, justify="left" if col in ("program", "feeds") else "right")
+    for p in cost.programs:
+        t.add_row(p.hook, f"{p.runs:,}", fmt_ns(p.ns_per_run), f"{p.run_time_ns / 1e6:,.1f} ms",
+                  fmt_count(p.missed), ", ".join(p.feeds))
+    return t
+
+
 def render_summary(run: Run) -> RenderableType:
     m = run.meta
     c = run.connections
@@ -218,6 +276,8 @@ def render_summary(run: Run) -> RenderableType:
         parts.append(_slowest_table(run))
     for note in m.notes:
         parts.append(Text(f"note: {note}", style="dim"))
+    if run.cost is not None:
+        parts.append(render_cost(run.cost))
     return Group(*parts)
 
 
@@ -344,7 +404,8 @@ def render_report(run: Run) -> RenderableType:
     charts = [render_hist_chart(n, h) for n, h in run.stages.items() if h is not None and h.count]
     if run.queues.accept_queue_depth is not None and run.queues.accept_queue_depth.count:
         charts.append(render_hist_chart("accept-queue depth", run.queues.accept_queue_depth))
-    return Group(render_summary(run), *charts, render_diagnosis(run))
+    cost = [render_programs(run.cost)] if run.cost is not None and run.cost.programs else []
+    return Group(render_summary(run), *charts, *cost, render_diagnosis(run))
 
 
 def _delta(a: float | None, b: float | None, unit: str) -> Text:

@@ -131,7 +131,8 @@ def plan_backend(name: str, facts: kernel.KernelFacts, dispatch: bool,
     if name == "kprobe" and not facts.kprobes:
         raise UserError("kprobes are not available (no kprobe_events in tracefs: "
                         "the kernel is built without CONFIG_KPROBES)")
-    plan = Plan(backend=name, dispatch=dispatch, chosen={}, notes=list(facts.notes))
+    plan = Plan(backend=name, dispatch=dispatch, chosen={}, notes=list(facts.notes),
+                prog_info=dict(facts.prog_info))
     refused: list[str] = []
 
     def wanted(h: Hook) -> bool:

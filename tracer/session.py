@@ -20,18 +20,21 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import __version__, listeners, procnet
+from . import __version__, hooks, listeners, procnet
 from .backend import Backend, ConnRecord, KernelSnapshot, TargetSnapshot
+from .bpfstats import ProgStats
 from .dispatch import DispatchTracker
 from .hist import Histogram
 from .layout import family_name
 from .model import (
     DISPATCH_STAGES,
     STAGES,
+    Cost,
     Interval,
     Listener,
     Meta,
     ProcessCount,
+    ProgramCost,
     Run,
     Sample,
 )
@@ -244,6 +247,11 @@ class Session:
         self.notes: list[str] = []
         self.messages: list[str] = []   # for the live views: listeners found or gone
         self._started = False           # start() done: what is found now is new
+        # the cost: programs' statistics and our own CPU at start() and at the last tick
+        self._prog0: dict[str, ProgStats] = {}
+        self._prog_last: dict[str, ProgStats] = {}
+        self._cpu0 = 0.0
+        self._vm = procnet.in_virtual_machine()
         if not self.all_listeners:
             for ns in spaces:
                 for p in self.ports:
@@ -325,6 +333,8 @@ class Session:
         self._push_targets()
         self.started_wall = datetime.now(timezone.utc)
         self._started_iso = self.started_wall.isoformat(timespec="seconds")
+        self._prog0 = self._prog_last = self.backend.program_stats()
+        self._cpu0 = procnet.own_cpu_and_rss()[0]
         self.t0 = self._prev_t = self.clock()
         self._started = True
 
@@ -372,6 +382,7 @@ class Session:
         """Close an interval: read the kernel's aggregates and record the deltas."""
         now = self.clock()
         snap = self.backend.snapshot()
+        self._prog_last = self.backend.program_stats()
         for ns in self.gone_namespaces():
             old = self.spaces.get(ns.inode)
             if old is not None and not old.gone:
@@ -654,7 +665,25 @@ class Session:
             sections.sort(key=lambda sec: order[id(sec)])
         for i, sec in enumerate(sections):
             sec.extra["rank"] = i + 1
+        run.cost = self._cost(run)
         return run
+
+    def _cost(self, run: Run) -> Cost:
+        """What the run cost so far: the kernel's statistics of each program since
+        start(), and acceptrace's own CPU and memory."""
+        cpu, rss = procnet.own_cpu_and_rss()
+        programs = []
+        for label, st in sorted(self._prog_last.items()):
+            d = st.minus(self._prog0.get(label, ProgStats(0, 0, 0)))
+            counted = self.backend.misses_counted(label)
+            programs.append(ProgramCost(hook=label, runs=d.runs, run_time_ns=d.run_time_ns,
+                                        missed=d.misses if counted else None,
+                                        feeds=hooks.feeds(label)))
+        conns = max(run.connections.get("queued") or 0, run.connections.get("accepted") or 0)
+        return Cost(stats=self.backend.stats_how, why=self.backend.stats_why,
+                    seconds=round(max(0.0, self._prev_t - self.t0), 3), programs=programs,
+                    user_cpu_s=round(max(0.0, cpu - self._cpu0), 3), peak_rss_kib=rss,
+                    connections=conns, virtual_machine=self._vm)
 
     def _listeners(self, t: Target) -> list[Listener]:
         """The port's listeners (sock_diag), each with what the kernel programs saw of it,

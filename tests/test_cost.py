@@ -1,0 +1,103 @@
+"""What tracing costs, measured by the kernel: the run's `cost` section.
+
+A real server in a network namespace this test makes, N clients, acceptrace
+attached.  The kernel's own statistics of acceptrace's programs (run counts,
+run time, skipped runs) are in the JSON; they are on only while acceptrace
+runs: a BPF program of the test's own, loaded beside it, is timed by the
+kernel while acceptrace traces and not before or after.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from acceptrace import bpfstats, kernel
+from acceptrace.demo import free_port
+from test_listeners import ACCEPTOR, clients, start, stop_all
+from test_netns import in_ns, network_namespace
+
+pytestmark = pytest.mark.root
+
+PROBE = r"""
+TRACEPOINT_PROBE(syscalls, sys_enter_getppid) { return 0; }
+"""
+
+
+@contextmanager
+def timed_probe() -> Iterator[object]:
+    """A program of the test's own on getppid(): the kernel counts its runs only while
+    BPF statistics are on."""
+    from acceptrace import headers
+    from bcc import BPF  # the test may import bcc; tracer/ does only in bpfloader
+
+    headers.activate(headers.find_header_tree())
+    b = BPF(text=PROBE.encode())
+    try:
+        yield b
+    finally:
+        b.cleanup()
+
+
+def probe_runs(b: object, layout: dict[str, int], calls: int = 50) -> int:
+    """getppid() ``calls`` times; how many runs the kernel timed meanwhile."""
+    fn = next(iter(b.funcs.values()))  # type: ignore[attr-defined]
+    before = bpfstats.prog_stats(fn.fd, layout).runs
+    for _ in range(calls):
+        os.getppid()
+    return bpfstats.prog_stats(fn.fd, layout).runs - before
+
+
+def accept_hook(backend: str) -> str:
+    return {"tracepoint": "tracepoint:syscalls:sys_exit_accept4",
+            "fentry": "fexit:inet_csk_accept",
+            "kprobe": "kretprobe:inet_csk_accept"}[backend]
+
+
+def test_cost_is_the_kernels_own_and_stats_are_off_after_exit(tracer):
+    layout = kernel.prog_info_facts(kernel.load_btf())
+    if not layout:
+        pytest.skip("this kernel's BTF has no bpf_prog_info run-time fields")
+    sysctl = bpfstats.SYSCTL.read_text()
+    n = 40
+    port = free_port()
+    with timed_probe() as probe, network_namespace() as ns:
+        if probe_runs(probe, layout):
+            pytest.skip("another process holds the kernel's BPF statistics on")
+        srv = start(in_ns(ns, sys.executable, "-c", ACCEPTOR, str(port)))
+        try:
+            t = tracer(port, "--netns", ns).start()
+            try:
+                on = probe_runs(probe, layout)
+                clients(ns, port, n)
+                time.sleep(1.0)
+            finally:
+                assert t.stop() == 0, t.stderr
+            after = probe_runs(probe, layout)
+        finally:
+            stop_all([srv])
+    assert on >= 50, "statistics were not on while acceptrace ran"
+    assert after == 0, "acceptrace left the kernel's BPF statistics on"
+    assert bpfstats.SYSCTL.read_text() == sysctl
+    run = t.report()
+    cost = run["cost"]
+    assert cost["stats"] in ("BPF_ENABLE_STATS", "kernel.bpf_stats_enabled"), cost
+    assert run["connections"]["accepted"] == n == cost["connections"]
+    progs = {p["hook"]: p for p in cost["programs"]}
+    assert set(progs) <= set(run["meta"]["hooks"]) | {"uprobe:dispatch"}
+    acc = progs[accept_hook(run["meta"]["backend"])]
+    assert acc["runs"] >= n and acc["run_time_ns"] > 0, acc   # every accept, maybe others
+    assert "accepted" in acc["feeds"]
+    for p in progs.values():
+        assert (p["runs"] == 0) == (p["ns_per_run"] is None), p
+        assert p["missed"] is None or p["missed"] >= 0, p
+    assert cost["events_per_connection"] >= 1.0
+    total = sum(p["run_time_ns"] for p in progs.values())
+    assert cost["kernel_ns_per_connection"] == pytest.approx(total / n, rel=1e-3)
+    assert cost["user_cpu_s"] > 0 and cost["peak_rss_kib"] > 10_000
+    # the summary says it in one line
+    assert "cost: BPF " in t.stdout and "per connection" in t.stdout
