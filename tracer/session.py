@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections import deque
 import platform
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
