@@ -109,9 +109,10 @@ def _pid_in(inode: int, hint: int | None, proc: Path = Path("/proc")) -> int | N
     return None
 
 
-def namespace_label(ns: NetNamespace, proc: Path = Path("/proc")) -> str:
+def namespace_label(ns: NetNamespace, proc: Path = Path("/proc"),
+                    run_dir: Path = NETNS_RUN_DIR, docker_root: Path = DOCKER_ROOT) -> str:
     """The ``namespace`` label of ``ns`` (module docstring)."""
-    name = _ip_netns_name(ns.inode)
+    name = _ip_netns_name(ns.inode, run_dir)
     if name is not None:
         return f"netns:{name}"
     if ns.inode == _inode(proc / "1" / "ns" / "net"):
@@ -129,5 +130,5 @@ def namespace_label(ns: NetNamespace, proc: Path = Path("/proc")) -> str:
         except OSError:
             found = None
         if found is not None:
-            return container_label(*found)
+            return container_label(*found, docker_root=docker_root)
     return f"inode:{ns.inode}"

@@ -334,7 +334,11 @@ class Session:
         before = len(self.targets)
         for st in self.spaces.values():
             if self.all_listeners:
-                for port in sorted({ls.port for ls in st.listeners.values()}):
+                now = {ls.port for ls in st.listeners.values()}
+                if not st.gone and self.untraced:  # untraced: those listening now (bounded)
+                    self.untraced = {k for k in self.untraced
+                                     if k[0] != st.netns.inode or k[1] in now}
+                for port in sorted(now):
                     t = self._add_target(st.netns, port)
                     if t is not None and t.slot >= before and self._started:
                         self.messages.append(f"a listener appeared on port {port}"
