@@ -558,10 +558,12 @@ class ExportState:
     """The latest view, shared by the export loop (which makes it) and the scrapes.
 
     A scrape whose view is older than ``fresh_s`` asks the loop for a fresh read of
-    the kernel and waits for it (at most ``wait_s``): scrapes are synchronous, as
-    Prometheus' exporter guidelines ask.  The loop's own thread never waits."""
+    the kernel and waits for it (at most ``wait_s``, then it takes the last one: a
+    scrape must not time out because the loop is rescanning /proc): scrapes are
+    synchronous, as Prometheus' exporter guidelines ask.  The loop's own thread never
+    waits."""
 
-    def __init__(self, fresh_s: float, wait_s: float = 5.0) -> None:
+    def __init__(self, fresh_s: float, wait_s: float = 0.5) -> None:
         self.fresh_s = fresh_s
         self.wait_s = wait_s
         self._cond = threading.Condition()
@@ -753,9 +755,9 @@ def _export(
                 now = time.monotonic()
                 if state.wanted or now >= next_tick:
                     session.tick(record=False)
+                    refresh()  # the waiting scrape first; then the processes (slower)
                     for msg in session.scan_servers():
                         err.print(f"acceptrace: {msg}")
-                    refresh()
                     if now >= next_tick:
                         next_tick += t.interval_s * max(1, int((now - next_tick)
                                                                // t.interval_s) + 1)
