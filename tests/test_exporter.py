@@ -491,3 +491,40 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     finally:
         subprocess.run(["umount", str(ro)], check=False)
         busy.close()
+
+
+def test_listen_addresses():
+    from acceptrace.errors import UserError
+    from acceptrace.runner import parse_listen
+
+    assert parse_listen("127.0.0.1:19435") == ("127.0.0.1", 19435)
+    assert parse_listen("[::]:9") == ("::", 9)
+    assert parse_listen("localhost:0") == ("127.0.0.1", 0)
+    for bad in ("19435", ":19435", "host.example:1", "127.0.0.1:x", "127.0.0.1:70000"):
+        with pytest.raises(UserError):
+            parse_listen(bad)
+
+
+def test_a_scrape_waits_for_a_fresh_read_but_not_for_long():
+    """A scrape from another thread asks the loop for a fresh read and takes it; if the
+    loop is busy, it gets the last view after wait_s; the loop itself never waits."""
+    from acceptrace.metrics import ExportView
+    from acceptrace.model import Run
+    from acceptrace.runner import ExportState
+
+    state = ExportState(fresh_s=0.0, wait_s=5.0)
+    old, new = ExportView(Run.new(1, "x")), ExportView(Run.new(2, "x"))
+    state.publish(old)
+    assert state.get() is old  # the loop's own thread
+    got: list = []
+    th = threading.Thread(target=lambda: got.append(state.get()))
+    th.start()
+    assert wait_until(lambda: state.wanted, 5)
+    state.publish(new)
+    th.join(5)
+    assert got == [new] and not state.wanted
+    state.wait_s = 0.2
+    th = threading.Thread(target=lambda: got.append(state.get()))
+    th.start()
+    th.join(scaled(30))  # (a harness bound; it returns after wait_s)
+    assert not th.is_alive() and got[-1] is new  # nobody read afresh: the last view
