@@ -414,3 +414,76 @@ def test_cost_without_kernel_statistics_is_null_not_zero():
     j = c.to_json()
     assert j["kernel_cpu_pct"] is None and j["events_per_connection"] is None
     assert j["user_cpu_pct"] == 5.0 and j["programs"] == [] and j["missed"] is None
+
+class ChurningNs(FakeNs):
+    """A namespace whose server restarts every interval (a new socket inode), and where
+    a short-lived listener on a new port appears each time."""
+
+    def __init__(self, inode: int) -> None:
+        super().__init__(inode, [80])
+        self.round = 0
+
+    def listener_drops(self, port):
+        self.round += 1
+        out = {1000 + self.round: ListenerStats("ipv4", "0.0.0.0", 80, 1000 + self.round,
+                                                self.round % 3, 0, 128)}
+        if port is None:  # every listener: one on a port not seen before
+            out[5000 + self.round] = ListenerStats("ipv4", "0.0.0.0", 10000 + self.round,
+                                                   5000 + self.round, 0, 0, 128)
+        return {k: v for k, v in out.items() if port is None or v.port == port}
+
+
+def test_a_run_of_weeks_stays_bounded(monkeypatch):
+    """acceptrace export ticks for weeks without recording intervals: servers restart,
+    listeners and namespaces come and go, process ids churn; what the session keeps
+    must not grow with any of it, and no counter may go backwards meanwhile."""
+    monkeypatch.setattr(S, "COMMS_KEPT", 10)  # names are looked up per build_run: 31 pids
+    be = FakeBackend()
+    be.slots = 2
+    own = ChurningNs(1)
+    appeared: list = []
+    released: list = []
+
+    def find():
+        out, appeared[:] = list(appeared), []
+        return out
+
+    def gone():
+        out, released[:] = list(released), []
+        return out
+
+    sess = S.Session(be, None, 1.0, namespaces=[own],  # type: ignore[list-item]
+                     find_namespaces=find, gone_namespaces=gone)
+    sess.start()
+    last_drops = 0
+    for i in range(3000):
+        # a container without listeners starts, and the one before it stops
+        ns = FakeNs(100 + i, [])
+        appeared.append(ns)
+        if i:
+            released.append(FakeNs(99 + i, []))
+        procs = [ProcSnapshot(100_000 + i, "worker", i)]  # a new worker pid each time
+        be.snaps.append(KernelSnapshot(targets={0: TargetSnapshot(
+            hists={"accept_queue": Histogram.empty("us")},
+            counters={"queued": i, "accepted": i}, procs=procs)}))
+        sess.tick(record=False)
+        sess.scan_servers()
+        if i % 100 == 0 or i == 2999:
+            run = sess.build_run()
+            drops = sum(t.drops.delta() for t in sess.targets.values())
+            assert drops >= last_drops
+            last_drops = drops
+            assert run.connections["accepted"] == i
+    assert sess.intervals == []
+    assert len(sess.notes) <= S.NOTES_FIRST + S.NOTES_RECENT + 1
+    assert any("left out" in n for n in sess.notes)
+    assert len(sess.spaces) <= 3             # own, the running container, one just gone
+    assert len(sess.untraced) <= 2           # only listeners that listen now
+    assert len(sess.targets) == be.slots
+    for t in sess.targets.values():
+        assert len(t.drops.last) <= S.GONE_LISTENERS_KEPT + 1
+        assert len(t.drops.baseline) <= S.GONE_LISTENERS_KEPT + 1
+    assert len(sess._comms) <= S.COMMS_KEPT
+    # every restart's drops are still in the total: the rounds' sk_drops were 0, 1, 2, ...
+    t80 = sess.targets[(1, 80)]
+    assert t80.drops.retired > 0

@@ -92,6 +92,7 @@ def cli(
       sudo acceptrace --all-namespaces            # ... of every network namespace
       sudo acceptrace --port 8000 --duration 60 --json run.json
       sudo acceptrace --port 8000 --pid 4242      # the namespace of a container's server
+      sudo acceptrace export --port 8000          # a Prometheus exporter
       sudo acceptrace doctor
       sudo acceptrace demo
     """
@@ -155,6 +156,72 @@ def demo(duration: float, json_path: Path | None) -> None:
                      on_started=on_started)
 
     run_demo(duration_s=seconds, err=err, trace=trace_demo)
+
+
+@cli.command()
+@click.option("--port", "-p", "ports", metavar="PORT", multiple=True,
+              help="TCP port the server listens on; give it again for several. Without it: "
+                   "every TCP listener (found again at each interval).")
+@click.option("--listen", "listen", metavar="ADDRESS:PORT",
+              help="Serve /metrics on this address (default 127.0.0.1:19435; with --textfile "
+                   "only if given). 0.0.0.0 or [::] to be scraped from other hosts.")
+@click.option("--textfile", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Write the metrics to FILE (atomically) every --interval, for "
+                   "node_exporter's textfile collector (a .prom file in its directory).")
+@click.option("--interval", "-i", type=float, default=5.0, show_default=True,
+              metavar="SECONDS", help="Read the kernel's figures (and write --textfile) this "
+                                      "often; a scrape reads them afresh if older than 0.5 s.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+              metavar="FILE", help="On exit, write the final state to FILE (schema "
+                                   "acceptrace/v1, without intervals).")
+@click.option("--buckets-per-octave", "per_octave", default="4", show_default=True,
+              type=click.Choice(["1", "2", "4", "8", "16"]),
+              help="Histogram le bounds per power of two: histogram_quantile is off by at "
+                   "most 1/N of the true value (docs/exporter.md).")
+@click.option("--no-dispatch", is_flag=True,
+              help="Do not follow connections into the server (no uprobe on httptools).")
+@click.option("--backend", "-b", default="auto", show_default=True, metavar="NAME",
+              type=click.Choice(["auto", "fentry", "kprobe", "tracepoint"]),
+              help="How to hook the kernel (as for a trace).")
+@click.option("--pid", "pid", metavar="PID",
+              help="Export the network namespace of process PID (a container's server).")
+@click.option("--netns", "netns", metavar="NAME|PATH",
+              help="Export this network namespace: an `ip netns` NAME or a path.")
+@click.option("--all-namespaces", "-A", "all_namespaces", is_flag=True,
+              help="Every network namespace of the host (containers).")
+def export(ports: tuple[str, ...], listen: str | None, textfile: Path | None, interval: float,
+           json_path: Path | None, per_octave: str, no_dispatch: bool, backend: str,
+           pid: str | None, netns: str | None, all_namespaces: bool) -> None:
+    """Run as a Prometheus exporter: the accept path's counters, histograms and queues at
+    /metrics (and/or in a textfile), until SIGTERM.
+
+    \b
+      sudo acceptrace export --port 8000               # http://127.0.0.1:19435/metrics
+      sudo acceptrace export --listen 0.0.0.0:19435    # every listener, scraped from afar
+      sudo acceptrace export --port 8000 \\
+          --textfile /var/lib/prometheus/node-exporter/acceptrace.prom
+    """
+    from . import runner  # noqa: PLC0415
+    from .runner import TraceOptions, parse_listen, parse_pid, parse_port  # noqa: PLC0415
+
+    trace_opts = TraceOptions(
+        ports=[parse_port(p) for p in ports],
+        all_namespaces=all_namespaces,
+        pid=parse_pid(pid) if pid is not None else None,
+        netns=netns,
+        interval_s=_positive("--interval", interval) or 5.0,
+        json_path=json_path,
+        dispatch=not no_dispatch,
+        backend=backend,
+    )
+    if listen is not None:
+        where: tuple[str, int] | None = parse_listen(listen)
+    else:
+        where = (None if textfile is not None
+                 else (runner.DEFAULT_EXPORT_HOST, runner.DEFAULT_EXPORT_PORT))
+    _, err = _consoles()
+    runner.export(runner.ExportOptions(trace=trace_opts, listen=where, textfile=textfile,
+                                       per_octave=int(per_octave)), err)
 
 
 def _read_run(path: Path):  # noqa: ANN202 - Run, imported lazily

@@ -64,6 +64,8 @@ class DispatchTracker:
         if pids != self.pids:
             self.backend.set_server_pids(pids)
             self.pids = pids
+            # workers that exited are forgotten (a run of weeks sees many come and go)
+            self.infos = {p: i for p, i in self.infos.items() if p in pids}
         for pid in pids:
             if pid in self.infos:
                 continue

@@ -219,6 +219,7 @@ class NamespaceFinder:
                  clock: Callable[[], float] | None = None) -> None:
         self.clock = clock or time.monotonic
         self.every_s = every_s
+        self.own_inode = own.inode
         self.known: set[int] = {own.inode}
         self.opened: list[NetNamespace] = []
         self.gone: list[NetNamespace] = []   # held by nothing but us any more: released
@@ -239,6 +240,9 @@ class NamespaceFinder:
                 self.opened.remove(ns)
                 ns.close()
                 self.gone.append(ns)
+        # Forget namespaces that no longer exist (bounded over weeks of containers; a
+        # later namespace that reuses an inode is a new one).
+        self.known = {ino for ino in self.known if ino in paths or ino == self.own_inode}
         for ino, (path, label, pid) in paths.items():
             if ino in self.known:
                 continue

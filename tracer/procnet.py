@@ -170,10 +170,10 @@ def _align4(n: int) -> int:
     return (n + 3) & ~3
 
 
-def inet_diag_request(family: int, seq: int = 1) -> bytes:
-    """A dump request for TCP_LISTEN sockets of ``family``, with SKMEMINFO."""
+def inet_diag_request(family: int, seq: int = 1, states: int = 1 << TCP_LISTEN) -> bytes:
+    """A dump request for sockets of ``family`` in ``states`` (TCP_LISTEN), with SKMEMINFO."""
     body = (
-        _REQ_V2.pack(family, socket.IPPROTO_TCP, 1 << (INET_DIAG_SKMEMINFO - 1), 1 << TCP_LISTEN)
+        _REQ_V2.pack(family, socket.IPPROTO_TCP, 1 << (INET_DIAG_SKMEMINFO - 1), states)
         + _SOCKID.pack(0, 0, bytes(16), bytes(16))
         + _SOCKID_REST.pack(0, 0xFFFFFFFF, 0xFFFFFFFF)  # INET_DIAG_NOCOOKIE
     )
@@ -235,6 +235,58 @@ def sock_diag_listeners(port: int | None = None, *, timeout_s: float = 2.0) -> l
             for _ in range(100_000):  # one datagram each; a dump ends with NLMSG_DONE
                 listeners, done = parse_inet_diag(nl.recv(1 << 16))
                 out.extend(s for s in listeners if port is None or s.port == port)
+                if done:
+                    break
+            else:
+                raise OSError("sock_diag: dump did not end")
+    return out
+
+
+# Request sockets (the SYN queue): `ss -tn state syn-recv`.  A request waiting for its
+# final ACK is a TCP_NEW_SYN_RECV mini socket in the established hash; inet_diag lists
+# it (as SYN_RECV) when either state is asked for.
+TCP_SYN_RECV, TCP_NEW_SYN_RECV = 3, 12
+SYN_RECV_STATES = (1 << TCP_SYN_RECV) | (1 << TCP_NEW_SYN_RECV)
+
+
+def parse_request_ports(data: bytes) -> tuple[list[int], bool]:
+    """The local port of each SYN_RECV socket in one datagram, and whether the dump ended."""
+    out: list[int] = []
+    off = 0
+    while off + _NLMSGHDR.size <= len(data):
+        length, mtype, _flags, _seq, _pid = _NLMSGHDR.unpack_from(data, off)
+        if length < _NLMSGHDR.size or off + length > len(data):
+            raise OSError("sock_diag: truncated netlink message")
+        body = data[off + _NLMSGHDR.size : off + length]
+        off += _align4(length)
+        if mtype == NLMSG_DONE:
+            return out, True
+        if mtype == NLMSG_ERROR:
+            errno = -struct.unpack_from("=i", body)[0] if len(body) >= 4 else 0
+            if errno == 0:
+                continue
+            raise OSError(errno, f"sock_diag: {os.strerror(errno)}")
+        if mtype != SOCK_DIAG_BY_FAMILY or len(body) < _MSG_LEN:
+            continue
+        _fam, state, _timer, _retrans = _MSG_HEAD.unpack_from(body, 0)
+        if state in (TCP_SYN_RECV, TCP_NEW_SYN_RECV):
+            out.append(_SOCKID.unpack_from(body, _MSG_HEAD.size)[0])
+    return out, False
+
+
+def syn_queue_lengths(*, timeout_s: float = 2.0) -> dict[int, int]:
+    """Local port -> request sockets waiting for their final ACK (both families), in
+    this network namespace: each listener's SYN queue, added up per port.  The kernel
+    walks its whole established hash for it (one dump per call)."""
+    out: dict[int, int] = {}
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(timeout_s)
+        for seq, (family, _name) in enumerate(_FAMILIES, 1):
+            nl.sendall(inet_diag_request(family, seq, SYN_RECV_STATES))
+            for _ in range(100_000):
+                ports, done = parse_request_ports(nl.recv(1 << 16))
+                for p in ports:
+                    out[p] = out.get(p, 0) + 1
                 if done:
                     break
             else:

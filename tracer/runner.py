@@ -1,13 +1,17 @@
-"""Running a trace: the poll loop, signals, the live views, and the report file.
+"""Running a trace: the poll loop, signals, the live views, and the report file; and
+the exporter's loop (``acceptrace export``): the HTTP server, scrapes, the textfile.
 
 The backend comes from selection.py; only the CLI imports this module."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import select
 import signal
+import socket
 import sys
+import tempfile
 import termios
 import threading
 import time
@@ -16,16 +20,24 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from types import FrameType
+from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from rich.console import Console, RenderableType
 
-from . import selection
+from . import nsname, procnet, selection
 from .errors import UserError
-from .model import Interval, Run
+from .model import Interval, Run, write_text_atomic
 from .netns import NamespaceFinder, NetNamespace, open_netns
 from .render import render_interval_line, render_summary
 from .session import Session
+
+if TYPE_CHECKING:  # the exporter's imports are made by export() only: a trace starts quicker
+    from prometheus_client import CollectorRegistry
+
+    from .metrics import ExportView
 
 
 @dataclass
@@ -447,3 +459,322 @@ def _loop(
                                   highlight=False)
 
     _run_intervals(session, opts, stop, on_tick)
+
+
+# -- acceptrace export: a Prometheus exporter ------------------------------------------------
+
+# Outside Prometheus' default port allocations (docs/exporter.md says why this one).
+DEFAULT_EXPORT_PORT = 19435
+DEFAULT_EXPORT_HOST = "127.0.0.1"
+
+
+@dataclass
+class ExportOptions:
+    trace: TraceOptions
+    listen: tuple[str, int] | None = (DEFAULT_EXPORT_HOST, DEFAULT_EXPORT_PORT)
+    textfile: Path | None = None
+    per_octave: int = 4
+    fresh_s: float = 0.5   # a scrape reads the kernel again when its figures are older
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """--listen HOST:PORT (an IP address, ``[v6]:PORT``, or ``localhost``); UserError."""
+    host, sep, port_s = value.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host:
+        raise UserError(f"--listen must be ADDRESS:PORT, e.g. 127.0.0.1:{DEFAULT_EXPORT_PORT}, "
+                        f"not {value!r}")
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise UserError(f"--listen: {host!r} is not an IP address") from None
+    try:
+        port = int(port_s, 10)
+    except ValueError:
+        raise UserError(f"--listen: port must be a number from 0 to 65535, "
+                        f"not {port_s!r}") from None
+    if not 0 <= port <= 65535:
+        raise UserError(f"--listen: port must be from 0 to 65535, not {port}")
+    return host, port
+
+
+def check_textfile(path: Path) -> None:
+    """UserError (one line) unless a file can be written and renamed into path's directory."""
+    parent = path.parent
+    if path.is_dir():
+        raise UserError(f"--textfile {path}: is a directory (name the .prom file in it)")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as exc:
+        raise UserError(f"--textfile {path}: cannot write in {parent} "
+                        f"({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the stdlib's name
+        pass
+
+
+class _HTTPServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _HTTPServer6(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
+def open_http(listen: tuple[str, int], app: Callable) -> WSGIServer:
+    """Bind and listen now (before the slow BPF load): a port in use is a UserError."""
+    host, port = listen
+    cls = _HTTPServer6 if ":" in host else _HTTPServer
+    try:
+        return make_server(host, port, app, server_class=cls, handler_class=_QuietHandler)
+    except OSError as exc:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise UserError(f"--listen {where}: cannot listen ({exc.strerror or exc})") from None
+
+
+def exporter_app(metrics_app: Callable) -> Callable:
+    """/metrics: the metrics; /: a line saying so; anything else: 404."""
+
+    def app(environ: dict, start_response: Callable) -> list[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        if path == "/metrics":
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        if path == "/":
+            start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"acceptrace exporter: metrics at /metrics\n"]
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found: metrics are at /metrics\n"]
+
+    return app
+
+
+class ExportState:
+    """The latest view, shared by the export loop (which makes it) and the scrapes.
+
+    A scrape whose view is older than ``fresh_s`` asks the loop for a fresh read of
+    the kernel and waits for it (at most ``wait_s``, then it takes the last one: a
+    scrape must not time out because the loop is rescanning /proc): scrapes are
+    synchronous, as Prometheus' exporter guidelines ask.  The loop's own thread never
+    waits."""
+
+    def __init__(self, fresh_s: float, wait_s: float = 0.5) -> None:
+        self.fresh_s = fresh_s
+        self.wait_s = wait_s
+        self._cond = threading.Condition()
+        self._view: ExportView | None = None
+        self._gen = 0
+        self._at = 0.0
+        self.wanted = False
+        self.closed = False
+        self.owner = threading.get_ident()
+
+    def publish(self, view: ExportView) -> None:
+        with self._cond:
+            self._view, self._at, self.wanted = view, time.monotonic(), False
+            self._gen += 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+
+    def get(self) -> ExportView | None:
+        with self._cond:
+            if (threading.get_ident() == self.owner or self.closed
+                    or time.monotonic() - self._at <= self.fresh_s):
+                return self._view
+            gen = self._gen
+            self.wanted = True
+            self._cond.wait_for(lambda: self._gen != gen or self.closed, self.wait_s)
+            return self._view
+
+
+class NameCache:
+    """Each namespace's label, found once (nsname.py); only namespaces still in the
+    run are remembered."""
+
+    def __init__(self) -> None:
+        self.names: dict[int, str] = {}
+
+    def update(self, spaces: list[NetNamespace]) -> dict[int, str]:
+        self.names = {ns.inode: self.names.get(ns.inode) or nsname.namespace_label(ns)
+                      for ns in spaces}
+        return dict(self.names)
+
+
+def _syn_queues(session: Session) -> dict[tuple[int, int], int]:
+    """(namespace inode, port) -> requests in the SYN queue now, for the traced ports."""
+    ports: dict[int, set[int]] = {}
+    for t in session.targets.values():
+        ports.setdefault(t.netns.inode, set()).add(t.port)
+    out: dict[tuple[int, int], int] = {}
+    for ino, st in session.spaces.items():
+        ns = st.netns
+        if st.gone or ino not in ports or (ns.path is not None and ns.is_own):
+            continue  # released: a closed namespace would read acceptrace's own
+        try:
+            counts = ns.call(procnet.syn_queue_lengths)
+        except OSError:
+            continue  # the gauge is left out for this scrape
+        for port in ports[ino]:
+            out[(ino, port)] = counts.get(port, 0)
+    return out
+
+
+def export(opts: ExportOptions, err: Console, *,
+           on_started: Callable[[str], None] | None = None,
+           stop: StopFlag | None = None) -> Run:
+    """Serve /metrics (and/or write the textfile) until a signal; returns the final run."""
+    clock = StartClock()
+    t = opts.trace
+    if t.all_namespaces and (t.pid is not None or t.netns is not None):
+        raise UserError("--all-namespaces traces every namespace: leave out --pid and --netns")
+    if opts.listen is None and opts.textfile is None:
+        raise UserError("nothing to export to: give --listen or --textfile")
+    if opts.textfile is not None:
+        check_textfile(opts.textfile)
+    from prometheus_client import CollectorRegistry, make_wsgi_app  # noqa: PLC0415
+
+    from .metrics import RunCollector  # noqa: PLC0415
+
+    state = ExportState(opts.fresh_s)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RunCollector(state.get, opts.per_octave))
+    httpd = (open_http(opts.listen, exporter_app(make_wsgi_app(registry)))
+             if opts.listen is not None else None)
+    try:
+        prep = selection.prepare()
+        ns = open_netns(pid=t.pid, path=t.netns)
+        finder = NamespaceFinder(ns) if t.all_namespaces else None
+        try:
+            return _export(opts, err, prep, ns, finder, clock, state, registry, httpd,
+                           on_started, stop or StopFlag())
+        finally:
+            if finder is not None:
+                finder.close()
+            ns.close()
+    finally:
+        state.close()
+        if httpd is not None:
+            httpd.server_close()
+
+
+def _export(
+    opts: ExportOptions,
+    err: Console,
+    prep: selection.Prepared,
+    ns: NetNamespace,
+    finder: NamespaceFinder | None,
+    clock: StartClock,
+    state: ExportState,
+    registry: CollectorRegistry,
+    httpd: WSGIServer | None,
+    on_started: Callable[[str], None] | None,
+    stop: StopFlag,
+) -> Run:
+    from prometheus_client import generate_latest  # noqa: PLC0415
+
+    from .metrics import ExportView  # noqa: PLC0415
+
+    t = opts.trace
+    clock.step("prepare")
+    if prep.tracefs_mounted:
+        err.print("acceptrace: mounted tracefs at /sys/kernel/tracing")
+    if prep.header_line:
+        err.print(f"acceptrace: {prep.header_line}")
+    ports = t.port_list()
+    err.print(f"acceptrace: loading the {t.backend} backend (BCC compile, load, attach)",
+              style="dim")
+    spaces = [ns] + (finder.find() if finder is not None else [])
+    backend = selection.choose_backend(
+        t.backend, prep, t.dispatch, lambda msg: err.print(f"acceptrace: {msg}", style="dim"),
+        slots=_slots(t, len(spaces)),
+    )
+    clock.step("load")
+    for note in backend.notes:
+        err.print(f"acceptrace: note: {note}", style="dim")
+    # No intervals are recorded (Session.tick(record=False)): memory stays bounded.
+    session = Session(backend, None, t.interval_s, slowest_n=t.slowest_n,
+                      ports=ports, namespaces=spaces,
+                      find_namespaces=finder.find if finder is not None else None,
+                      gone_namespaces=finder.take_gone if finder is not None else None)
+    names = NameCache()
+    write_errors: set[str] = set()
+
+    def refresh() -> None:
+        run = session.build_run()
+        state.publish(ExportView(
+            run, names.update([st.netns for st in session.spaces.values()]),
+            _syn_queues(session)))
+        if opts.textfile is not None:
+            try:
+                write_text_atomic(opts.textfile, generate_latest(registry).decode())
+            except OSError as exc:
+                msg = f"cannot write {opts.textfile}: {exc.strerror or exc}"
+                if msg not in write_errors:  # once per distinct error; keep serving
+                    write_errors.add(msg)
+                    err.print(f"acceptrace: warning: {msg}", style="yellow")
+
+    run: Run | None = None
+    serving: threading.Thread | None = None
+    try:
+        with handle_signals(stop):
+            session.start()
+            for msg in session.scan_servers():
+                err.print(f"acceptrace: {msg}")
+            refresh()
+            if httpd is not None:
+                serving = threading.Thread(target=httpd.serve_forever, name="http",
+                                           kwargs={"poll_interval": 0.2}, daemon=True)
+                serving.start()
+            clock.step("servers")
+            err.print(f"acceptrace: {clock.line()}", style="dim")
+            what = (", ".join(f"port {p}" for p in ports) if ports else
+                    f"every TCP listener ({len(session.targets)} now)")
+            where = []
+            if httpd is not None and opts.listen is not None:
+                host, port = opts.listen[0], httpd.server_port  # port 0: the one it got
+                where.append(f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics")
+            if opts.textfile is not None:
+                where.append(f"{opts.textfile} every {t.interval_s:g} s")
+            line = (f"exporting {what} ({backend.name} backend) to {' and '.join(where)}; "
+                    "SIGTERM to stop")
+            err.print(f"acceptrace: {line}", style="bold")
+            if on_started:
+                on_started(line)
+            next_tick = time.monotonic() + t.interval_s
+            while not stop.set:
+                session.poll(100)
+                now = time.monotonic()
+                if state.wanted or now >= next_tick:
+                    session.tick(record=False)
+                    refresh()  # the waiting scrape first; then the processes (slower)
+                    for msg in session.scan_servers():
+                        err.print(f"acceptrace: {msg}")
+                    if now >= next_tick:
+                        next_tick += t.interval_s * max(1, int((now - next_tick)
+                                                               // t.interval_s) + 1)
+            run = session.finish()
+            refresh()
+    finally:
+        state.close()
+        if httpd is not None and serving is not None:
+            httpd.shutdown()
+        if run is None:
+            try:
+                run = session.finish()
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+        backend.close()
+    if t.json_path is not None:
+        write_report(run, t.json_path)
+        err.print(f"acceptrace: final state written to {t.json_path}")
+    err.print("acceptrace: exporter stopped")
+    return run

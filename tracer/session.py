@@ -15,6 +15,7 @@ import itertools
 import platform
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -51,6 +52,12 @@ KERNEL_COUNTERS = (
     "TcpPassiveOpens",
 )
 QUEUE_HISTS = ("accept_queue_depth", "syn_queue_depth")
+# Memory bounds for a run of weeks (acceptrace export): what is kept per run does
+# not grow with traffic, restarts or containers coming and going.
+NOTES_FIRST = 50          # the run's first notes (dispatch, setup) are kept ...
+NOTES_RECENT = 50         # ... and its latest (listeners found or gone)
+GONE_LISTENERS_KEPT = 16  # per target: older gone sockets are folded into one sum
+COMMS_KEPT = 4096         # process names remembered
 
 
 def program_name(pid: int) -> str | None:
@@ -139,6 +146,7 @@ class ListenerDrops:
     baseline: dict[int, int] = field(default_factory=dict)
     last: dict[int, procnet.ListenerStats] = field(default_factory=dict)
     current: dict[int, procnet.ListenerStats] = field(default_factory=dict)  # listening now
+    retired: int = 0   # drops of gone sockets no longer listed (GONE_LISTENERS_KEPT)
 
     def _mine(self, stats: dict[int, procnet.ListenerStats]) -> dict[int, procnet.ListenerStats]:
         return {ino: st for ino, st in stats.items() if st.port == self.port}
@@ -153,10 +161,16 @@ class ListenerDrops:
         self.current = self._mine(
             stats if stats is not None else self.netns.listener_drops(self.port))
         self.last.update(self.current)
+        # A server restarted every minute for weeks: keep the latest gone sockets,
+        # fold the older ones' drops into one sum (the oldest come first in ``last``).
+        gone = [ino for ino in self.last if ino not in self.current]
+        for ino in gone[:max(0, len(gone) - GONE_LISTENERS_KEPT)]:
+            self.retired += self.last.pop(ino).drops - self.baseline.pop(ino, 0)
 
     def delta(self) -> int:
         # A listener created during the run started from 0 drops.
-        return sum(st.drops - self.baseline.get(ino, 0) for ino, st in self.last.items())
+        return self.retired + sum(st.drops - self.baseline.get(ino, 0)
+                                  for ino, st in self.last.items())
 
 
 @dataclass
@@ -244,7 +258,10 @@ class Session:
                          if backend.dispatch else None)
         self._next_scan = 0.0
         self._comms: dict[int, str | None] = {}
-        self.notes: list[str] = []
+        self._notes_first: list[str] = []
+        self._notes_recent: deque[str] = deque(maxlen=NOTES_RECENT)
+        self._notes_left_out = 0
+        self._retired_counters: dict[str, int] = {}  # gone namespaces no target needed
         self.messages: list[str] = []   # for the live views: listeners found or gone
         self._started = False           # start() done: what is found now is new
         # the cost: programs' statistics and our own CPU at start() and at the last tick
@@ -272,6 +289,22 @@ class Session:
 
     def listening(self) -> bool:
         return any(t.listening for t in self.targets.values())
+
+    # -- notes ----------------------------------------------------------------------
+    def add_notes(self, msgs: list[str]) -> None:
+        """Keep the run's first notes and its latest ones (bounded, for weeks-long runs)."""
+        for msg in msgs:
+            if len(self._notes_first) < NOTES_FIRST:
+                self._notes_first.append(msg)
+            else:
+                if len(self._notes_recent) == self._notes_recent.maxlen:
+                    self._notes_left_out += 1
+                self._notes_recent.append(msg)
+
+    @property
+    def notes(self) -> list[str]:
+        gap = ([f"({self._notes_left_out} notes left out)"] if self._notes_left_out else [])
+        return self._notes_first + gap + list(self._notes_recent)
 
     # -- targets --------------------------------------------------------------------
     def _add_target(self, ns: NetNamespace, port: int) -> Target | None:
@@ -312,7 +345,11 @@ class Session:
         before = len(self.targets)
         for st in self.spaces.values():
             if self.all_listeners:
-                for port in sorted({ls.port for ls in st.listeners.values()}):
+                now = {ls.port for ls in st.listeners.values()}
+                if not st.gone and self.untraced:  # untraced: those listening now (bounded)
+                    self.untraced = {k for k in self.untraced
+                                     if k[0] != st.netns.inode or k[1] in now}
+                for port in sorted(now):
                     t = self._add_target(st.netns, port)
                     if t is not None and t.slot >= before and self._started:
                         self.messages.append(f"a listener appeared on port {port}"
@@ -342,7 +379,7 @@ class Session:
         """Rescan the server processes (at most every ``every_s``); new messages."""
         msgs, self.messages = self.messages, []
         if self.dispatch is None:
-            self.notes.extend(msgs)
+            self.add_notes(msgs)
             return msgs
         now = self.clock()
         if now >= self._next_scan:
@@ -355,7 +392,7 @@ class Session:
             inodes = {ino for t in self.targets.values() for ino in t.drops.last if ino}
             self.dispatch.refresh(inodes)
         msgs += self.dispatch.take_messages()
-        self.notes.extend(msgs)
+        self.add_notes(msgs)
         return msgs
 
     def add_records(self, records: list[ConnRecord]) -> None:
@@ -388,6 +425,7 @@ class Session:
             if old is not None and not old.gone:
                 old.gone = True  # its figures stay as last read
                 self.messages.append(f"network namespace {ns.label} is gone")
+                self._forget(old)
         for st in self.spaces.values():
             if st.gone:
                 continue
@@ -421,6 +459,18 @@ class Session:
             self.intervals.append(total)
         self._prev_t, self.last = now, snap
         return total
+
+    def _forget(self, st: _NsState) -> None:
+        """A gone namespace: its untraced listeners are no more; with no target in it,
+        only its counters' deltas are kept (folded into the run's totals), so a run
+        of weeks over containers that come and go stays bounded."""
+        ino = st.netns.inode
+        self.untraced = {k for k in self.untraced if k[0] != ino}
+        if any(t.netns.inode == ino for t in self.targets.values()):
+            return
+        for k, v in procnet.counter_deltas(st.before, st.after, KERNEL_COUNTERS).items():
+            self._retired_counters[k] = self._retired_counters.get(k, 0) + v
+        del self.spaces[ino]
 
     def _stages(self, dh: dict[str, Histogram]) -> dict[str, dict[str, object]]:
         dispatch_on = self.dispatch is not None and self.dispatch.available
@@ -519,6 +569,8 @@ class Session:
     # -- the run --------------------------------------------------------------------
     def _comm(self, pid: int, fallback: str) -> str:
         if pid not in self._comms:
+            if len(self._comms) >= COMMS_KEPT:
+                self._comms.clear()  # pids come and go: start over rather than grow
             self._comms[pid] = program_name(pid)
         return self._comms[pid] or fallback
 
@@ -633,7 +685,7 @@ class Session:
 
     def build_run(self) -> Run:
         sections = [self._section(t) for t in sorted(self.targets.values(), key=lambda t: t.slot)]
-        single = len(self.spaces) == 1
+        single = len(self.spaces) == 1 and not self._retired_counters
         st0 = next(iter(self.spaces.values())) if single else None
         if len(sections) == 1:
             run = Run.from_section(sections[0].section_json())
@@ -642,8 +694,8 @@ class Session:
         run.meta = self._meta(self.port, st0)
         run.meta.namespaces = [st.netns.describe() for st in self.spaces.values()]
         if not single:
-            # each namespace's counters once
-            totals: dict[str, int] = {}
+            # each namespace's counters once, those of namespaces gone and forgotten too
+            totals = dict(self._retired_counters)
             for st in self.spaces.values():
                 for k, v in procnet.counter_deltas(st.before, st.after, KERNEL_COUNTERS).items():
                     totals[k] = totals.get(k, 0) + v
