@@ -287,11 +287,48 @@ def _run_wide(run: Run) -> Iterator[Metric]:
             fam = CounterMetricFamily(PREFIX + name, doc)
             fam.add_metric([], v)
             yield fam
+    yield from _cost(run)
     untraced = GaugeMetricFamily(PREFIX + "listeners_untraced",
                                  "Listeners found but not traced: the run holds a bounded "
                                  "number of listeners (docs/listeners.md).")
     untraced.add_metric([], float(run.extra.get("listeners_untraced") or 0))
     yield untraced
+
+
+def _cost(run: Run) -> Iterator[Metric]:
+    """What tracing costs (the JSON's cost section): per BPF program -- a bounded label
+    set, the attach points of one backend -- and acceptrace's own CPU and memory."""
+    cost = run.cost
+    if cost is None:
+        return
+    if cost.stats is not None:
+        runs = CounterMetricFamily(PREFIX + "bpf_program_runs",
+                                   "Runs of each of acceptrace's BPF programs (the kernel's "
+                                   "run_cnt).", labels=["program"])
+        secs = CounterMetricFamily(PREFIX + "bpf_program_run_seconds",
+                                   "Time spent in each BPF program (the kernel's run_time_ns).",
+                                   labels=["program"])
+        missed = CounterMetricFamily(PREFIX + "bpf_program_missed_runs",
+                                     "Runs the kernel skipped (recursion_misses): the figures "
+                                     "the program feeds may be short by this many; only where "
+                                     "this kernel counts them.", labels=["program"])
+        for p in cost.programs:
+            runs.add_metric([p.hook], p.runs)
+            secs.add_metric([p.hook], p.run_time_ns / 1e9)
+            if p.missed is not None:
+                missed.add_metric([p.hook], p.missed)
+        yield runs
+        yield secs
+        yield missed
+    cpu = CounterMetricFamily(PREFIX + "cpu_seconds",
+                              "acceptrace's own CPU time (user + system, all threads) "
+                              "while tracing.")
+    cpu.add_metric([], cost.user_cpu_s)
+    yield cpu
+    rss = GaugeMetricFamily(PREFIX + "peak_resident_memory_bytes",
+                            "acceptrace's peak resident memory.")
+    rss.add_metric([], cost.peak_rss_kib * 1024.0)
+    yield rss
 
 
 class RunCollector:
