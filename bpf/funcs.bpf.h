@@ -353,10 +353,9 @@ static __always_inline void on_queue_done(const void *lsk, const void *child, co
 }
 
 /* sock:inet_sock_set_state: a child of a traced listener closed. */
-static __always_inline int on_child_close(const void *sk, u16 protocol, u16 sport, int newstate)
+static __always_inline int on_child_close(const void *sk, int newstate)
 {
-	if (protocol == AT_IPPROTO_TCP && newstate == AT_TCP_CLOSE && port_watched(sport))
-		on_close(sk);
+	on_maybe_close(sk, newstate);
 	return 0;
 }
 

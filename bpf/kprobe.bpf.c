@@ -160,24 +160,24 @@ int kr_tcp_sendmsg(struct pt_regs *ctx)
 }
 #endif
 
-#if AT_HOOK_SOCK_RECV_LENGTH == AT_ATTACH_TRACEPOINT
-TRACEPOINT_PROBE(sock, sock_recv_length)
-{ on_recv_length(args->protocol, args->sk, args->ret); return 0; }
+#if AT_HOOK_SOCK_RECV_LENGTH == AT_ATTACH_RAW_TRACEPOINT
+RAW_TRACEPOINT_PROBE(sock_recv_length)
+{ on_read((const void *)ctx->args[0], (int)ctx->args[1]); return 0; }
 #endif
 
-#if AT_HOOK_SOCK_SEND_LENGTH == AT_ATTACH_TRACEPOINT
-TRACEPOINT_PROBE(sock, sock_send_length)
-{ on_send_length(args->protocol, args->sk, args->ret); return 0; }
+#if AT_HOOK_SOCK_SEND_LENGTH == AT_ATTACH_RAW_TRACEPOINT
+RAW_TRACEPOINT_PROBE(sock_send_length)
+{ on_send((const void *)ctx->args[0], (int)ctx->args[1]); return 0; }
 #endif
 
-#if AT_HOOK_INET_SOCK_SET_STATE == AT_ATTACH_TRACEPOINT
-TRACEPOINT_PROBE(sock, inet_sock_set_state)
-{ return on_child_close(args->skaddr, args->protocol, args->sport, args->newstate); }
+#if AT_HOOK_INET_SOCK_SET_STATE == AT_ATTACH_RAW_TRACEPOINT
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
+{ return on_child_close((const void *)ctx->args[0], (int)ctx->args[2]); }
 #endif
 
-#if AT_HOOK_TCP_RETRANSMIT_SYNACK == AT_ATTACH_TRACEPOINT
-TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
-{ on_synack_retransmit(args->skaddr, args->sport); return 0; }
+#if AT_HOOK_TCP_RETRANSMIT_SYNACK == AT_ATTACH_RAW_TRACEPOINT
+RAW_TRACEPOINT_PROBE(tcp_retransmit_synack)
+{ on_synack_retransmit((const void *)ctx->args[0]); return 0; }
 #endif
 
 #if AT_HOOK_SOFTIRQ_ENTRY == AT_ATTACH_RAW_TRACEPOINT

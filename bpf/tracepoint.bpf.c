@@ -8,20 +8,14 @@
  */
 #include "tracepoints.bpf.h"
 
-#if AT_HOOK_KFREE_SKB
-/* BCC generates kfree_skb's argument struct from tracefs, which names this
- * enum; a complete declaration is all it needs (the values come from BTF). */
-enum skb_drop_reason { AT_SKB_DROP_REASON_PLACEHOLDER = 0 };
+#if AT_HOOK_SK_DATA_READY == AT_ATTACH_RAW_TRACEPOINT
+RAW_TRACEPOINT_PROBE(sk_data_ready)
+{ return on_data_ready((const void *)ctx->args[0]); }
 #endif
 
-#if AT_HOOK_SK_DATA_READY == AT_ATTACH_TRACEPOINT
-TRACEPOINT_PROBE(sock, sk_data_ready)
-{ return on_data_ready(args->skaddr, args->protocol); }
-#endif
-
-#if AT_HOOK_INET_SOCK_SET_STATE == AT_ATTACH_TRACEPOINT
-TRACEPOINT_PROBE(sock, inet_sock_set_state)
-{ return on_state_change(args->skaddr, args->protocol, args->sport, args->oldstate, args->newstate); }
+#if AT_HOOK_INET_SOCK_SET_STATE == AT_ATTACH_RAW_TRACEPOINT
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
+{ return on_state_change((const void *)ctx->args[0], (int)ctx->args[1], (int)ctx->args[2]); }
 #endif
 
 #if AT_HOOK_SYS_EXIT_ACCEPT4 == AT_ATTACH_TRACEPOINT
@@ -34,24 +28,24 @@ TRACEPOINT_PROBE(syscalls, sys_exit_accept)
 { return on_accept_exit(args->ret); }
 #endif
 
-#if AT_HOOK_SOCK_RECV_LENGTH == AT_ATTACH_TRACEPOINT
-TRACEPOINT_PROBE(sock, sock_recv_length)
-{ on_recv_length(args->protocol, args->sk, args->ret); return 0; }
+#if AT_HOOK_SOCK_RECV_LENGTH == AT_ATTACH_RAW_TRACEPOINT
+RAW_TRACEPOINT_PROBE(sock_recv_length)
+{ on_read((const void *)ctx->args[0], (int)ctx->args[1]); return 0; }
 #endif
 
-#if AT_HOOK_SOCK_SEND_LENGTH == AT_ATTACH_TRACEPOINT
-TRACEPOINT_PROBE(sock, sock_send_length)
-{ on_send_length(args->protocol, args->sk, args->ret); return 0; }
+#if AT_HOOK_SOCK_SEND_LENGTH == AT_ATTACH_RAW_TRACEPOINT
+RAW_TRACEPOINT_PROBE(sock_send_length)
+{ on_send((const void *)ctx->args[0], (int)ctx->args[1]); return 0; }
 #endif
 
-#if AT_HOOK_TCP_RETRANSMIT_SYNACK == AT_ATTACH_TRACEPOINT
-TRACEPOINT_PROBE(tcp, tcp_retransmit_synack)
-{ on_synack_retransmit(args->skaddr, args->sport); return 0; }
+#if AT_HOOK_TCP_RETRANSMIT_SYNACK == AT_ATTACH_RAW_TRACEPOINT
+RAW_TRACEPOINT_PROBE(tcp_retransmit_synack)
+{ on_synack_retransmit((const void *)ctx->args[0]); return 0; }
 #endif
 
-#if AT_HOOK_KFREE_SKB == AT_ATTACH_TRACEPOINT
-TRACEPOINT_PROBE(skb, kfree_skb)
-{ return on_kfree_skb(args->reason, args->rx_sk); }
+#if AT_HOOK_KFREE_SKB == AT_ATTACH_RAW_TRACEPOINT
+RAW_TRACEPOINT_PROBE(kfree_skb)
+{ return on_kfree_skb((u32)ctx->args[2], (const void *)ctx->args[3]); }
 #endif
 
 #if AT_HOOK_SOFTIRQ_ENTRY == AT_ATTACH_RAW_TRACEPOINT

@@ -21,7 +21,7 @@
  * called by tcp_child_process() (and the fastopen path) right after
  * inet_csk_reqsk_queue_add() put it at the accept-queue tail.
  */
-static __always_inline int on_data_ready(const void *lsk, u16 protocol)
+static __always_inline int on_data_ready(const void *lsk)
 {
 	const void *req = NULL, *child = NULL;
 	u64 now, key, snt_us = 0;
@@ -29,8 +29,7 @@ static __always_inline int on_data_ready(const void *lsk, u16 protocol)
 	struct at_conn *c, zero = {};
 	u32 slot;
 
-	if (protocol != AT_IPPROTO_TCP)
-		return 0;
+	/* the port first: it fires for every socket that receives data */
 	slot = sk_target(lsk, AT_TCP_LISTEN);
 	if (slot == AT_NO_SLOT)
 		return 0;
@@ -89,23 +88,20 @@ static __always_inline int on_data_ready(const void *lsk, u16 protocol)
  * see the same tail; the other child is then known from here, with this
  * moment (microseconds before the enqueue) as its queue time.
  */
-static __always_inline int on_state_change(const void *sk, u16 protocol, u16 sport,
-					   int oldstate, int newstate)
+static __always_inline int on_state_change(const void *sk, int oldstate, int newstate)
 {
 	u64 key = (u64)sk;
 	struct at_conn *c, zero = {};
 	u32 slot;
 
-	/* Our connections are the server side: the local port is a traced one. */
-	if (protocol != AT_IPPROTO_TCP || !port_watched(sport))
-		return 0;
 	if (newstate == AT_TCP_CLOSE) {
-		on_close(sk);
+		on_maybe_close(sk, newstate);
 		return 0;
 	}
+	/* The states first (no memory read), then the port: ours are the server side. */
 	if (oldstate != AT_TCP_SYN_RECV || newstate != AT_TCP_ESTABLISHED)
 		return 0;
-	slot = sk_slot(sk);
+	slot = sk_target(sk, -1);
 	if (slot == AT_NO_SLOT)
 		return 0;
 	c = conns.lookup(&key);

@@ -33,7 +33,7 @@ def fentry_loads_here() -> bool:
 
 
 HOOK_PREFIX = {"fentry": ("fentry:", "fexit:"), "kprobe": ("kprobe:", "kretprobe:"),
-               "tracepoint": ("tracepoint:sock:sk_data_ready",)}
+               "tracepoint": ("raw_tracepoint:sk_data_ready",)}
 
 
 def test_backend_choice_matches_what_the_kernel_allows(tmp_path):
@@ -75,7 +75,7 @@ def test_backend_choice_matches_what_the_kernel_allows(tmp_path):
                 meta = json.loads(out.read_text())["meta"]
                 assert meta["backend"] == name
                 assert any(h.startswith(HOOK_PREFIX[name]) for h in meta["hooks"]), meta["hooks"]
-                assert "tcp:tcp_retransmit_synack" in " ".join(meta["hooks"])
+                assert "raw_tracepoint:tcp_retransmit_synack" in meta["hooks"]
             else:
                 assert res.returncode != 0
                 errors = [ln for ln in res.stderr.splitlines() if "cannot run here" in ln]

@@ -146,7 +146,10 @@ def test_every_listener_ranked_and_a_new_one_picked_up(tracer):
     got = {sec["meta"]["port"] for sec in run["targets"]}
     assert got == {*ports, late}, got
     first = run["targets"][0]
-    assert first["meta"]["port"] == hot and first["extra"]["rank"] == 1
+    ranked = [(t["meta"]["port"], t["drops"]["listen_overflow"], t["extra"]["rank"])
+              for t in run["targets"]]
+    assert first["meta"]["port"] == hot and first["extra"]["rank"] == 1, (
+        hot, ranked, run["extra"], run.get("cost"), t.stdout[-3000:])
     overflows = after["TcpExtListenOverflows"] - before["TcpExtListenOverflows"]
     assert overflows > 0
     assert_listen_overflow(first, overflows)

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import pytest
 from acceptrace.demo import free_port
 from acceptrace.procnet import parse_netstat
-from conftest import assert_listen_overflow, scaled
+from conftest import assert_count, assert_listen_overflow, scaled
 from helpers import run_cli
 
 pytestmark = pytest.mark.root
@@ -135,7 +135,7 @@ def test_namespace_counts_only_its_own_connections(tracer, how):
     assert f"in network namespace {arg if how == 'netns' else f'pid {arg}'}" in t.stderr
     assert run["meta"]["netns"]["inode"] == ns_inode != os.stat("/proc/self/ns/net").st_ino
     assert run["connections"]["accepted"] == n_ns
-    assert run["connections"]["queued"] == n_ns
+    assert_count(run, "queued", n_ns)   # exact, or the kernel says which runs it skipped
     assert [p["pid"] for p in run["processes"]] == [server.pid]
     opens = after["TcpPassiveOpens"] - before["TcpPassiveOpens"]
     overflows = after["TcpExtListenOverflows"] - before["TcpExtListenOverflows"]

@@ -14,15 +14,13 @@ from acceptrace import bootmemo, hooks, kernel, selection
 from acceptrace.errors import KernelRefused, UserError
 
 ALL_TRACEPOINTS = {
-    "sock:sk_data_ready": ["protocol", "skaddr"],
-    "sock:inet_sock_set_state": ["newstate", "oldstate", "protocol", "skaddr", "sport"],
     "syscalls:sys_exit_accept4": ["ret"],
     "syscalls:sys_exit_accept": ["ret"],
-    "sock:sock_recv_length": ["protocol", "ret", "sk"],
-    "sock:sock_send_length": ["protocol", "ret", "sk"],
-    "tcp:tcp_retransmit_synack": ["skaddr", "sport"],
-    "skb:kfree_skb": ["reason", "rx_sk"],
 }
+# every raw tracepoint the catalogue hooks, with a 6.18 kernel's argument counts
+ALL_RAW = {"sk_data_ready": 1, "inet_sock_set_state": 3, "sock_recv_length": 3,
+           "sock_send_length": 3, "tcp_retransmit_synack": 2, "kfree_skb": 4,
+           "softirq_entry": 1, "softirq_exit": 1, "netif_receive_skb": 1}
 BUSY = {"AT_KSYM_PER_CPU_OFFSET": 1, "AT_KSYM_BPF_PROG_ACTIVE": 2, "AT_NET_RX_SOFTIRQ": 3,
         "AT_TIMER_SOFTIRQ": 1}
 
@@ -37,7 +35,8 @@ def facts61(btf_61) -> kernel.KernelFacts:
     return kernel.KernelFacts(
         release="6.1.0-test", defines=defines, notes=notes, func_defines=func_defines,
         func_missing=func_missing, func_args=args, signatures=sigs,
-        tracepoints=dict(ALL_TRACEPOINTS), busy={}, busy_why="no kallsyms here", kprobes=True)
+        tracepoints=dict(ALL_TRACEPOINTS), busy={}, busy_why="no kallsyms here", kprobes=True,
+        raw_tracepoints=dict(ALL_RAW))
 
 
 def change(facts: kernel.KernelFacts, **kw: object) -> kernel.KernelFacts:
@@ -75,7 +74,7 @@ def test_function_backends_plan_every_hook_on_6_1(facts61):
         for row in ("tcp_conn_request", "inet_csk_accept", "tcp_v4_syn_recv_sock"):
             assert plan.chosen[row] == glue
         # The 6.3+ tracepoints replace the kretprobe-shaped read/write hooks.
-        assert plan.chosen["sock_recv_length"] == hooks.ATTACH_TRACEPOINT
+        assert plan.chosen["sock_recv_length"] == hooks.ATTACH_RAW_TRACEPOINT
         assert "tcp_recvmsg" not in plan.chosen and "tcp_sendmsg" not in plan.chosen
         assert plan.missing == [] and plan.missing_stages == set()
         assert plan.exact_drops and plan.ack_overflow_observable
@@ -88,13 +87,14 @@ def test_function_backends_plan_every_hook_on_6_1(facts61):
 
 
 def test_without_read_tracepoints_the_function_hooks_read(facts61):
-    tps = {k: v for k, v in ALL_TRACEPOINTS.items() if "length" not in k}
-    plan = selection.plan_backend("kprobe", change(facts61, tracepoints=tps), dispatch=True)
+    raw = {k: v for k, v in ALL_RAW.items() if "length" not in k}
+    plan = selection.plan_backend("kprobe", change(facts61, raw_tracepoints=raw), dispatch=True)
     assert plan.chosen["tcp_recvmsg"] == plan.chosen["tcp_sendmsg"] == hooks.ATTACH_KPROBE
-    assert plan.points()[-2:] == ["tracepoint:sock:inet_sock_set_state",
-                                  "tracepoint:tcp:tcp_retransmit_synack"]
+    assert plan.points()[-2:] == ["raw_tracepoint:inet_sock_set_state",
+                                  "raw_tracepoint:tcp_retransmit_synack"]
     # without --dispatch no response hook at all
-    plan = selection.plan_backend("kprobe", change(facts61, tracepoints=tps), dispatch=False)
+    plan = selection.plan_backend("kprobe", change(facts61, raw_tracepoints=raw),
+                                  dispatch=False)
     assert "tcp_sendmsg" not in plan.chosen and "tcp_sendmsg" not in plan.missing
 
 
@@ -123,9 +123,15 @@ def test_required_hook_missing_refuses_the_backend(facts61):
                                dispatch=False)
     with pytest.raises(UserError, match="CONFIG_KPROBES"):
         selection.plan_backend("kprobe", change(facts61, kprobes=False), dispatch=False)
-    tps = {k: v for k, v in ALL_TRACEPOINTS.items() if k != "sock:sk_data_ready"}
-    with pytest.raises(UserError, match="sock:sk_data_ready .*Linux 6.3"):
-        selection.plan_backend("tracepoint", change(facts61, tracepoints=tps), dispatch=False)
+    raw = {k: v for k, v in ALL_RAW.items() if k != "sk_data_ready"}
+    with pytest.raises(UserError, match="sk_data_ready .*Linux 6.3"):
+        selection.plan_backend("tracepoint", change(facts61, raw_tracepoints=raw),
+                               dispatch=False)
+    # a kfree_skb without rx_sk (before 6.11): not hooked, a note says why
+    plan = selection.plan_backend("tracepoint", change(facts61, raw_tracepoints={
+        **ALL_RAW, "kfree_skb": 3}), dispatch=False)
+    assert "kfree_skb" in plan.missing
+    assert any("passes 3 arguments here, fewer than the 4" in n for n in plan.notes)
 
 
 def test_tracepoint_backend_and_the_ack_overflow_split(facts61):

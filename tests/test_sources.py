@@ -32,9 +32,9 @@ def host_facts():
 
 def variants(facts):
     """(label, facts, dispatch): the host's facts, then each thing a kernel may lack."""
-    tps = dict(facts.tracepoints)
-    no_rw = {k: v for k, v in tps.items() if "_length" not in k}
-    no_kfree = {k: v for k, v in tps.items() if k != "skb:kfree_skb"}
+    raw = dict(facts.raw_tracepoints)
+    no_rw = {k: v for k, v in raw.items() if "_length" not in k}
+    no_kfree = {k: v for k, v in raw.items() if k != "kfree_skb"}
     no_v6 = {**facts.defines, "AT_HAVE_IPV6": 0}
     no_v6 = {k: v for k, v in no_v6.items() if not k.startswith("AT_OFF_SK_V6")}
     no_proto = {k: v for k, v in facts.defines.items() if k != "AT_OFF_SK_PROTOCOL"}
@@ -43,8 +43,8 @@ def variants(facts):
     return [
         ("as here", base, True),
         ("no dispatch", base, False),
-        ("no 6.3 read/send tracepoints", dataclasses.replace(base, tracepoints=no_rw), True),
-        ("no kfree_skb", dataclasses.replace(base, tracepoints=no_kfree), False),
+        ("no 6.3 read/send tracepoints", dataclasses.replace(base, raw_tracepoints=no_rw), True),
+        ("no kfree_skb", dataclasses.replace(base, raw_tracepoints=no_kfree), False),
         ("no TCP_LISTEN_OVERFLOW drop reason (before 6.15)",
          dataclasses.replace(base, defines={k: v for k, v in facts.defines.items()
                                             if k != "AT_DROP_REASON_LISTEN_OVERFLOW"}), False),

@@ -243,7 +243,8 @@ class BTF:
         return idx
 
     def _build_index(self, group: str) -> dict[str, int]:
-        kinds = {"struct": (KIND_STRUCT, KIND_UNION), "func": (KIND_FUNC,)}[group]
+        kinds = {"struct": (KIND_STRUCT, KIND_UNION), "func": (KIND_FUNC,),
+                 "typedef": (KIND_TYPEDEF,)}[group]
         wanted = {k << 24 for k in kinds}
         infos, name_offs = self._infos, self._name_offs
         idx: dict[str, int] = {}
@@ -491,6 +492,19 @@ class BTF:
         if fid is None:
             return None
         return len(self.func_proto(name).args)
+
+    def raw_tracepoint_args(self, name: str) -> list[str] | None:
+        """The argument types a raw tracepoint's program gets in ``ctx->args[]`` (its
+        TP_PROTO), from the kernel's ``btf_trace_<name>`` typedef -- a pointer to
+        ``void (*)(void *__data, <TP_PROTO>)`` -- or None if there is no such
+        tracepoint."""
+        tid = self._names("typedef").get(f"btf_trace_{name}")
+        if tid is None:
+            return None
+        ptr = self._sts[tid]
+        if self.kind(ptr) != KIND_PTR or self.kind(self._sts[ptr]) != KIND_FUNC_PROTO:
+            raise BTFError(f"malformed BTF: btf_trace_{name} is not a function pointer")
+        return [t for _, t in self._params(self._sts[ptr])[1:]]
 
     def _params(self, pid: int) -> list[tuple[str, str]]:
         args = []

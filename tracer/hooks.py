@@ -163,42 +163,50 @@ CATALOGUE: tuple[Hook, ...] = (
          args_at_exit=True, min_args=1, sleeps=True, when="dispatch",
          replaced_by="sock_send_length", counters=("responded",),
          stages=("dispatch_to_response",), why="responses are not seen"),
-    # -- tracepoints ------------------------------------------------------------------
-    Hook("sk_data_ready", "sock:sk_data_ready", "tracepoint", ("tracepoint",),
-         fields=("skaddr", "protocol"), required=("tracepoint",),
+    # -- tracepoints, attached raw (BPF_RAW_TRACEPOINT_OPEN): the arguments of the
+    # tracepoint's TP_PROTO in ctx->args[] (checked in BTF: btf_trace_<name>), no
+    # event record built, and the kernel skips one only when it re-enters itself --
+    # a perf-event tracepoint is skipped whenever any kprobe/tracepoint program runs
+    # on that CPU (docs/backends.md, "Blind spots") --------------------------------
+    Hook("sk_data_ready", "sk_data_ready", "raw_tracepoint", ("tracepoint",),
+         min_args=1, required=("tracepoint",),
          counters=("queued", "syn_timed", "syncookies"),
          why="children queued on a listener (Linux 6.3+)"),
-    Hook("inet_sock_set_state", "sock:inet_sock_set_state", "tracepoint", _ALL,
-         fields=("skaddr", "protocol", "sport", "oldstate", "newstate"), required=_ALL,
+    Hook("inet_sock_set_state", "inet_sock_set_state", "raw_tracepoint", _ALL,
+         min_args=3, required=_ALL,
          why="connections closing (and, tracepoint backend, children established)"),
+    # -- syscall tracepoints (perf events: per-syscall events are not raw tracepoints) --
     Hook("sys_exit_accept4", "syscalls:sys_exit_accept4", "tracepoint", ("tracepoint",),
          fields=("ret",), required=("tracepoint",), counters=("accepted",),
          why="accept4() returning a socket"),
     Hook("sys_exit_accept", "syscalls:sys_exit_accept", "tracepoint", ("tracepoint",),
          fields=("ret",), required=("tracepoint",), counters=("accepted",),
          why="accept() returning a socket"),
-    Hook("sock_recv_length", "sock:sock_recv_length", "tracepoint", _ALL,
-         fields=("sk", "protocol", "ret"), required=("tracepoint",), counters=("read",),
+    # -- raw tracepoints again ----------------------------------------------------------
+    Hook("sock_recv_length", "sock_recv_length", "raw_tracepoint", _ALL,
+         min_args=2, required=("tracepoint",), counters=("read",),
          why="reads (Linux 6.3+; the function backends use tcp_recvmsg without it)"),
-    Hook("sock_send_length", "sock:sock_send_length", "tracepoint", _ALL,
-         fields=("sk", "protocol", "ret"), when="dispatch", counters=("responded",),
+    Hook("sock_send_length", "sock_send_length", "raw_tracepoint", _ALL,
+         min_args=2, when="dispatch", counters=("responded",),
          stages=("dispatch_to_response",),
          why="responses (Linux 6.3+; the function backends use tcp_sendmsg without it)"),
-    Hook("tcp_retransmit_synack", "tcp:tcp_retransmit_synack", "tracepoint", _ALL,
-         fields=("skaddr", "sport"), required=_ALL, counters=("synack_retransmits",),
+    Hook("tcp_retransmit_synack", "tcp_retransmit_synack", "raw_tracepoint", _ALL,
+         min_args=1, required=_ALL, counters=("synack_retransmits",),
          why="SYN-ACK retransmits"),
-    Hook("kfree_skb", "skb:kfree_skb", "tracepoint", ("tracepoint",),
-         fields=("reason", "rx_sk"), needs=("AT_DROP_REASON_LISTEN_OVERFLOW",),
+    # (skb, location, reason, rx_sk): rx_sk since 6.11 (c53795d48ee8)
+    Hook("kfree_skb", "kfree_skb", "raw_tracepoint", ("tracepoint",),
+         min_args=4, needs=("AT_DROP_REASON_LISTEN_OVERFLOW",),
          counters=("ack_dropped_acceptq_full",),
          why="final ACKs dropped for a full accept queue are not told apart from SYNs "
              "(needs the TCP_LISTEN_OVERFLOW drop reason and rx_sk, Linux 6.15+)"),
     # -- raw tracepoints: the blind-spot counter (blind.bpf.h) -------------------------
-    Hook("softirq_entry", "softirq_entry", "raw_tracepoint", _ALL, when="busy",
+    Hook("softirq_entry", "softirq_entry", "raw_tracepoint", _ALL, when="busy", min_args=1,
          counters=("softirqs_busy",),
          why="softirqs in which kprobe/tracepoint programs were skipped are not counted"),
-    Hook("softirq_exit", "softirq_exit", "raw_tracepoint", _F, when="unseen",
+    Hook("softirq_exit", "softirq_exit", "raw_tracepoint", _F, when="unseen", min_args=1,
          counters=("packets_unseen",), why="the end of a busy softirq"),
     Hook("netif_receive_skb", "netif_receive_skb", "raw_tracepoint", _F, when="unseen",
+         min_args=1,
          counters=("packets_unseen",),
          why="packets to a traced port that kprobes could not see are not counted"),
 )

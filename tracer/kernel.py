@@ -49,6 +49,9 @@ class Offset:
 OFFSET_TABLE: tuple[Offset, ...] = (
     Offset("AT_OFF_SK_STATE", "sock", "__sk_common.skc_state", 1),
     Offset("AT_OFF_SK_NUM", "sock", "__sk_common.skc_num", 2),
+    # the local port as sent (network order): still set when a socket reaches CLOSE,
+    # where tcp_set_state() has released the port (skc_num = 0) before the tracepoint
+    Offset("AT_OFF_INET_SPORT", "inet_sock", "inet_sport", 2),
     Offset("AT_OFF_SK_FAMILY", "sock", "__sk_common.skc_family", 2),
     Offset("AT_OFF_SK_DPORT", "sock", "__sk_common.skc_dport", 2),
     Offset("AT_OFF_SK_DADDR", "sock", "__sk_common.skc_daddr", 4),
@@ -250,6 +253,17 @@ def probe_tracepoints(tracefs: Path) -> dict[str, list[str]]:
     return out
 
 
+def probe_raw_tracepoints(btf: BTF) -> dict[str, int]:
+    """How many arguments each raw tracepoint the catalogue hooks passes its program
+    (ctx->args[]), from BTF's btf_trace_<name>; absent: not a tracepoint here."""
+    out: dict[str, int] = {}
+    for hook in hooks.rows("raw_tracepoint"):
+        args = btf.raw_tracepoint_args(hook.point)
+        if args is not None:
+            out[hook.point] = len(args)
+    return out
+
+
 def cflags(defines: dict[str, int]) -> list[str]:
     """-D flags; values are ints only, so no user string ever reaches the C."""
     out = []
@@ -360,6 +374,7 @@ class KernelFacts:
     busy_why: str | None             # why not
     kprobes: bool                    # kprobe_events in tracefs (CONFIG_KPROBES)
     prog_info: dict[str, int] = dataclasses.field(default_factory=dict)  # prog_info_facts()
+    raw_tracepoints: dict[str, int] = dataclasses.field(default_factory=dict)  # name -> args
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -372,7 +387,7 @@ class KernelFacts:
         except (TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"not kernel facts: {exc}") from exc
         for defines in (facts.defines, facts.func_defines, facts.func_args, facts.busy,
-                        facts.prog_info):
+                        facts.prog_info, facts.raw_tracepoints):
             if not isinstance(defines, dict):
                 raise ValueError("not kernel facts: a table is not a mapping")
             for name, value in defines.items():
@@ -415,7 +430,8 @@ def compute_facts(tracefs: Path, btf: BTF | None = None) -> KernelFacts:
         release=platform.release(), defines=defines, notes=notes, func_defines=func_defines,
         func_missing=func_missing, func_args=args, signatures=sigs,
         tracepoints=probe_tracepoints(tracefs), busy=busy, busy_why=why,
-        kprobes=(tracefs / "kprobe_events").exists(), prog_info=prog_info_facts(btf))
+        kprobes=(tracefs / "kprobe_events").exists(), prog_info=prog_info_facts(btf),
+        raw_tracepoints=probe_raw_tracepoints(btf))
 
 
 def kernel_facts(tracefs: Path) -> tuple[KernelFacts, bool]:

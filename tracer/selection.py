@@ -101,6 +101,13 @@ def unavailable(hook: Hook, facts: kernel.KernelFacts) -> str | None:
         if nargs < hook.min_args:
             return (f"takes {nargs} arguments here, fewer than the {hook.min_args} "
                     "acceptrace reads")
+    elif hook.kind == "raw_tracepoint":
+        nargs = facts.raw_tracepoints.get(hook.point)
+        if nargs is None:
+            return "is not a tracepoint of this kernel"
+        if nargs < hook.min_args:
+            return (f"passes {nargs} arguments here, fewer than the {hook.min_args} "
+                    "acceptrace reads")
     elif hook.kind == "tracepoint":
         fields = facts.tracepoints.get(hook.point)
         if fields is None:
@@ -157,7 +164,7 @@ def plan_backend(name: str, facts: kernel.KernelFacts, dispatch: bool,
             continue
         plan.chosen[h.name] = overrides.get(h.name, h.attach_type(name))
     if refused:
-        hint = (" (sock:sk_data_ready and sock:sock_recv_length appeared in Linux 6.3)"
+        hint = (" (the sk_data_ready and sock_recv_length tracepoints appeared in Linux 6.3)"
                 if name == "tracepoint" else "")
         raise UserError("this kernel lacks " + "; ".join(refused) + hint)
     if name == "tracepoint" and not plan.ack_overflow_observable:

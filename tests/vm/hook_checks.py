@@ -66,10 +66,10 @@ check("fentry:tcp_conn_request",
                " { hit(); return 0; }")
 check("fexit:inet_csk_accept",
       COUNTS + "KRETFUNC_PROBE(inet_csk_accept, void *sk) { hit(); return 0; }")
-check("tracepoint:sock:inet_sock_set_state",
-      COUNTS + "TRACEPOINT_PROBE(sock, inet_sock_set_state) { hit(); return 0; }")
-check("tracepoint:sock:sk_data_ready",
-      COUNTS + "TRACEPOINT_PROBE(sock, sk_data_ready) { hit(); return 0; }")
+check("raw_tracepoint:inet_sock_set_state",
+      COUNTS + "RAW_TRACEPOINT_PROBE(inet_sock_set_state) { hit(); return 0; }")
+check("raw_tracepoint:sk_data_ready",
+      COUNTS + "RAW_TRACEPOINT_PROBE(sk_data_ready) { hit(); return 0; }")
 
 print(f"BPF.support_kfunc() = {BPF.support_kfunc()}")
 for name, ok, detail in results:

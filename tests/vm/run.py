@@ -120,14 +120,14 @@ class KernelPlan:
 # The matrix: one row per guest kernel. Edit here to trade coverage for time
 # (docs/vm.md has the measured cost of each cell).
 HOOKS = ("kprobe:tcp_conn_request", "kretprobe:inet_csk_accept", "fentry:tcp_conn_request",
-         "fexit:inet_csk_accept", "tracepoint:sock:inet_sock_set_state")
+         "fexit:inet_csk_accept", "raw_tracepoint:inet_sock_set_state")
 MATRIX: dict[str, KernelPlan] = {
     # bookworm's own kernel (linux-image-amd64): kprobes and fentry, but no
-    # sock:sk_data_ready / sock_recv_length, so no tracepoint backend (6.3+).
+    # sk_data_ready / sock_recv_length tracepoints, so no tracepoint backend (6.3+).
     "6.1": KernelPlan("6.1", backends=("fentry", "kprobe"), hooks=HOOKS),
     # bookworm's 6.12 (linux-image-6.12.*+deb12-amd64-unsigned): all three.
     "6.12": KernelPlan("6.12", backends=("fentry", "kprobe", "tracepoint"),
-                       hooks=HOOKS + ("tracepoint:sock:sk_data_ready",)),
+                       hooks=HOOKS + ("raw_tracepoint:sk_data_ready",)),
 }
 
 BOOT_ALLOWANCE = 300      # boot + copy + install, seconds (measured: 25-40)
