@@ -119,7 +119,7 @@ def gather() -> tuple[list[Check], bool, str]:
     return checks, bool(works), backend
 
 
-WHEN = {"always": "always", "dispatch": "with dispatch tracing",
+WHEN = {"always": "always",
         "busy": "where kallsyms shows the per-CPU busy flags (the blind-spot counter)",
         "unseen": "where kprobes feed the drop counters (extra.packets_unseen)"}
 
