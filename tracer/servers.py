@@ -367,7 +367,7 @@ class ServerFacts:
 
 SERVER_FACTS: dict[str, ServerFacts] = {
     "nginx": ServerFacts("listen ... backlog=N", 511, "worker_processes",
-                         "1; auto: one per CPU (Debian's nginx.conf sets auto)"),
+                         "1; auto: one per CPU, as Debian's nginx.conf sets"),
     "gunicorn": ServerFacts("--backlog", 2048, "-w/--workers", "1, or $WEB_CONCURRENCY"),
     "uvicorn": ServerFacts("--backlog", 2048, "--workers", "1, or $WEB_CONCURRENCY"),
     "hypercorn": ServerFacts("--backlog", 100, "-w/--workers", "1"),
