@@ -36,6 +36,14 @@ COUNTER_FOR_DROP = {
 SHORT_STAGE = {"accept_to_read": "read", "read_to_response": "response"}
 
 
+def fmt_server(server: str | None, worker_class: str | None = None) -> str:
+    """A recognised server as the views name it: "nginx", "gunicorn (sync)"; "-" when
+    not known."""
+    if not server:
+        return "-"
+    return f"{server} ({worker_class})" if worker_class else server
+
+
 def fmt_us(v: float | None) -> str:
     """Microseconds, human-scaled: 840 µs, 12.3 ms, 1.02 s."""
     if v is None:
