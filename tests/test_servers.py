@@ -293,7 +293,10 @@ def test_read_to_response_known_delay(tracer, tmp_path, server):
         assert "-w/--workers" in found["server_options"]
         assert "-k gthread" in found["server_options"]
     else:
-        assert set(found) == {"healthy"}, found
+        # nothing queued behind a busy worker: no overflow, and (but on a machine slow
+        # enough to queue connections for 100 ms) no advice
+        assert "accept_queue_overflow" not in found, found
+        assert "server_options" not in found or "accept_queue_slow" in found, found
 
 
 def test_uvicorn_response_is_dispatch_plus_its_two_parts(tracer):
