@@ -50,8 +50,6 @@ KERNEL_COUNTERS = (
 QUEUE_HISTS = ("accept_queue_depth", "syn_queue_depth")
 
 
-
-
 def us(ns: int | None) -> float | None:
     return None if ns is None else round(ns / 1000.0, 3)
 
@@ -521,7 +519,9 @@ class Session:
 
     def _process(self, p: ProcSnapshot) -> ProcessCount:
         comm, server = self._identify(p.pid)
-        return ProcessCount(pid=p.pid, comm=comm or p.comm, accepted=p.accepted,
+        if comm is None:  # gone before it was read: not known (null), not "unknown"
+            return ProcessCount(pid=p.pid, comm=p.comm, accepted=p.accepted)
+        return ProcessCount(pid=p.pid, comm=comm, accepted=p.accepted,
                             server=server.name, worker_class=server.worker_class)
 
     def _meta(self, port: int, st: _NsState | None) -> Meta:
