@@ -275,6 +275,8 @@ def test_views_name_the_server_and_the_response(run):
     assert "· gunicorn ·" in dash.splitlines()[0] and "response" in dash
     assert listeners.row(back).processes.startswith("gunicorn")
     assert "<td>gunicorn (sync)</td>" in render_html(back)
+    # --explain says what the response stage is, keep-alive included
+    assert "first request of each connection only" in explain_text()
     # a report written before servers were recognised: no server anywhere, no error
     old = Run.from_json(run.to_json())
     assert old.server() is None and "server " not in to_text(render_report(old), 200)[:80]
