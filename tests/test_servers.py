@@ -413,7 +413,7 @@ def test_servers_recognised_from_their_processes(tmp_path):
     (uvicorn --workers, hypercorn), granian's workers, node, python -m http.server."""
     write_app(tmp_path)
     py = [sys.executable, "-m"]
-    node = shutil.which("node") or shutil.which("nodejs")
+    node = shutil.which("node") or shutil.which("nodejs")  # make setup installs it
     # (server, its command for a port, the worker class, how many processes hold the
     # socket: parent + 2 workers, or the workers alone, or one)
     cases: list[tuple[str, Callable[[int], list[str]] | None, str | None, int]] = [
