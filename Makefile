@@ -10,7 +10,8 @@ PYTEST_ARGS ?=
 # (prometheus: the server and promtool the exporter's tests scrape and check with;
 # prometheus-node-exporter: its textfile collector reads the exporter's textfile).
 APT_PACKAGES := python3-bpfcc bpfcc-tools python3-venv python3-pip iproute2 bpftool \
-	gcc libc6-dev make binutils xz-utils procps tmux chromium prometheus prometheus-node-exporter
+	gcc libc6-dev make binutils xz-utils procps tmux chromium prometheus prometheus-node-exporter \
+	nginx-light nodejs
 # The QEMU guest suite (tests/test_vm.py, docs/vm.md): TCG emulator, debootstrap
 # for the guest root filesystem, mkfs.ext4 -d for its image.
 VM_APT_PACKAGES := qemu-system-x86 debootstrap e2fsprogs

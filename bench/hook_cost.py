@@ -29,6 +29,7 @@ GROUPS = {
     "syscalls:sys_exit_accept{,4}": ["syscalls:sys_exit_accept4", "syscalls:sys_exit_accept"],
     "sock:sk_data_ready": ["sock:sk_data_ready"],
     "sock:sock_recv_length": ["sock:sock_recv_length"],
+    "sock:sock_send_length": ["sock:sock_send_length"],
     "sock:inet_sock_set_state": ["sock:inet_sock_set_state"],
 }
 

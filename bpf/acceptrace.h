@@ -95,7 +95,9 @@ enum at_hist_id {
 	AT_H_READ_TO_DISPATCH = 7,     /* first ASGI dispatch - first read */
 	AT_H_SYN_TO_DISPATCH = 8,      /* first ASGI dispatch - syn */
 	AT_H_DISPATCH_TO_RESPONSE = 9, /* first byte written - first dispatch */
-	AT_H_COUNT = 10,
+	AT_H_READ_TO_RESPONSE = 10,    /* first byte written after the first read - first read */
+	AT_H_SYN_TO_RESPONSE = 11,     /* that first byte written - syn */
+	AT_H_COUNT = 12,
 };
 
 /* Counter ids (within a row of the `counters` per-CPU array). */
@@ -112,7 +114,7 @@ enum at_counter_id {
 	AT_C_QUEUE_MISSED = 9,     /* child seen ESTABLISHED but not at the queue tail */
 	AT_C_DISPATCHED = 10,      /* connections with a first ASGI dispatch (AT_DISPATCH) */
 	AT_C_REQUESTS = 11,        /* every dispatch: requests, keep-alive ones included */
-	AT_C_RESPONDED = 12,       /* dispatched connections that wrote a first byte back */
+	AT_C_RESPONDED = 12,       /* connections that wrote a first byte back after their first read */
 	/* Decision points inside tcp_conn_request / tcp_v{4,6}_syn_recv_sock:
 	 * only the fentry and kprobe backends see these (tracepoint: 0, reported null). */
 	AT_C_SYNS = 13,                /* SYNs that reached tcp_conn_request of the port */
@@ -138,7 +140,7 @@ struct at_conn {
 	u64 accepted_ns;   /* 0: not accepted yet */
 	u64 first_read_ns; /* 0: not read yet */
 	u64 dispatch_ns;   /* first ASGI dispatch (httptools headers complete); 0: none */
-	u64 response_ns;   /* first byte written after the first dispatch; 0: none */
+	u64 response_ns;   /* first byte written after the first read; 0: none */
 	u64 syn_ok_ns;     /* the SYN that got through (== syn_ns unless the client retransmitted) */
 	u32 requests;      /* dispatches on this connection (keep-alive, pipelining) */
 	u32 pid;           /* tgid of the accepting process */

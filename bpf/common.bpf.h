@@ -350,10 +350,42 @@ static __always_inline void on_read(const void *sk, long ret)
 	c->first_read_ns = now;
 	count(c->slot, AT_C_READ);
 	hist_add(c->slot, AT_H_ACCEPT_TO_READ, now - c->accepted_ns, 1000);
-#if !AT_DISPATCH
-	/* Without dispatch tracing the connection's story ends here. */
+}
+
+/*
+ * A write of `ret` bytes to socket `sk` (any socket: the port is checked
+ * first).  The first bytes written back after the connection's first read are
+ * its response, whatever the server: read_to_response, syn_to_response (and,
+ * when uvicorn's dispatch was seen, dispatch_to_response).  With keep-alive
+ * that is the first request's response; later sends return at the
+ * response_ns test.
+ */
+static __always_inline void on_send(const void *sk, long ret)
+{
+	u64 key = (u64)sk;
+	struct at_conn *c;
+	u64 now;
+
+	if (ret <= 0 || !sk || !port_watched(sk_port(sk)))
+		return;
+	c = conns.lookup(&key);
+	if (!c || !c->first_read_ns || c->response_ns)
+		return;
+	now = bpf_ktime_get_ns();
+	c->response_ns = now;
+	count(c->slot, AT_C_RESPONDED);
+	hist_add(c->slot, AT_H_READ_TO_RESPONSE, now - c->first_read_ns, 1000);
+	if (c->syn_ns)
+		hist_add(c->slot, AT_H_SYN_TO_RESPONSE, now - c->syn_ns, 1000);
+#if AT_DISPATCH
+	if (c->dispatch_ns)
+		hist_add(c->slot, AT_H_DISPATCH_TO_RESPONSE, now - c->dispatch_ns, 1000);
+#endif
 	if (c->queued_ns)
-		maybe_sample(c, AT_SAMPLE_READ);
+		maybe_sample(c, AT_SAMPLE_RESPONSE);
+#if !AT_DISPATCH
+	/* Without dispatch tracing (no keep-alive requests to count) the
+	 * connection's story ends here. */
 	conns.delete(&key);
 #endif
 }
@@ -407,26 +439,6 @@ static __always_inline int on_dispatch(void)
 	if (c->syn_ns)
 		hist_add(c->slot, AT_H_SYN_TO_DISPATCH, now - c->syn_ns, 1000);
 	return 0;
-}
-
-/* A write of `ret` bytes to socket `sk`: the first bytes the server writes back. */
-static __always_inline void on_send(const void *sk, long ret)
-{
-	u64 key = (u64)sk;
-	struct at_conn *c;
-	u64 now;
-
-	if (ret <= 0 || !sk || !port_watched(sk_port(sk)))
-		return;
-	c = conns.lookup(&key);
-	if (!c || !c->dispatch_ns || c->response_ns)
-		return;
-	now = bpf_ktime_get_ns();
-	c->response_ns = now;
-	count(c->slot, AT_C_RESPONDED);
-	hist_add(c->slot, AT_H_DISPATCH_TO_RESPONSE, now - c->dispatch_ns, 1000);
-	if (c->queued_ns)
-		maybe_sample(c, AT_SAMPLE_RESPONSE);
 }
 
 /* The uprobe itself: every backend's, attached by userspace. */

@@ -57,17 +57,73 @@ def test_slow_accept_without_overflow():
     assert "accept_queue_slow" not in rules(with_stage(base_run(), "accept_queue", 20_000))
 
 
-@pytest.mark.parametrize("somaxconn, needle", [
-    (64, "net.core.somaxconn (64) of the namespace caps it"),
-    (4096, "uvicorn's default is 2048")])
-def test_small_backlog(somaxconn, needle):
+@pytest.mark.parametrize("somaxconn, server, needle", [
+    (64, None, "net.core.somaxconn (64) of the namespace caps it"),
+    (4096, None, "it is the backlog the server passes to listen(), clamped by "
+                 "net.core.somaxconn (4096 in the namespace)"),
+    (4096, "uvicorn", "uvicorn's default is 2048 (--backlog), clamped by net.core.somaxconn "
+                      "(4096 in the namespace)"),
+    (4096, "nginx", "nginx's default is 511 (listen ... backlog=N)"),
+    (4096, "hypercorn", "hypercorn's default is 100 (--backlog)"),
+    (4096, "granian", "granian's default is 1024 (--backlog)"),
+    (4096, "node", "node's default is 511 (server.listen(port, host, backlog))"),
+    (4096, "socketserver", "socketserver's default is 5 (request_queue_size"),
+    (4096, "unknown", "it is the backlog the server passes to listen()")])
+def test_small_backlog(somaxconn, server, needle):
     run = base_run(listen_overflow=5, syn_dropped=5)
     run.queues.backlog = 64
     run.meta.somaxconn = somaxconn
+    if server is not None:
+        run.processes = [ProcessCount(7, "x", 10, server=server)]
     f = {x.rule: x for x in diagnose(run)}["small_backlog"]
     assert needle in f.text
+    if server != "uvicorn":
+        assert "uvicorn" not in f.text  # no uvicorn advice for another server
     run.queues.backlog = 1024
     assert "small_backlog" not in rules(run)
+
+
+@pytest.mark.parametrize("server, worker_class, needles", [
+    ("nginx", None, ("served by nginx", "listen ... backlog=N (default 511; 8 here)",
+                     "worker_processes (default 1; auto: one per CPU",
+                     "net.core.somaxconn (4096 in the namespace)", "2 processes accepted here")),
+    ("gunicorn", "sync", ("served by gunicorn (worker class sync)", "--backlog (default 2048",
+                          "-w/--workers", "-k gthread")),
+    ("gunicorn", "uvicorn.workers.UvicornWorker", ("--backlog (default 2048",)),
+    ("hypercorn", None, ("--backlog (default 100", "-w/--workers")),
+    ("granian", None, ("--backlog (default 1024, on each worker's own SO_REUSEPORT socket",
+                       "--workers")),
+])
+def test_server_options_in_its_own_terms(server, worker_class, needles):
+    run = base_run(listen_overflow=5, syn_dropped=5)
+    run.queues.backlog = 8
+    run.meta.somaxconn = 4096
+    run.processes = [ProcessCount(7, "w", 10, server=server, worker_class=worker_class),
+                     ProcessCount(8, "w", 9, server=server, worker_class=worker_class)]
+    f = {x.rule: x for x in diagnose(run)}["server_options"]
+    for needle in needles:
+        assert needle in f.text, (needle, f.text)
+    if worker_class != "sync":
+        assert "-k gthread" not in f.text
+    # a slow accept queue without overflow gets the same advice; a healthy run none
+    run = with_stage(base_run(), "accept_queue", 150_000)
+    run.processes = [ProcessCount(7, "w", 10, server=server)]
+    assert "server_options" in rules(run)
+    run.stages["accept_queue"] = base_run().stages["accept_queue"]
+    assert "server_options" not in rules(run)
+
+
+def test_unknown_server_gets_the_generic_sentence():
+    run = with_stage(base_run(listen_overflow=5, syn_dropped=5), "accept_queue", 840_000)
+    run.processes = [ProcessCount(7, "myserver", 10, server="unknown")]
+    fs = {f.rule: f for f in diagnose(run)}
+    assert "server_options" not in fs
+    assert "event loop is blocked or there are too few workers" in \
+        fs["accept_queue_overflow"].text
+    # the server that accepted most is the one named
+    run.processes = [ProcessCount(7, "a", 3, server="hypercorn"),
+                     ProcessCount(8, "b", 30, server="nginx")]
+    assert "served by nginx" in {f.rule: f for f in diagnose(run)}["server_options"].text
 
 
 def test_syncookies_and_synack_retransmits():

@@ -47,7 +47,7 @@ def test_dashboard_in_tmux(tmp_path):
         assert wait_until(lambda: "conn/s" in tm.screen(), timeout=60), tm.screen()
         screen = tm.screen()
         for needle in ("SYN", "handshake", "accept queue", "accept()", "read", "listen overflows",
-                       "h histogram", "accepted 0"):
+                       "h hist", "accepted 0"):
             assert needle in screen, needle
         for _ in range(7):
             c = socket.create_connection(("127.0.0.1", port))

@@ -244,3 +244,39 @@ def test_report_of_several_listeners_and_compare_by_listener(run):
     assert "port 9001" in cmp and "only in before" in cmp
     diag = to_text(render_report(top), 200)
     assert f":{run.meta.port}: accept queue overflowed" in diag
+
+
+def test_views_name_the_server_and_the_response(run):
+    """A run whose accepting processes were recognised, with the response stage: every
+    view names the server, and the summary the new stage and its count."""
+    from acceptrace import listeners
+    from acceptrace.hist import Histogram
+
+    r = copy.deepcopy(run)
+    for p in r.processes:
+        p.server, p.worker_class = "gunicorn", "sync"
+    h = Histogram.empty("us")
+    for v in (101_000, 103_000, 250_000):
+        h.add(v)
+    r.stages["read_to_response"] = h
+    r.connections["responded"] = 3
+    for s in r.slowest:
+        s.read_to_response_us = 250_000.0
+    back = Run.from_json(r.to_json())
+    assert back.processes[0].server == "gunicorn" and back.processes[0].worker_class == "sync"
+    text = to_text(render_report(back), 200)
+    assert "server gunicorn (sync)" in text.splitlines()[0]
+    assert "responded 3" in text and "read_to_response" in text
+    assert "first read → first byte written back" in text
+    assert "read→resp" in text and "250 ms" in text
+    assert "served by gunicorn (worker class sync)" in text and "--backlog" in text
+    assert "uvicorn's default" not in text
+    dash = to_text(render_dashboard(back, back.intervals[-1], DashboardState(), 24), 80)
+    assert "· gunicorn ·" in dash.splitlines()[0] and "response" in dash
+    assert listeners.row(back).processes.startswith("gunicorn")
+    assert "<td>gunicorn (sync)</td>" in render_html(back)
+    # --explain says what the response stage is, keep-alive included
+    assert "first request of each connection only" in explain_text()
+    # a report written before servers were recognised: no server anywhere, no error
+    old = Run.from_json(run.to_json())
+    assert old.server() is None and "server " not in to_text(render_report(old), 200)[:80]

@@ -92,10 +92,11 @@ def test_without_read_tracepoints_the_function_hooks_read(facts61):
     assert plan.chosen["tcp_recvmsg"] == plan.chosen["tcp_sendmsg"] == hooks.ATTACH_KPROBE
     assert plan.points()[-2:] == ["raw_tracepoint:inet_sock_set_state",
                                   "raw_tracepoint:tcp_retransmit_synack"]
-    # without --dispatch no response hook at all
+    # the response hook is there without --dispatch too: read_to_response for any server
     plan = selection.plan_backend("kprobe", change(facts61, raw_tracepoints=raw),
                                   dispatch=False)
-    assert "tcp_sendmsg" not in plan.chosen and "tcp_sendmsg" not in plan.missing
+    assert plan.chosen["tcp_sendmsg"] == hooks.ATTACH_KPROBE
+    assert "read_to_response" not in plan.missing_stages
 
 
 def test_missing_optional_hook_nulls_its_stages(facts61):
@@ -137,7 +138,8 @@ def test_required_hook_missing_refuses_the_backend(facts61):
 def test_tracepoint_backend_and_the_ack_overflow_split(facts61):
     plan = selection.plan_backend("tracepoint", facts61, dispatch=False)
     assert plan.ack_overflow_observable and not plan.exact_drops
-    assert "sock_send_length" not in plan.chosen  # no --dispatch
+    # no --dispatch: the first response is still timed, for any server
+    assert plan.chosen["sock_send_length"] == hooks.ATTACH_RAW_TRACEPOINT
     defines = {k: v for k, v in facts61.defines.items() if k != "AT_DROP_REASON_LISTEN_OVERFLOW"}
     plan = selection.plan_backend("tracepoint", change(facts61, defines=defines), dispatch=True)
     assert "kfree_skb" in plan.missing and not plan.ack_overflow_observable

@@ -483,7 +483,70 @@ def test_a_run_of_weeks_stays_bounded(monkeypatch):
     for t in sess.targets.values():
         assert len(t.drops.last) <= S.GONE_LISTENERS_KEPT + 1
         assert len(t.drops.baseline) <= S.GONE_LISTENERS_KEPT + 1
-    assert len(sess._comms) <= S.COMMS_KEPT
+    assert len(sess._procs) <= S.COMMS_KEPT
     # every restart's drops are still in the total: the rounds' sk_drops were 0, 1, 2, ...
     t80 = sess.targets[(1, 80)]
     assert t80.drops.retired > 0
+
+
+def test_response_stage_and_count_or_null_without_a_send_hook(monkeypatch):
+    def snap_with_response() -> KernelSnapshot:
+        s = snap(3, 3, 0, [10, 20, 30])
+        h = Histogram.empty("us")
+        for v in (100_500, 101_000):
+            h.add(v)
+        s.targets[0].hists["read_to_response"] = h
+        s.targets[0].counters["responded"] = 2
+        return s
+
+    be = FakeBackend(exact=True)
+    be.snaps = [snap_with_response()]
+    sess = make_session(monkeypatch, be, drops=[0, 0])
+    iv = sess.tick()
+    assert iv.responded == 2 and iv.stages["read_to_response"]["count"] == 2
+    run = sess.build_run()
+    assert run.connections["responded"] == 2
+    assert run.stages["read_to_response"].count == 2
+    assert run.to_json()["intervals"][0]["responded"] == 2
+    # a kernel where nothing sees the server's writes: null, not 0
+    be = FakeBackend(exact=True, missing_stages={"read_to_response", "syn_to_response"})
+    be.snaps = [snap_with_response()]
+    sess = make_session(monkeypatch, be, drops=[0, 0])
+    iv = sess.tick()
+    assert iv.responded is None and "read_to_response" not in iv.stages
+    run = sess.build_run()
+    assert run.connections["responded"] is None and run.stages["syn_to_response"] is None
+
+
+def test_processes_are_their_program_and_server(monkeypatch):
+    """The kernel names the thread that accepted (tokio-rt-worker); the run names the
+    program and the server, read from /proc once per process while it runs."""
+    from acceptrace.servers import Server
+
+    seen: list[int] = []
+
+    def identify(pid: int) -> tuple[str | None, Server]:
+        seen.append(pid)
+        return "granian", Server("granian")
+
+    monkeypatch.setattr(S.servers, "identify", identify)
+    be = FakeBackend()
+    s1 = snap(2, 2, 0, [10, 20])
+    s1.targets[0].procs = [ProcSnapshot(42, "tokio-rt-worker", 2)]
+    s2 = snap(3, 3, 0, [10, 20, 30])
+    s2.targets[0].procs = [ProcSnapshot(42, "tokio-rt-worker", 3)]
+    be.snaps = [s1, s2]
+    r = rec(1_000, 2_000, 3_000, 4_000)
+    r.comm = "tokio-rt-worker"
+    be.records = [[r]]
+    sess = make_session(monkeypatch, be, drops=[0, 0, 0])
+    sess.poll(0)
+    sess.tick()
+    sess.tick()
+    run = sess.build_run()
+    assert [(p.pid, p.comm, p.server, p.accepted) for p in run.processes] == \
+        [(42, "granian", "granian", 3)]
+    assert run.slowest[0].comm == "granian"
+    assert seen == [42]   # once per process
+    d = run.to_json()["processes"][0]
+    assert d["server"] == "granian" and d["worker_class"] is None

@@ -61,6 +61,8 @@ HIST_NAMES: dict[int, tuple[str, str, int]] = {
     L.H_ACCEPT_TO_READ: ("accept_to_read", "us", 1000),
     L.H_ACCEPTQ_DEPTH: ("accept_queue_depth", "connections", 1),
     L.H_SYNQ_DEPTH: ("syn_queue_depth", "connections", 1),
+    L.H_READ_TO_RESPONSE: ("read_to_response", "us", 1000),
+    L.H_SYN_TO_RESPONSE: ("syn_to_response", "us", 1000),
 }
 DISPATCH_HIST_NAMES: dict[int, tuple[str, str, int]] = {
     L.H_ACCEPT_TO_DISPATCH: ("accept_to_dispatch", "us", 1000),

@@ -47,7 +47,8 @@ def _positive(name: str, value: float | None) -> float | None:
               help="One summary line per interval instead of the live dashboard "
                    "(the default when stdout is not a terminal).")
 @click.option("--hist", "hist_stage", metavar="STAGE",
-              type=click.Choice(["handshake", "accept_queue", "syn_to_accept", "accept_to_read"]),
+              type=click.Choice(["handshake", "accept_queue", "syn_to_accept", "accept_to_read",
+                                 "read_to_response", "syn_to_response"]),
               help="Stage whose histogram the dashboard shows (default: the one that dominates; "
                    "key h cycles).")
 @click.option("--explain", is_flag=True, help="Explain every figure of the dashboard and exit.")

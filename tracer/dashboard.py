@@ -27,6 +27,7 @@ FLOW = (  # (column title, stage whose latency ends at this step, interval count
     ("accept()", "syn_to_accept", "accepted"),
     ("read", "accept_to_read", "read"),
     ("dispatch", "read_to_dispatch", "dispatched"),
+    ("response", "read_to_response", "responded"),
 )
 
 EXPLAIN: dict[str, str] = {
@@ -42,6 +43,16 @@ EXPLAIN: dict[str, str] = {
                 "the connection.",
     "read": "accept() to the server's first read of the request. High means the event loop "
             "accepted the connection but was busy with other work before reading it.",
+    "dispatch": "uvicorn (httptools) only: first read to the ASGI dispatch of the request "
+                "(headers parsed). High means the event loop is busy before the app runs.",
+    "response": "First read to the first byte the server writes back on the connection, for "
+                "any TCP server (kernel-side): the server's own time for the request. With "
+                "keep-alive, the first request of each connection only. High means slow "
+                "handlers, a slow upstream, or a server too busy to get to it.",
+    "server": "Which server accepts on the port, recognised from its processes (program, "
+              "command line, parent, loaded modules): nginx, gunicorn (and its worker "
+              "class), uvicorn, hypercorn, granian, node, a Python socketserver; the "
+              "diagnosis then names that server's own backlog and worker options.",
     "accept-queue gauge": "Connections waiting for accept() against the backlog limit "
                           "(listen(backlog), capped by net.core.somaxconn). When it is full the "
                           "kernel drops new SYNs (clients retry after 1 s, 3 s, ...) or final "
@@ -211,6 +222,16 @@ def _procs_and_slowest(run: Run, rows: int) -> Table:
     return t
 
 
+def _head(what: Text, keys: str) -> Table:
+    """One line: what is shown on the left, the keys on the right; on a narrow terminal
+    the long ends are cut, never wrapped onto a second line."""
+    t = Table.grid(expand=True)
+    t.add_column(no_wrap=True, overflow="ellipsis", min_width=min(len(what.plain), 64))
+    t.add_column(justify="right", no_wrap=True, overflow="ellipsis")
+    t.add_row(what, Text(keys, style="dim"))
+    return t
+
+
 def render_dashboard(run: Run, iv: Interval | None, state: DashboardState,
                      height: int = 24) -> RenderableType:
     """One screen; fits 80x24 and uses the room of a larger terminal.  A run of several
@@ -221,10 +242,12 @@ def render_dashboard(run: Run, iv: Interval | None, state: DashboardState,
             return _listener_screen(run, state, height)
         run, iv = sec, sec.recent
     m = run.meta
-    head = Text.assemble(
-        ("acceptrace ", "bold"), f"port {m.port} · {m.duration_s:,.0f} s · "
-        f"accepted {run.connections.get('accepted') or 0:,}",
-        ("   h histogram · ? explain · q quit", "dim"))
+    server = run.server()
+    head = _head(Text.assemble(
+        ("acceptrace ", "bold"), f"port {m.port} · ",
+        (f"{server.server} · " if server else ""),
+        f"{m.duration_s:,.0f} s · accepted {run.connections.get('accepted') or 0:,}"),
+        "  h hist · ? explain · q quit")
     if state.explain:
         return Group(head, Panel(Text(explain_text()), title="what the figures mean"))
     q = run.queues

@@ -1,14 +1,18 @@
 """A short diagnosis in words, derived from a run's figures.
 
 Each rule looks at the figures, and when it fires says what happened, what
-it means, and what to change. tests/test_diagnose.py covers every rule.
+it means, and what to change -- in the terms of the server that accepts on
+the port when it was recognised (its backlog and worker options and their
+defaults: servers.SERVER_FACTS, docs/servers.md), in general terms otherwise.
+tests/test_diagnose.py covers every rule.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .model import Run
+from .model import ProcessCount, Run
+from .servers import SERVER_FACTS, ServerFacts
 from .words import fmt_us
 
 # Thresholds (microseconds) above which a stage is worth a sentence.
@@ -34,6 +38,42 @@ def _namespace(run: Run) -> str:
     """How the findings name the run's network namespace ("" for acceptrace's own)."""
     name = str((run.meta.netns or {}).get("name") or "")
     return "" if not name or name.startswith("acceptrace's own") else f" of {name}"
+
+
+def _somaxconn(run: Run) -> str:
+    s = run.meta.somaxconn
+    return ("net.core.somaxconn" if s is None else
+            f"net.core.somaxconn ({s} in the namespace{_namespace(run)})")
+
+
+def _server(run: Run) -> tuple[ProcessCount, ServerFacts] | None:
+    p = run.server()
+    facts = SERVER_FACTS.get(p.server or "") if p is not None else None
+    return None if p is None or facts is None else (p, facts)
+
+
+def _server_name(p: ProcessCount) -> str:
+    return p.server + (f" (worker class {p.worker_class})" if p.worker_class else "") \
+        if p.server else p.comm
+
+
+def _server_advice(run: Run, p: ProcessCount, f: ServerFacts) -> Finding:
+    """The backlog and worker options of the server that accepts on the port."""
+    n = len({q.pid for q in run.processes if q.server == p.server})
+    backlog = run.queues.backlog
+    note = f", {f.backlog_note}" if f.backlog_note else ""
+    sync = ""
+    if p.server == "gunicorn" and p.worker_class == "sync":
+        sync = (" Sync workers serve one request at a time each: more of them, or a "
+                "threaded or async worker class (-k gthread, -k uvicorn.workers.UvicornWorker).")
+    return Finding(
+        "server_options", "info",
+        f"the port is served by {_server_name(p)}: its accept queue is set with "
+        f"{f.backlog_option} (default {f.backlog_default}{note}"
+        + (f"; {backlog} here" if backlog is not None else "")
+        + f"), capped by {_somaxconn(run)}; its workers with {f.workers_option} (default "
+        f"{f.workers_default}) — {n} process{'es' if n != 1 else ''} accepted here."
+        + sync)
 
 
 def diagnose(run: Run) -> list[Finding]:
@@ -94,15 +134,23 @@ def diagnose(run: Run) -> list[Finding]:
             "request stalls until the queue drains. (net.ipv4.tcp_abort_on_overflow=1 "
             "would reset them instead.)"))
 
+    server = _server(run)
     if overflow and backlog is not None and backlog < SMALL_BACKLOG:
         why = ""
         if somaxconn is not None and backlog == somaxconn:
             why = (f": net.core.somaxconn ({somaxconn}) of the namespace{_namespace(run)} "
                    "caps it — raise it with sysctl there (it is per network namespace)")
+        if server is not None:
+            p, f = server
+            default = (f"{p.server}'s default is {f.backlog_default} ({f.backlog_option}), "
+                       f"clamped by {_somaxconn(run)}.")
+        else:
+            default = (f"it is the backlog the server passes to listen(), clamped by "
+                       f"{_somaxconn(run)}.")
         out.append(Finding(
-            "small_backlog", "warning",
-            f"the listen backlog is only {backlog}{why}; uvicorn's default is 2048 "
-            "(--backlog), clamped by net.core.somaxconn."))
+            "small_backlog", "warning", f"the listen backlog is only {backlog}{why}; {default}"))
+    if server is not None and (overflow or (aq99 is not None and aq99 >= ACCEPT_QUEUE_SLOW_US)):
+        out.append(_server_advice(run, *server))
 
     cookies = d.get("syncookies")
     if cookies:

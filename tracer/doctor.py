@@ -119,7 +119,7 @@ def gather() -> tuple[list[Check], bool, str]:
     return checks, bool(works), backend
 
 
-WHEN = {"always": "always", "dispatch": "with dispatch tracing",
+WHEN = {"always": "always",
         "busy": "where kallsyms shows the per-CPU busy flags (the blind-spot counter)",
         "unseen": "where kprobes feed the drop counters (extra.packets_unseen)"}
 
@@ -161,9 +161,12 @@ def server_checks(port: int) -> list[Check]:
             status, how = WARN, "dispatch: not available (h11; use --http httptools)"
         else:
             status, how = WARN, "dispatch: not available (no httptools parser)"
+        server = servers.identify(pid)[1]
         out.append(Check(
             f"pid {pid} {info.comm}", status,
-            f"loop {info.loop or 'n/a'}, parser {info.parser or 'n/a'}; {how}"))
+            f"server {server.name}"
+            + (f" ({server.worker_class})" if server.worker_class else "")
+            + f", loop {info.loop or 'n/a'}, parser {info.parser or 'n/a'}; {how}"))
     return out
 
 

@@ -37,13 +37,15 @@ ACK_OVERFLOW_ROWS = {"fentry": "tcp_v4_syn_recv_sock", "kprobe": "tcp_v4_syn_rec
 FUNC_BACKENDS = ("fentry", "kprobe")
 
 Kind = Literal["function", "tracepoint", "raw_tracepoint"]
-# When a hook is wanted at all: always; with --dispatch (a response needs a
-# dispatch first); where the blind-spot counter can run (kallsyms); where
-# kprobes feed the drop counters and the blind spot can hide their packets.
-When = Literal["always", "dispatch", "busy", "unseen"]
+# When a hook is wanted at all: always; where the blind-spot counter can run
+# (kallsyms); where kprobes feed the drop counters and the blind spot can hide
+# their packets.
+When = Literal["always", "busy", "unseen"]
 
 DISPATCH_STAGES = ("accept_to_dispatch", "read_to_dispatch", "syn_to_dispatch",
                    "dispatch_to_response")
+# The first response: the first byte written back after the first read.
+RESPONSE_STAGES = ("read_to_response", "syn_to_response")
 
 
 @dataclass(frozen=True)
@@ -153,16 +155,17 @@ CATALOGUE: tuple[Hook, ...] = (
          why="a dropped SYN is judged by the queue tests alone (other drops not seen)"),
     Hook("inet_csk_accept", "inet_csk_accept", "function", _F, entry=False, exit=True,
          sleeps=True, counters=("accepted",),
-         stages=("accept_queue", "syn_to_accept", "accept_to_read", *DISPATCH_STAGES),
+         stages=("accept_queue", "syn_to_accept", "accept_to_read", *RESPONSE_STAGES,
+                 *DISPATCH_STAGES),
          why="accept() is not seen"),
     Hook("tcp_recvmsg", "tcp_recvmsg", "function", _F, entry=False, exit=True,
          args_at_exit=True, min_args=1, sleeps=True, replaced_by="sock_recv_length",
-         counters=("read",), stages=("accept_to_read", *DISPATCH_STAGES),
+         counters=("read",), stages=("accept_to_read", *RESPONSE_STAGES, *DISPATCH_STAGES),
          why="reads are not seen"),
     Hook("tcp_sendmsg", "tcp_sendmsg", "function", _F, entry=False, exit=True,
-         args_at_exit=True, min_args=1, sleeps=True, when="dispatch",
+         args_at_exit=True, min_args=1, sleeps=True,
          replaced_by="sock_send_length", counters=("responded",),
-         stages=("dispatch_to_response",), why="responses are not seen"),
+         stages=(*RESPONSE_STAGES, "dispatch_to_response"), why="responses are not seen"),
     # -- tracepoints, attached raw (BPF_RAW_TRACEPOINT_OPEN): the arguments of the
     # tracepoint's TP_PROTO in ctx->args[] (checked in BTF: btf_trace_<name>), no
     # event record built, and the kernel skips one only when it re-enters itself --
@@ -187,8 +190,8 @@ CATALOGUE: tuple[Hook, ...] = (
          min_args=2, required=("tracepoint",), counters=("read",),
          why="reads (Linux 6.3+; the function backends use tcp_recvmsg without it)"),
     Hook("sock_send_length", "sock_send_length", "raw_tracepoint", _ALL,
-         min_args=2, when="dispatch", counters=("responded",),
-         stages=("dispatch_to_response",),
+         min_args=2, counters=("responded",),
+         stages=(*RESPONSE_STAGES, "dispatch_to_response"),
          why="responses (Linux 6.3+; the function backends use tcp_sendmsg without it)"),
     Hook("tcp_retransmit_synack", "tcp_retransmit_synack", "raw_tracepoint", _ALL,
          min_args=1, required=_ALL, counters=("synack_retransmits",),
@@ -298,7 +301,10 @@ class Plan:
 
     @property
     def missing_stages(self) -> set[str]:
-        return stages_fed_by(self.missing)
+        """Stages no hook measures here: those of the missing rows, but for a row whose
+        job a chosen row does instead (tcp_sendmsg without sock:sock_send_length)."""
+        replaced = {BY_NAME[n].replaced_by for n in self.chosen if BY_NAME[n].replaced_by}
+        return stages_fed_by([n for n in self.missing if n not in replaced])
 
     def defines(self) -> dict[str, int]:
         """Every -D define of the program: explicit integers, one per decision."""

@@ -12,7 +12,7 @@ from html import escape
 from .diagnose import diagnose
 from .hist import Histogram
 from .model import Run
-from .words import DROP_MEANING, STAGE_MEANING, fmt_count, fmt_us
+from .words import DROP_MEANING, STAGE_MEANING, fmt_count, fmt_server, fmt_us
 
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#1d232a;max-width:1100px}
@@ -182,13 +182,15 @@ def render_html(run: Run) -> str:
                                            is not None else None)],
     ]))
     parts.append("<h2>Processes</h2>")
-    parts.append(_table(["pid", "comm", "accepted"],
-                        [[str(p.pid), p.comm, f"{p.accepted:,}"] for p in run.processes]))
+    parts.append(_table(["pid", "comm", "server", "accepted"],
+                        [[str(p.pid), p.comm, fmt_server(p.server, p.worker_class),
+                          f"{p.accepted:,}"] for p in run.processes]))
     parts.append("<h2>Slowest connections</h2>")
     parts.append(_table(
-        ["client", "pid", "handshake", "accept queue", "SYN→accept", "accept→read", "total"],
+        ["client", "pid", "handshake", "accept queue", "SYN→accept", "accept→read",
+         "read→response", "total"],
         [[f"{s.saddr}:{s.sport}", str(s.pid or "-"), fmt_us(s.handshake_us),
           fmt_us(s.accept_queue_us), fmt_us(s.syn_to_accept_us), fmt_us(s.accept_to_read_us),
-          fmt_us(s.total_us)] for s in run.slowest]))
+          fmt_us(s.read_to_response_us), fmt_us(s.total_us)] for s in run.slowest]))
     parts.append("</body></html>\n")
     return "".join(parts)

@@ -24,7 +24,8 @@ class ListenerRow:
     section: Run
     namespace: str
     address: str          # "127.0.0.1:8000", "[::]:8000"; several: the first and "+N"
-    processes: str        # "uvicorn (3)": the program and how many processes accept
+    processes: str        # "uvicorn (3)": the server (else the program) and how many
+    #                       processes accept
     backlog: int | None
     depth_now: int | None
     depth_max: int | None
@@ -63,7 +64,8 @@ def row(section: Run, window: str = RUN) -> ListenerRow:
         address = f"*:{section.meta.port}"
     progs: dict[str, int] = {}
     for p in section.processes:
-        progs[p.comm] = progs.get(p.comm, 0) + 1
+        name = p.server if p.server and p.server != "unknown" else p.comm
+        progs[name] = progs.get(name, 0) + 1
     processes = ", ".join(f"{c} ({n})" if n > 1 else c for c, n in progs.items()) or "-"
     iv = section.recent
     if window == NOW and iv is not None:

@@ -19,11 +19,13 @@ from .hist import Histogram
 T = TypeVar("T")
 SCHEMA = "acceptrace/v1"
 KERNEL_STAGES: tuple[str, ...] = ("handshake", "accept_queue", "syn_to_accept", "accept_to_read")
+# Any TCP server, kernel-side: the first read to the first byte written back.
+RESPONSE_STAGES: tuple[str, ...] = ("read_to_response", "syn_to_response")
 DISPATCH_STAGES: tuple[str, ...] = (
     "accept_to_dispatch", "read_to_dispatch", "syn_to_dispatch", "dispatch_to_response",
 )
-STAGES: tuple[str, ...] = KERNEL_STAGES + DISPATCH_STAGES
-CONNECTION_KEYS = ("syn", "queued", "accepted", "read")
+STAGES: tuple[str, ...] = KERNEL_STAGES + RESPONSE_STAGES + DISPATCH_STAGES
+CONNECTION_KEYS = ("syn", "queued", "accepted", "read", "responded")
 DROP_KEYS = (
     "listen_overflow", "syn_dropped", "ack_dropped", "synack_retransmits", "syncookies",
     "lost_events",
@@ -146,9 +148,16 @@ class Queues:
 
 @dataclass
 class ProcessCount:
+    """A process that called accept() on the port.  ``comm``: its program (the main
+    thread's name, not the accepting thread's); ``server``: which server it is
+    (tracer/servers.py ``SERVER_NAMES``; null in reports written before it existed),
+    ``worker_class``: gunicorn's worker class when known."""
+
     pid: int
     comm: str
     accepted: int
+    server: str | None = None
+    worker_class: str | None = None
 
 
 @dataclass
@@ -174,6 +183,9 @@ class Sample:
     syn_to_dispatch_us: float | None = None
     dispatch_to_response_us: float | None = None
     requests: int | None = None
+    # the first byte written back after the first read (any server)
+    read_to_response_us: float | None = None
+    syn_to_response_us: float | None = None
     # fentry/kprobe: client SYNs before the one that got through, and how long
     # that took (first SYN -> that SYN); None when the first SYN was not seen.
     syn_retransmits: int | None = None
@@ -201,6 +213,7 @@ class Interval:
     accept_queue_depth_now: int | None = None  # ss Recv-Q summed over listeners, at the end
     dispatched: int | None = None
     synq_dropped: int | None = None            # SYN queue full, no syncookies (fentry/kprobe)
+    responded: int | None = None               # first responses (null: no send hook)
 
 
 
@@ -336,6 +349,12 @@ class Run:
     recent: Interval | None = None   # the last interval (the rates "now")
     targets: list[Run] = field(default_factory=list)  # one section per traced listener
     cost: Cost | None = None          # the whole run's (top level only; null in sections)
+
+    def server(self) -> ProcessCount | None:
+        """The server of this listener: its accepting process recognised as one (the one
+        with the most accepts), or None."""
+        known = [p for p in self.processes if p.server and p.server != "unknown"]
+        return max(known, key=lambda p: p.accepted) if known else None
 
     @classmethod
     def new(cls, port: int, backend: str) -> Run:

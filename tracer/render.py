@@ -20,6 +20,7 @@ from .words import (
     STAGE_MEANING,
     fmt_compact_us,
     fmt_count,
+    fmt_server,
     fmt_us,
 )
 
@@ -102,11 +103,13 @@ def _procs_table(run: Run) -> Table:
     t = Table(title="accepting processes", title_justify="left", show_edge=False)
     t.add_column("pid", justify="right")
     t.add_column("comm")
+    t.add_column("server")
     t.add_column("accepted", justify="right")
     for p in run.processes[:20]:
-        t.add_row(str(p.pid), p.comm, f"{p.accepted:,}")
+        t.add_row(str(p.pid), Text(p.comm), Text(fmt_server(p.server, p.worker_class)),
+                  f"{p.accepted:,}")
     if not run.processes:
-        t.add_row("-", "(no accept() on this port)", "0")
+        t.add_row("-", "(no accept() on this port)", "", "0")
     return t
 
 
@@ -118,9 +121,9 @@ def _slowest_table(run: Run, limit: int = 10) -> Table:
     t = Table(title="slowest connections (total: SYN → last step seen)", title_justify="left",
               show_edge=False)
     dispatch = any(s.read_to_dispatch_us is not None for s in run.slowest)
-    # With the dispatch steps, syn→acc (= handshake + accept_q) makes room for them.
+    # syn→acc (= handshake + accept_q) makes room for the steps after the read.
     cols = ["client", "pid", "handshake", "accept_q", "acc→read", "read→disp", "disp→resp"] \
-        if dispatch else ["client", "pid", "handshake", "accept_q", "syn→acc", "acc→read"]
+        if dispatch else ["client", "pid", "handshake", "accept_q", "acc→read", "read→resp"]
     for col in (*cols, "total", "notes"):
         t.add_column(col, justify="left" if col in ("client", "notes") else "right",
                      no_wrap=col != "notes")
@@ -139,7 +142,7 @@ def _slowest_table(run: Run, limit: int = 10) -> Table:
             cells += [fmt_us(s.accept_to_read_us), fmt_us(s.read_to_dispatch_us),
                       fmt_us(s.dispatch_to_response_us)]
         else:
-            cells += [fmt_us(s.syn_to_accept_us), fmt_us(s.accept_to_read_us)]
+            cells += [fmt_us(s.accept_to_read_us), fmt_us(s.read_to_response_us)]
         t.add_row(*cells, fmt_us(s.total_us), ", ".join(notes))
     return t
 
@@ -245,13 +248,18 @@ def render_programs(cost: Cost) -> RenderableType:
 def render_summary(run: Run) -> RenderableType:
     m = run.meta
     c = run.connections
+    server = run.server() if len(run.targets) <= 1 else None
     header = Text.assemble(
         ("acceptrace", "bold"),
-        f"  {_what(m)}  backend {m.backend}  {m.duration_s:.1f} s  kernel {m.kernel}",
+        f"  {_what(m)}"
+        + (f"  server {fmt_server(server.server, server.worker_class)}" if server else "")
+        + f"  backend {m.backend}  {m.duration_s:.1f} s  kernel {m.kernel}",
     )
+    keys = ("syn", "queued", "accepted", "read") + (
+        ("responded",) if c.get("responded") is not None else ())
     counts = Text(
         "connections: "
-        + "  ".join(f"{k} {fmt_count(c.get(k))}" for k in ("syn", "queued", "accepted", "read"))
+        + "  ".join(f"{k} {fmt_count(c.get(k))}" for k in keys)
         + (f"  syn_retried {fmt_count(c['syn_retried'])}" if c.get("syn_retried") is not None
            else "")
     )

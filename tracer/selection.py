@@ -142,15 +142,12 @@ def plan_backend(name: str, facts: kernel.KernelFacts, dispatch: bool,
                 prog_info=dict(facts.prog_info))
     refused: list[str] = []
 
-    def wanted(h: Hook) -> bool:
-        return h.when == "always" or (h.when == "dispatch" and dispatch)
-
     for h in hooks.rows(backend=name):
-        if h.when in ("busy", "unseen") or not wanted(h):
+        if h.when != "always":
             continue
         if h.replaced_by is not None:
             better = hooks.BY_NAME[h.replaced_by]
-            if name in better.backends and wanted(better) and unavailable(better, facts) is None:
+            if name in better.backends and unavailable(better, facts) is None:
                 continue
         why = unavailable(h, facts)
         if why is None and overrides.get(h.name, h.attach_type(name)) == ATTACH_OFF:

@@ -1,8 +1,15 @@
-"""Which processes serve a port, what they run, and where to hook ASGI dispatch.
+"""Which processes serve a port, which server they are, and where to hook ASGI dispatch.
 
 Processes: the port's listening sockets' inodes (/proc/net/tcp{,6}), found
 among /proc/PID/fd links ``socket:[INODE]`` -- every uvicorn worker shares
 the parent's socket, gunicorn --reuse-port workers have one each.
+
+Which server a process is (nginx, gunicorn and its worker class, uvicorn,
+hypercorn, granian, node, a Python socketserver, or unknown): ``recognise``,
+a pure function of what /proc says of it and of its parents (``ProcText``:
+comm, command line, executable, loaded files), read by ``read_proc``;
+``SERVER_FACTS`` holds each server's listen-backlog and worker options and
+their defaults (docs/servers.md cites the source of each).
 
 Dispatch hook: uvicorn's httptools parser (a Cython extension) calls
 ``cb_on_headers_complete`` when a request's headers are parsed; uvicorn then
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -173,3 +181,201 @@ def find_dispatch_symbol(path: str) -> DispatchTarget | None:
     except Exception:  # noqa: BLE001 - pyelftools raises its own ELFError on junk
         return None
     return None
+
+
+# -- which server a process is ----------------------------------------------------------
+
+# Every value of processes[].server (docs/schema.md).
+SERVER_NAMES = ("nginx", "gunicorn", "uvicorn", "hypercorn", "granian", "node",
+                "socketserver", "unknown")
+# Python servers named by their console script, `python -m NAME`, or comm.
+PYTHON_SERVERS = ("gunicorn", "uvicorn", "hypercorn", "granian")
+# `python -m MODULE` of the standard library's servers built on socketserver.
+SOCKETSERVER_MODULES = ("http.server", "socketserver", "xmlrpc.server")
+GRANIAN_SO_RE = re.compile(r"/granian/_granian[^/]*\.so$")
+# A child started by multiprocessing's spawn (uvicorn --workers, hypercorn): its
+# command line says nothing of the server; its parent does.
+SPAWN_MARKERS = ("--multiprocessing-fork", "from multiprocessing.spawn import spawn_main")
+PARENT_DEPTH = 4
+
+
+@dataclass(frozen=True)
+class ProcText:
+    """What /proc says of one process: the input of ``recognise``."""
+
+    pid: int
+    comm: str                      # /proc/PID/comm: the main thread's name
+    argv: tuple[str, ...]          # /proc/PID/cmdline split at NUL (a title written over
+    #                                it by nginx or setproctitle: one string)
+    exe: str = ""                  # readlink /proc/PID/exe ("" when unreadable)
+    ppid: int = 0
+    maps: tuple[str, ...] = ()     # the files it maps (/proc/PID/maps)
+    gunicorn_conf: bool = False    # its working directory holds gunicorn.conf.py
+
+
+@dataclass(frozen=True)
+class Server:
+    """A recognised server: one of SERVER_NAMES, and gunicorn's worker class when known."""
+
+    name: str
+    worker_class: str | None = None
+
+
+UNKNOWN = Server("unknown")
+
+
+def _module_or_script(argv: Sequence[str]) -> str | None:
+    """What a Python command line runs: the module of ``-m MODULE``, else the basename of
+    the script (argv[0] itself when a console script is exec'd through its #! line)."""
+    if not argv:
+        return None
+    first = os.path.basename(argv[0])
+    if not re.match(r"python[\d.]*$", first):
+        return first
+    i = 1
+    while i < len(argv):
+        a = argv[i]
+        if a == "-m" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("-m") and len(a) > 2:
+            return a[2:]
+        if a in ("-c",):
+            return None
+        if a in ("-W", "-X", "-Q"):
+            i += 2
+            continue
+        if a.startswith("-"):
+            i += 1
+            continue
+        return os.path.basename(a)
+    return None
+
+
+def gunicorn_worker_class(argv: Sequence[str], conf_file: bool = False) -> str | None:
+    """The worker class from gunicorn's command line (``-k``/``--worker-class``); its
+    default ``sync`` when neither the command line nor a config file (``-c``, or
+    gunicorn.conf.py in the working directory) may set it; None: not known."""
+    config = conf_file
+    for i, a in enumerate(argv):
+        if a in ("-k", "--worker-class") and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--worker-class="):
+            return a.split("=", 1)[1]
+        if a.startswith("-k") and len(a) > 2 and not a.startswith("--"):
+            return a[2:]
+        if a in ("-c", "--config") or a.startswith("--config="):
+            config = True
+    return None if config else "sync"
+
+
+def _by_itself(p: ProcText) -> Server | None:
+    """The server this process is from its own text; None: it does not say."""
+    exe = os.path.basename(p.exe.removesuffix(" (deleted)"))
+    title = " ".join(p.argv)   # a title written over argv (nginx, setproctitle) is one string
+    if exe == "nginx" or p.comm == "nginx" or title.startswith("nginx: "):
+        return Server("nginx")
+    if exe in ("node", "nodejs") or p.comm in ("node", "nodejs"):
+        return Server("node")
+    # setproctitle titles (gunicorn, granian) replace the command line and the comm
+    if title.startswith("gunicorn: ") or p.comm.startswith("gunicorn"):
+        if title.startswith("gunicorn: "):
+            return Server("gunicorn")  # the worker class is no longer visible
+        return Server("gunicorn", gunicorn_worker_class(p.argv, p.gunicorn_conf))
+    if title.startswith("granian ") or p.comm.startswith("granian") or \
+            any(GRANIAN_SO_RE.search(m) for m in p.maps):
+        return Server("granian")
+    what = _module_or_script(p.argv)
+    top = (what or "").split(".")[0].removesuffix(".py")
+    if top == "gunicorn" or (what or "").removesuffix(".py") == "gunicorn":
+        return Server("gunicorn", gunicorn_worker_class(p.argv, p.gunicorn_conf))
+    for name in PYTHON_SERVERS:
+        if (what or "").removesuffix(".py") == name or top == name or p.comm == name:
+            return Server(name)
+    if what in SOCKETSERVER_MODULES:
+        return Server("socketserver")
+    return None
+
+
+def recognise(p: ProcText, parents: Sequence[ProcText] = ()) -> Server:
+    """Which server process ``p`` is; ``parents``: its ancestors, nearest first (a
+    multiprocessing child -- uvicorn --workers, hypercorn -- is its parent's)."""
+    found = _by_itself(p)
+    if found is not None:
+        return found
+    if any(m in a for a in p.argv for m in SPAWN_MARKERS):
+        for parent in parents:
+            found = _by_itself(parent)
+            if found is not None:
+                return found
+            if not any(m in a for a in parent.argv for m in SPAWN_MARKERS):
+                break
+    return UNKNOWN
+
+
+def read_proc(pid: int, proc: Path = Path("/proc")) -> ProcText | None:
+    """What /proc says of ``pid`` (None: it is gone)."""
+    base = proc / str(pid)
+    try:
+        comm = (base / "comm").read_text().strip()
+        raw = (base / "cmdline").read_bytes()
+        status = (base / "status").read_text()
+    except OSError:
+        return None
+    argv = tuple(a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")) \
+        if raw else ()
+    m = re.search(r"^PPid:\s*(\d+)", status, re.M)
+    try:
+        exe = os.readlink(base / "exe")
+    except OSError:
+        exe = ""
+    conf = False
+    if "gunicorn" in comm or any("gunicorn" in a for a in argv[:3]):
+        conf = (base / "cwd" / "gunicorn.conf.py").exists()
+    return ProcText(pid=pid, comm=comm, argv=argv, exe=exe, ppid=int(m.group(1)) if m else 0,
+                    maps=tuple(mapped_files(pid, proc)), gunicorn_conf=conf)
+
+
+def identify(pid: int, proc: Path = Path("/proc")) -> tuple[str | None, Server]:
+    """The program (comm of the main thread; None if gone) and the server of ``pid``."""
+    me = read_proc(pid, proc)
+    if me is None:
+        return None, UNKNOWN
+    parents: list[ProcText] = []
+    if any(m in a for a in me.argv for m in SPAWN_MARKERS):
+        ppid = me.ppid
+        while ppid > 1 and len(parents) < PARENT_DEPTH:
+            parent = read_proc(ppid, proc)
+            if parent is None:
+                break
+            parents.append(parent)
+            ppid = parent.ppid
+    return me.comm or None, recognise(me, parents)
+
+
+# -- each server's own terms (docs/servers.md cites where each default comes from) -----
+
+@dataclass(frozen=True)
+class ServerFacts:
+    """How a server sets its listen backlog and its workers, with their defaults."""
+
+    backlog_option: str
+    backlog_default: int
+    workers_option: str
+    workers_default: str
+    backlog_note: str = ""
+
+
+SERVER_FACTS: dict[str, ServerFacts] = {
+    "nginx": ServerFacts("listen ... backlog=N", 511, "worker_processes",
+                         "1; auto: one per CPU, as Debian's nginx.conf sets"),
+    "gunicorn": ServerFacts("--backlog", 2048, "-w/--workers", "1, or $WEB_CONCURRENCY"),
+    "uvicorn": ServerFacts("--backlog", 2048, "--workers", "1, or $WEB_CONCURRENCY"),
+    "hypercorn": ServerFacts("--backlog", 100, "-w/--workers", "1"),
+    "granian": ServerFacts("--backlog", 1024, "--workers", "1",
+                           backlog_note="on each worker's own SO_REUSEPORT socket"),
+    "node": ServerFacts("server.listen(port, host, backlog)", 511,
+                        "the cluster module (one cluster.fork() per worker)", "none: one process"),
+    "socketserver": ServerFacts("request_queue_size (a class attribute)", 5,
+                                "ThreadingMixIn / ForkingMixIn (a thread or process per "
+                                "connection)", "one process, one connection at a time"),
+}

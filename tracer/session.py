@@ -19,16 +19,16 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
-from . import __version__, hooks, listeners, procnet
-from .backend import Backend, ConnRecord, KernelSnapshot, TargetSnapshot
+from . import __version__, hooks, listeners, procnet, servers
+from .backend import Backend, ConnRecord, KernelSnapshot, ProcSnapshot, TargetSnapshot
 from .bpfstats import ProgStats
 from .dispatch import DispatchTracker
 from .hist import Histogram
 from .layout import family_name
 from .model import (
     DISPATCH_STAGES,
+    RESPONSE_STAGES,
     STAGES,
     Cost,
     Interval,
@@ -58,15 +58,6 @@ NOTES_FIRST = 50          # the run's first notes (dispatch, setup) are kept ...
 NOTES_RECENT = 50         # ... and its latest (listeners found or gone)
 GONE_LISTENERS_KEPT = 16  # per target: older gone sockets are folded into one sum
 COMMS_KEPT = 4096         # process names remembered
-
-
-def program_name(pid: int) -> str | None:
-    """The process's own name (its main thread's comm): the kernel records the name of
-    the thread that called accept(), e.g. tokio-rt-worker for a Rust server."""
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip() or None
-    except OSError:
-        return None  # exited: the thread's name is all there is
 
 
 def us(ns: int | None) -> float | None:
@@ -106,6 +97,8 @@ def record_to_sample(r: ConnRecord) -> Sample:
         syn_to_dispatch_us=us(span(r.syn_ns, r.dispatch_ns)),
         dispatch_to_response_us=us(span(r.dispatch_ns, r.response_ns)),
         requests=r.requests if r.dispatch_ns else None,
+        read_to_response_us=us(span(r.first_read_ns, r.response_ns)),
+        syn_to_response_us=us(span(r.syn_ns, r.response_ns)),
         syn_retransmits=r.syn_retransmits,
         syn_retry_us=us(span(r.syn_ns, r.syn_ok_ns)) if r.syn_retransmits is not None else None,
     )
@@ -257,7 +250,8 @@ class Session:
         self.dispatch = (DispatchTracker(self.ports[0] if self.ports else 0, backend, clock)
                          if backend.dispatch else None)
         self._next_scan = 0.0
-        self._comms: dict[int, str | None] = {}
+        # pid -> its program and server, read from /proc when first seen accepting
+        self._procs: dict[int, tuple[str | None, servers.Server]] = {}
         self._notes_first: list[str] = []
         self._notes_recent: deque[str] = deque(maxlen=NOTES_RECENT)
         self._notes_left_out = 0
@@ -432,6 +426,9 @@ class Session:
             st.listeners, st.after = st.netns.read_together(self._dump_port(st))
             st.somaxconn = st.netns.somaxconn()
         self._discover()
+        for tsnap in snap.targets.values():
+            for p in tsnap.procs:
+                self._identify(p.pid)
         dur = now - self._prev_t
         # This interval's final-ACK overflows of each namespace's traced listeners.
         ack_by_ns: dict[int, int] = {}
@@ -471,6 +468,10 @@ class Session:
         for k, v in procnet.counter_deltas(st.before, st.after, KERNEL_COUNTERS).items():
             self._retired_counters[k] = self._retired_counters.get(k, 0) + v
         del self.spaces[ino]
+
+    def _responses_seen(self) -> bool:
+        """A hook sees the server's first write back (the response stages are not null)."""
+        return not set(RESPONSE_STAGES) & self.backend.missing_stages
 
     def _stages(self, dh: dict[str, Histogram]) -> dict[str, dict[str, object]]:
         dispatch_on = self.dispatch is not None and self.dispatch.available
@@ -534,6 +535,7 @@ class Session:
             synq_dropped=d("syn_dropped_synq_full") if self.backend.exact_drops else None,
             syncookies=d("syncookies"),
             syn_queue_depth_max=depth_max("syn_queue_depth"),
+            responded=d("responded") if self._responses_seen() else None,
             accept_queue_depth_now=(
                 sum(st.recv_q for st in t.drops.current.values()) if t.drops.current else None
             ),
@@ -567,12 +569,27 @@ class Session:
         return self.build_run()
 
     # -- the run --------------------------------------------------------------------
-    def _comm(self, pid: int, fallback: str) -> str:
-        if pid not in self._comms:
-            if len(self._comms) >= COMMS_KEPT:
-                self._comms.clear()  # pids come and go: start over rather than grow
-            self._comms[pid] = program_name(pid)
-        return self._comms[pid] or fallback
+    def _identify(self, pid: int) -> tuple[str | None, servers.Server]:
+        """The program (its main thread's comm: the kernel records the thread that called
+        accept(), e.g. tokio-rt-worker) and the server of ``pid``, read once, while it
+        runs; an exited process keeps the name the kernel gave."""
+        if pid not in self._procs:
+            if len(self._procs) >= COMMS_KEPT:
+                self._procs.clear()  # pids come and go: start over rather than grow
+            self._procs[pid] = servers.identify(pid)
+        return self._procs[pid]
+
+    def _comm(self, pid: int | None, fallback: str | None) -> str | None:
+        if pid is None:
+            return fallback
+        return self._identify(pid)[0] or fallback
+
+    def _process(self, p: ProcSnapshot) -> ProcessCount:
+        comm, server = self._identify(p.pid)
+        if comm is None:  # gone before it was read: not known (null), not "unknown"
+            return ProcessCount(pid=p.pid, comm=p.comm, accepted=p.accepted)
+        return ProcessCount(pid=p.pid, comm=comm, accepted=p.accepted,
+                            server=server.name, worker_class=server.worker_class)
 
     def _meta(self, port: int, st: _NsState | None) -> Meta:
         m = Meta(port=port, backend=self.backend.name)
@@ -641,6 +658,8 @@ class Session:
                 run.stages[name] = None
         for name in self.backend.missing_stages:
             run.stages[name] = None  # no hook on this kernel measures it
+        responding = self._responses_seen()
+        run.connections["responded"] = c.get("responded", 0) if responding else None
         run.connections["dispatched"] = c.get("dispatched", 0) if dispatch_on else None
         run.connections["requests"] = c.get("requests", 0) if dispatch_on else None
         run.queues.accept_queue_depth = snap.hists.get("accept_queue_depth")
@@ -650,12 +669,11 @@ class Session:
         backlogs = [lst.backlog for lst in run.queues.listeners if lst.backlog is not None]
         backlogs = backlogs or [ls.max_backlog for ls in snap.listeners]
         run.queues.backlog = min(backlogs) if backlogs else None
-        run.processes = sorted(
-            (ProcessCount(pid=p.pid, comm=self._comm(p.pid, p.comm), accepted=p.accepted)
-             for p in snap.procs),
-            key=lambda p: (-p.accepted, p.pid),
-        )
+        run.processes = sorted((self._process(p) for p in snap.procs),
+                               key=lambda p: (-p.accepted, p.pid))
         run.slowest = [record_to_sample(r) for r in t.slowest.records()]
+        for sample in run.slowest:
+            sample.comm = self._comm(sample.pid, sample.comm)
         run.recent = t.recent
         run.extra = {
             "accept_untracked": c.get("accept_untracked", 0) - c.get("accept_early", 0),
@@ -801,6 +819,8 @@ def _sum_intervals(ivs: list[tuple[Interval, dict[str, Histogram]]], t_s: float,
         if iv.accept_queue_depth_now is not None:
             now_depth = (now_depth or 0) + iv.accept_queue_depth_now
         total.dispatched = _add_opt(total.dispatched, iv.dispatched)
+        total.responded = (iv.responded if total.responded is None
+                           else _add_opt(total.responded, iv.responded))
         for name, h in dh.items():
             if name not in merged:
                 merged[name] = h
@@ -851,7 +871,8 @@ def _total(sections: list[Run], slowest_n: int) -> Run:
         for p in sec.processes:
             have = procs.get(p.pid)
             if have is None:
-                procs[p.pid] = ProcessCount(pid=p.pid, comm=p.comm, accepted=p.accepted)
+                procs[p.pid] = ProcessCount(pid=p.pid, comm=p.comm, accepted=p.accepted,
+                                            server=p.server, worker_class=p.worker_class)
             else:
                 have.accepted += p.accepted
     run.processes = sorted(procs.values(), key=lambda p: (-p.accepted, p.pid))

@@ -13,6 +13,9 @@ STAGE_MEANING = {
     "accept_queue": "queued → accept() (accept queue)",
     "syn_to_accept": "SYN → accept()",
     "accept_to_read": "accept() → first read",
+    "read_to_response": "first read → first byte written back (any server; keep-alive: "
+                        "the first request)",
+    "syn_to_response": "SYN → first byte written back",
     "accept_to_dispatch": "accept() → ASGI dispatch (headers parsed)",
     "read_to_dispatch": "first read → ASGI dispatch",
     "syn_to_dispatch": "SYN → ASGI dispatch",
@@ -30,7 +33,15 @@ COUNTER_FOR_DROP = {
     "listen_overflow": "TcpExtListenOverflows",
     "syncookies": "TcpExtSyncookiesSent",
 }
-SHORT_STAGE = {"accept_to_read": "read"}
+SHORT_STAGE = {"accept_to_read": "read", "read_to_response": "response"}
+
+
+def fmt_server(server: str | None, worker_class: str | None = None) -> str:
+    """A recognised server as the views name it: "nginx", "gunicorn (sync)"; "-" when
+    not known."""
+    if not server:
+        return "-"
+    return f"{server} ({worker_class})" if worker_class else server
 
 
 def fmt_us(v: float | None) -> str:

@@ -31,7 +31,7 @@ KERNEL2_PIN=6.12.117+deb12-amd64
 
 # Packages besides the kernels. No recommends are installed.
 PACKAGES="python3 python3-bpfcc bpfcc-tools bpftool iproute2 procps kmod python3-pip python3-setuptools
-python3-wheel python3-venv ca-certificates initramfs-tools zstd util-linux coreutils"
+python3-wheel python3-venv ca-certificates initramfs-tools zstd util-linux coreutils nginx-light"
 # Python packages from pyproject.toml not wanted in the guest (the linters).
 PY_EXCLUDE="ruff mypy"
 
