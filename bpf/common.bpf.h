@@ -286,8 +286,11 @@ static __always_inline void on_accepted(const void *sk)
 
 	if (!sk)
 		return;
-	slot = sk_target(sk, -1);
-	if (slot == AT_NO_SLOT)
+	key = (u64)sk;
+	c = conns.lookup(&key);
+	if (c && c->queued_ns && !c->accepted_ns)
+		slot = c->slot; /* followed since it was queued: its listener's slot */
+	else if ((slot = sk_target(sk, -1)) == AT_NO_SLOT)
 		return;
 	now = bpf_ktime_get_ns();
 	tgid = bpf_get_current_pid_tgid() >> 32;
@@ -304,8 +307,6 @@ static __always_inline void on_accepted(const void *sk)
 	if (p)
 		__sync_fetch_and_add(&p->accepted, 1);
 
-	key = (u64)sk;
-	c = conns.lookup(&key);
 	if (!c || !c->queued_ns || c->accepted_ns) {
 		/* Queued before we attached, or evicted from the LRU map. */
 		count(slot, AT_C_ACCEPT_UNTRACKED);

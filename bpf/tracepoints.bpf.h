@@ -25,12 +25,16 @@ static __always_inline int on_data_ready(const void *lsk)
 {
 	const void *req = NULL, *child = NULL;
 	u64 now, key, snt_us = 0;
-	u8 retrans = 0;
+	u8 retrans = 0, state = 0;
 	struct at_conn *c, zero = {};
 	u32 slot;
 
-	/* the port first: it fires for every socket that receives data */
-	slot = sk_target(lsk, AT_TCP_LISTEN);
+	/* It fires for every socket that receives data: the state first (one read
+	 * rejects the connections), then the port and namespace. */
+	READ_KERN(state, lsk + AT_OFF_SK_STATE);
+	if (state != AT_TCP_LISTEN)
+		return 0;
+	slot = sk_target(lsk, -1);
 	if (slot == AT_NO_SLOT)
 		return 0;
 	now = bpf_ktime_get_ns();

@@ -51,6 +51,11 @@ class FakeBackend:
     def poll(self, timeout_ms: int) -> list[ConnRecord]:
         return self.records.pop(0) if self.records else []
 
+    flying: list[ConnRecord] = []
+
+    def in_flight(self) -> list[ConnRecord]:
+        return list(self.flying)
+
     def set_sample_threshold(self, slot: int, total_ns: int) -> None:
         self.thresholds.append(total_ns)
 
@@ -550,3 +555,15 @@ def test_processes_are_their_program_and_server(monkeypatch):
     assert seen == [42]   # once per process
     d = run.to_json()["processes"][0]
     assert d["server"] == "granian" and d["worker_class"] is None
+
+
+def test_a_connection_still_open_at_the_end_is_among_the_slowest(monkeypatch):
+    """Accepted and read but never answered before the run ended: not sent by the kernel
+    (its story is still open), taken from the per-connection map at finish()."""
+    be = FakeBackend()
+    be.snaps = [snap(1, 1, 0, [50]), snap(1, 1, 0, [50])]
+    sess = make_session(monkeypatch, be, [0, 0, 0])
+    sess.tick()
+    be.flying = [rec(None, 1_000_000, 3_000_000, 3_500_000)]
+    run = sess.finish()
+    assert [s.accept_queue_us for s in run.slowest] == [2000.0]

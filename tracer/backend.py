@@ -128,6 +128,9 @@ class Backend(Protocol):
 
     def poll(self, timeout_ms: int) -> list[ConnRecord]: ...
 
+    def in_flight(self) -> list[ConnRecord]:
+        """Connections accepted but not sent yet (read once, when the run ends)."""
+
     def set_sample_threshold(self, slot: int, total_ns: int) -> None:
         """Send only connections of target ``slot`` slower than this from now on."""
 

@@ -305,35 +305,14 @@ class BccBackend:
     # -- ring buffer -------------------------------------------------------------
     def _on_sample(self, _ctx: Any, data: Any, _size: int) -> None:
         s = ct.cast(data, ct.POINTER(L.AtSample)).contents
-        c = s.conn
+        self._pending.append(_record(s.conn))
 
-        def ts(v: int) -> int | None:
-            return int(v) or None
-
-        syn_seen = bool(c.flags & L.CONN_SYN_SEEN)
-        self._pending.append(
-            ConnRecord(
-                family=int(c.family),
-                saddr=L.format_addr(c.family, bytes(c.saddr)),
-                sport=int(c.sport),
-                daddr=L.format_addr(c.family, bytes(c.daddr)),
-                dport=int(c.dport),
-                pid=int(c.pid) or None,
-                comm=c.comm.decode(errors="replace") or None,
-                syncookie=bool(c.syncookie),
-                synack_retransmits=int(c.synack_retrans),
-                syn_ns=ts(c.syn_ns),
-                queued_ns=ts(c.queued_ns),
-                accepted_ns=ts(c.accepted_ns),
-                first_read_ns=ts(c.first_read_ns),
-                dispatch_ns=ts(c.dispatch_ns),
-                response_ns=ts(c.response_ns),
-                requests=int(c.requests),
-                syn_ok_ns=ts(c.syn_ok_ns),
-                syn_retransmits=int(c.syn_retrans) if syn_seen else None,
-                slot=int(c.slot),
-            )
-        )
+    def in_flight(self) -> list[ConnRecord]:
+        """The connections accepted but not sent yet -- their story still open (no
+        response or close) when the run ended -- from the per-connection map, for the
+        session to keep those slow enough for its slowest list.  Read once, at the end."""
+        return [_record(c) for c in self.bpf["conns"].values()
+                if c.accepted_ns and c.queued_ns and not c.sampled]
 
     def poll(self, timeout_ms: int) -> list[ConnRecord]:
         self.bpf.ring_buffer_poll(timeout_ms)
@@ -515,6 +494,36 @@ def _program_label(fname: str, plan: Plan) -> str | None:
     if fname == "on_dispatch_uprobe":
         return "uprobe:dispatch"
     return None
+
+
+def _record(c: Any) -> ConnRecord:
+    """A ConnRecord from the kernel's struct at_conn (bpf/acceptrace.h)."""
+
+    def ts(v: int) -> int | None:
+        return int(v) or None
+
+    syn_seen = bool(c.flags & L.CONN_SYN_SEEN)
+    return ConnRecord(
+        family=int(c.family),
+        saddr=L.format_addr(c.family, bytes(c.saddr)),
+        sport=int(c.sport),
+        daddr=L.format_addr(c.family, bytes(c.daddr)),
+        dport=int(c.dport),
+        pid=int(c.pid) or None,
+        comm=c.comm.decode(errors="replace") or None,
+        syncookie=bool(c.syncookie),
+        synack_retransmits=int(c.synack_retrans),
+        syn_ns=ts(c.syn_ns),
+        queued_ns=ts(c.queued_ns),
+        accepted_ns=ts(c.accepted_ns),
+        first_read_ns=ts(c.first_read_ns),
+        dispatch_ns=ts(c.dispatch_ns),
+        response_ns=ts(c.response_ns),
+        requests=int(c.requests),
+        syn_ok_ns=ts(c.syn_ok_ns),
+        syn_retransmits=int(c.syn_retrans) if syn_seen else None,
+        slot=int(c.slot),
+    )
 
 
 def _first_line(exc: BaseException) -> str:

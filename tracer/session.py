@@ -564,7 +564,10 @@ class Session:
         return max(0, min(sk_drops - 2 * ack_overflow, overflows - ns_ack))
 
     def finish(self) -> Run:
-        """Read the kernel a last time (before the programs are detached) and build the run."""
+        """Read the kernel a last time (before the programs are detached) and build the run.
+        Connections still open then (accepted, no response or close yet) are offered to
+        the slowest list as they are: a slow one still waiting is the one to show."""
+        self.add_records(self.backend.in_flight())
         self.tick(record=self.clock() - self._prev_t > 0.05 or not self.intervals)
         return self.build_run()
 
