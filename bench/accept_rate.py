@@ -131,6 +131,11 @@ def stop_server(server: object) -> None:
         server.__exit__(None, None, None)  # type: ignore[attr-defined]
 
 
+def _median(xs: list[float | None]) -> float | None:
+    known = [x for x in xs if x is not None]
+    return statistics.median(known) if known else None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=6)
@@ -173,6 +178,11 @@ def main() -> int:
                 "accepted_seen": run["connections"]["accepted"],
                 "lost_events": run["drops"]["lost_events"],
                 "client_errors": base_err + traced_err,
+                # the kernel's own statistics of acceptrace's programs (the run's cost)
+                "kernel_ns_per_connection": (run.get("cost") or {}).get(
+                    "kernel_ns_per_connection"),
+                "events_per_connection": (run.get("cost") or {}).get("events_per_connection"),
+                "missed_runs": (run.get("cost") or {}).get("missed"),
             })
             print(json.dumps(rows[-1]), flush=True)
     finally:
@@ -188,6 +198,8 @@ def main() -> int:
         "throughput_loss_pct": round(100 * (1 - statistics.median(r["ratio"] for r in rows)), 2),
         "max_acceptrace_cpu_pct": max(r["acceptrace_cpu_pct"] for r in rows),
         "lost_events": sum(r["lost_events"] for r in rows),
+        "median_kernel_ns_per_connection": _median([r["kernel_ns_per_connection"] for r in rows]),
+        "median_events_per_connection": _median([r["events_per_connection"] for r in rows]),
         "rounds": rows,
     }
     print(json.dumps(summary, indent=2))
