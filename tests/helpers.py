@@ -28,10 +28,39 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120,
     )
 
 
-def bpf_prog_names() -> list[str]:
+def bpf_progs() -> list[dict]:
     out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
                          check=True).stdout
-    return [p.get("name", "") for p in json.loads(out or "[]")]
+    return list(json.loads(out or "[]"))
+
+
+def bpf_prog_names() -> list[str]:
+    return [p.get("name", "") for p in bpf_progs()]
+
+
+def held_by_other_tracers() -> set[int]:
+    """The ids of the BPF programs that other acceptrace processes running now hold (their
+    fds' fdinfo says prog_id) -- not this test's own children: a developer's run beside
+    the tests is not a leak of ours."""
+    ids: set[int] = set()
+    me = os.getpid()
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == me:
+            continue
+        try:
+            argv = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
+            if not any(a.endswith(b"acceptrace") for a in argv):
+                continue
+            ppid = int(open(f"/proc/{d}/stat").read().rpartition(")")[2].split()[1])
+            if ppid == me:
+                continue
+            for fd in os.listdir(f"/proc/{d}/fdinfo"):
+                for line in open(f"/proc/{d}/fdinfo/{fd}"):
+                    if line.startswith("prog_id:"):
+                        ids.add(int(line.split()[1]))
+        except OSError:
+            continue
+    return ids
 
 
 # BCC names (truncated to 15 characters by the kernel): the tracepoint programs,
@@ -41,7 +70,10 @@ OUR_PROGS = ("tracepoint__soc", "tracepoint__sys", "tracepoint__tcp", "tracepoin
 
 
 def ours_attached() -> int:
-    return sum(1 for n in bpf_prog_names() if n.startswith(OUR_PROGS))
+    """acceptrace's programs loaded now, but those another acceptrace process holds."""
+    others = held_by_other_tracers()
+    return sum(1 for p in bpf_progs()
+               if p.get("name", "").startswith(OUR_PROGS) and p.get("id") not in others)
 
 
 def listener(backlog: int, family: int = socket.AF_INET) -> socket.socket:
