@@ -219,3 +219,19 @@ def test_sockets_in_flight_sees_a_connection_until_it_is_closed():
         assert sockets_in_flight(port) == 0
     finally:
         srv.close()
+
+
+def test_a_guest_that_died_booting_is_told_from_one_that_failed_later(tmp_path):
+    """Only a kernel that panicked before the guest's init said anything is booted again
+    (a TCG fault at boot); a guest that ran tests and then died is a result as it is."""
+    run = _load("run")
+    console = tmp_path / "console.log"
+    console.write_text("[    5.66] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\n"
+                       "[    5.66] RIP: 0010:sched_clock_cpu+0x9/0x190\n"
+                       "[    5.67] Kernel panic - not syncing: Fatal exception in interrupt\n")
+    assert run._died_booting(tmp_path)
+    assert "sched_clock_cpu" in run._panic_line(console)
+    console.write_text("acceptrace-vm: 6.12: bcc: 0.26.0\n[  90.1] Kernel panic - not syncing\n")
+    assert not run._died_booting(tmp_path)
+    console.unlink()
+    assert not run._died_booting(tmp_path)

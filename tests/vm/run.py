@@ -348,25 +348,17 @@ def run_guest(label: str, backends: tuple[str, ...] | None = None,
     log(f"booting {release} (backends: {' '.join(backends) or 'none'}; "
         f"timeout {timeout:.0f} s; results in {results_dir})")
     t0 = time.monotonic()
-    with open(results_dir / "qemu.log", "wb") as qlog:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_die_with_parent)
-    timed_out = False
-    shown = 0
-    try:
-        while proc.poll() is None:
-            if time.monotonic() - t0 > timeout or CANCEL.is_set():
-                timed_out = True
-                break
-            if echo:
-                shown = _echo_console(results_dir / "console.log", shown, echo, label=label)
-            time.sleep(1)
-    finally:
-        if proc.poll() is None:
-            _kill(proc)
-        if echo:
-            _echo_console(results_dir / "console.log", shown, echo, final=True, label=label)
+    for attempt in range(1, BOOT_ATTEMPTS + 1):
+        proc, timed_out = _boot_and_wait(argv, results_dir, t0 + timeout, echo, label)
+        if timed_out or (results_dir / "done").exists() or not _died_booting(results_dir):
+            break
+        # The kernel died before the guest's init said a word: not acceptrace's doing
+        # (seen: an int3 Oops in sched_clock_cpu at 5 s, multi-threaded TCG running a
+        # stale translation of text the kernel live-patched at boot).  Boot again.
+        console = results_dir / "console.log"
+        console.rename(results_dir / f"console-boot{attempt}.log")
+        log(f"{release} guest died while booting (attempt {attempt} of {BOOT_ATTEMPTS}: "
+            f"{_panic_line(results_dir / f'console-boot{attempt}.log')}); booting again")
     elapsed = time.monotonic() - t0
     result = GuestResult(label, release, results_dir, elapsed, _timings(results_dir))
     for b in backends:
@@ -382,6 +374,52 @@ def run_guest(label: str, backends: tuple[str, ...] | None = None,
                             if (results_dir / "failed").exists() else ""), result)
     log(f"{release} guest done in {elapsed:.0f} s")
     return result
+
+
+BOOT_ATTEMPTS = 2
+
+
+def _boot_and_wait(argv: list[str], results_dir: Path, deadline: float, echo: str | None,
+                   label: str) -> tuple[subprocess.Popen, bool]:
+    """Run QEMU until it exits or ``deadline``; (the process, whether it timed out)."""
+    with open(results_dir / "qemu.log", "wb") as qlog:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qlog,
+                                stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+    timed_out = False
+    shown = 0
+    try:
+        while proc.poll() is None:
+            if time.monotonic() > deadline or CANCEL.is_set():
+                timed_out = True
+                break
+            if echo:
+                shown = _echo_console(results_dir / "console.log", shown, echo, label=label)
+            time.sleep(1)
+    finally:
+        if proc.poll() is None:
+            _kill(proc)
+        if echo:
+            _echo_console(results_dir / "console.log", shown, echo, final=True, label=label)
+    return proc, timed_out
+
+
+def _died_booting(results_dir: Path) -> bool:
+    """The guest kernel panicked before its init printed anything (no test ran)."""
+    try:
+        text = (results_dir / "console.log").read_text(errors="replace")
+    except OSError:
+        return False
+    return "Kernel panic" in text and "acceptrace-vm:" not in text
+
+
+def _panic_line(console: Path) -> str:
+    try:
+        lines = console.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no console"
+    found = [ln.strip() for ln in lines if "Oops" in ln or "Kernel panic" in ln or "RIP:" in ln]
+    return "; ".join(found[:3]) or "no panic line"
 
 
 _PRCTL: Callable[..., int] | None
