@@ -268,7 +268,8 @@ def test_prometheus_scrapes_the_exporter(tmp_path):
                     finish(clients(ns, SEQ_CLIENTS, delay_port, n_delay2), n_delay2)
                     # 2. the other port overflows: its server accepts nothing for 1.5 s
                     load = clients(ns, CLIENTS, ovf_port, n_ovf)
-                    time.sleep(1.5)
+                    assert wait_until(lambda: ns_netstat(ns)["TcpExtListenOverflows"]
+                                      > before["TcpExtListenOverflows"], 30, 0.2)
                     assert ovf.stdin is not None
                     ovf.stdin.write("go\n")
                     ovf.stdin.flush()

@@ -124,7 +124,10 @@ def test_every_listener_ranked_and_a_new_one_picked_up(tracer):
                 hot_clients = subprocess.Popen(
                     in_ns(ns, sys.executable, "-c", CLIENTS, str(hot), str(n_hot)),
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                time.sleep(1.5)  # the queue is full and dropping
+                # the queue is full and dropping (wait for the kernel to say so: on a slow
+                # guest the clients take seconds to start)
+                assert wait_until(lambda: ns_netstat(ns)["TcpExtListenOverflows"]
+                                  > before["TcpExtListenOverflows"], timeout=30, step=0.2)
                 gate = procs[1].stdin
                 assert gate is not None
                 gate.write("go\n")

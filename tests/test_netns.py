@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import pytest
 from acceptrace.demo import free_port
 from acceptrace.procnet import parse_netstat
-from conftest import assert_count, assert_listen_overflow, scaled
+from conftest import assert_count, assert_listen_overflow, scaled, wait_until
 from helpers import run_cli
 
 pytestmark = pytest.mark.root
@@ -115,7 +115,11 @@ def test_namespace_counts_only_its_own_connections(tracer, how):
                 clients = subprocess.Popen(in_ns(ns, sys.executable, "-c", CLIENTS, str(port),
                                                  str(n_ns)), stdout=subprocess.PIPE,
                                            stderr=subprocess.PIPE, text=True)
-                time.sleep(1.5)  # the namespace's queue is full and dropping
+                # the namespace's queue is full and dropping (on a slow guest the clients
+                # may take seconds to start: wait for the kernel to say so, not a fixed time)
+                assert wait_until(lambda: ns_netstat(ns)["TcpExtListenOverflows"]
+                                  > before["TcpExtListenOverflows"], timeout=30,
+                                  step=0.2), "the namespace's listener never overflowed"
                 assert server.stdin is not None
                 server.stdin.write("go\n")
                 server.stdin.flush()

@@ -33,7 +33,7 @@ from acceptrace.diagnose import diagnose
 from acceptrace.model import Run
 from acceptrace.netns import open_netns
 from acceptrace.servers import identify, pids_with_sockets
-from conftest import assert_listen_overflow, assert_stage_counts, scaled
+from conftest import assert_listen_overflow, assert_stage_counts, scaled, wait_until
 from test_netns import in_ns, network_namespace, ns_netstat
 
 pytestmark = pytest.mark.root
@@ -379,7 +379,9 @@ def test_overflow_advice_names_the_servers_backlog_option(tracer, tmp_path, serv
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 os.kill(workers[0], signal.SIGSTOP)
                 try:
-                    time.sleep(1.5)   # the queue is full and SYNs are dropped
+                    # the queue is full and SYNs are dropped (the kernel says when)
+                    assert wait_until(lambda: ns_netstat(ns)["TcpExtListenOverflows"]
+                                      > before["TcpExtListenOverflows"], 30, 0.2)
                 finally:
                     os.kill(workers[0], signal.SIGCONT)
                 out, errs = clients.communicate(timeout=scaled(120))

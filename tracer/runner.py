@@ -301,8 +301,11 @@ def _trace(
                       find_namespaces=finder.find if finder is not None else None,
                       gone_namespaces=finder.take_gone if finder is not None else None)
     run: Run | None = None
-    try:
-        with handle_signals(stop):
+    # Signals are caught until the report is written: a second Ctrl-C (or a SIGTERM)
+    # while the programs are detached -- seconds on a slow machine -- must neither
+    # abort the detach half-way nor lose the report.
+    with handle_signals(stop):
+        try:
             session.start()
             clock.step("snapshot")
             # Attach the dispatch uprobes before saying we are tracing.
@@ -325,18 +328,18 @@ def _trace(
             else:
                 _loop(session, opts, out, err, stop, listening)
             run = session.finish()
-    finally:
-        if run is None:
-            # An error in the loop: keep what was measured, then re-raise.
-            try:
-                run = session.finish()
-                if opts.json_path:
-                    write_report(run, opts.json_path)
-            except Exception:  # noqa: BLE001 - the original error matters more
-                pass
-        backend.close()
-    if opts.json_path:
-        write_report(run, opts.json_path)
+        finally:
+            if run is None:
+                # An error in the loop: keep what was measured, then re-raise.
+                try:
+                    run = session.finish()
+                    if opts.json_path:
+                        write_report(run, opts.json_path)
+                except Exception:  # noqa: BLE001 - the original error matters more
+                    pass
+            backend.close()
+        if opts.json_path:
+            write_report(run, opts.json_path)
     out.print(render_summary(run))
     if opts.json_path:
         err.print(f"acceptrace: report written to {opts.json_path}")
@@ -723,9 +726,10 @@ def _export(
                     err.print(f"acceptrace: warning: {msg}", style="yellow")
 
     run: Run | None = None
-    serving: threading.Thread | None = None
-    try:
-        with handle_signals(stop):
+    # Signals are caught until the final state is written (see trace()).
+    with handle_signals(stop):
+        serving: threading.Thread | None = None
+        try:
             session.start()
             for msg in session.scan_servers():
                 err.print(f"acceptrace: {msg}")
@@ -763,18 +767,18 @@ def _export(
                                                                // t.interval_s) + 1)
             run = session.finish()
             refresh()
-    finally:
-        state.close()
-        if httpd is not None and serving is not None:
-            httpd.shutdown()
-        if run is None:
-            try:
-                run = session.finish()
-            except Exception:  # noqa: BLE001 - the original error matters more
-                pass
-        backend.close()
-    if t.json_path is not None:
-        write_report(run, t.json_path)
-        err.print(f"acceptrace: final state written to {t.json_path}")
+        finally:
+            state.close()
+            if httpd is not None and serving is not None:
+                httpd.shutdown()
+            if run is None:
+                try:
+                    run = session.finish()
+                except Exception:  # noqa: BLE001 - the original error matters more
+                    pass
+            backend.close()
+        if t.json_path is not None:
+            write_report(run, t.json_path)
+            err.print(f"acceptrace: final state written to {t.json_path}")
     err.print("acceptrace: exporter stopped")
     return run
