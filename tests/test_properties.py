@@ -368,3 +368,36 @@ def test_a_real_report_with_values_replaced_reads_or_is_refused(changes):
     to_text(render_compare(run, run), 120)
     render_html(run)
     assert Run.loads(run.dumps()).to_json() == run.to_json()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(intervals, min_size=1, max_size=40))
+def test_halving_intervals_keeps_every_count(ivs):
+    """A long run's intervals merged pairwise (MAX_INTERVALS): the counts and the time
+    covered are the same, maxima too, and each merged p50/p99 bounds both halves'."""
+    from acceptrace.model import halve_intervals
+
+    half = halve_intervals(ivs)
+    assert len(half) == (len(ivs) + 1) // 2
+    for key in ("queued", "accepted", "read", "synack_retransmits", "syncookies"):
+        assert sum(getattr(i, key) for i in half) == sum(getattr(i, key) for i in ivs)
+    for key in ("listen_overflow", "syn", "syn_dropped", "dispatched", "synq_dropped"):
+        assert (sum(getattr(i, key) or 0 for i in half)
+                == sum(getattr(i, key) or 0 for i in ivs))
+    assert math.isclose(sum(i.duration_s for i in half), sum(i.duration_s for i in ivs),
+                        abs_tol=0.001 * len(ivs))
+    assert [i.t_s for i in half] == [b.t_s for b in ivs[1::2]] + (
+        [ivs[-1].t_s] if len(ivs) % 2 else [])
+    depth = [i.accept_queue_depth_max for i in ivs if i.accept_queue_depth_max is not None]
+    assert max((i.accept_queue_depth_max or 0 for i in half), default=0) == max(depth,
+                                                                                  default=0)
+    for n, merged in enumerate(half):
+        for part in ivs[2 * n:2 * n + 2]:
+            for name, st_ in part.stages.items():
+                for q in ("p50", "p99"):
+                    if st_[q] is not None:
+                        assert merged.stages[name][q] >= st_[q]
+    # and it reads back: a halved run is a valid report
+    run = Run.new(8000, "tracepoint")
+    run.intervals = half
+    assert Run.loads(run.dumps()).to_json() == run.to_json()

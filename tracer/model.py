@@ -334,6 +334,54 @@ class Interval:
     dispatched: int | None = None
     synq_dropped: int | None = None            # SYN queue full, no syncookies (fentry/kprobe)
 
+    def then(self, later: Interval) -> Interval:
+        """This interval and the ``later`` one after it as one: counts added exactly,
+        maxima the larger, the depth now the later one's, and each stage's p50/p99 the
+        larger of the two -- an upper bound of the pair's (at least half of each is at
+        or below its own p50, so at least half of both is at or below the larger)."""
+        def add(a: int | None, b: int | None) -> int | None:
+            return None if a is None and b is None else (a or 0) + (b or 0)
+
+        def top(a: Any, b: Any) -> Any:
+            return b if a is None else a if b is None else max(a, b)
+
+        stages: dict[str, dict[str, Any]] = {}
+        for name in list(self.stages) + [n for n in later.stages if n not in self.stages]:
+            a, b = self.stages.get(name, {}), later.stages.get(name, {})
+            stages[name] = {"count": (a.get("count") or 0) + (b.get("count") or 0),
+                            "p50": top(a.get("p50"), b.get("p50")),
+                            "p99": top(a.get("p99"), b.get("p99"))}
+        return Interval(
+            t_s=later.t_s, duration_s=round(self.duration_s + later.duration_s, 3),
+            queued=self.queued + later.queued, accepted=self.accepted + later.accepted,
+            read=self.read + later.read,
+            listen_overflow=add(self.listen_overflow, later.listen_overflow),
+            synack_retransmits=self.synack_retransmits + later.synack_retransmits,
+            accept_queue_depth_max=top(self.accept_queue_depth_max,
+                                       later.accept_queue_depth_max),
+            stages=stages, syn=add(self.syn, later.syn),
+            syn_dropped=add(self.syn_dropped, later.syn_dropped),
+            syncookies=self.syncookies + later.syncookies,
+            syn_queue_depth_max=top(self.syn_queue_depth_max, later.syn_queue_depth_max),
+            accept_queue_depth_now=later.accept_queue_depth_now,
+            dispatched=add(self.dispatched, later.dispatched),
+            synq_dropped=add(self.synq_dropped, later.synq_dropped),
+        )
+
+
+# A run keeps at most this many intervals: beyond, each two neighbours are merged into
+# one (Interval.then), so a run of days keeps a bounded report and memory, with the
+# older intervals coarser (docs/schema.md, "intervals").
+MAX_INTERVALS = 4096
+
+
+def halve_intervals(ivs: list[Interval]) -> list[Interval]:
+    """Each two neighbours as one (an odd last one stays as it is)."""
+    out = [a.then(b) for a, b in zip(ivs[0::2], ivs[1::2])]
+    if len(ivs) % 2:
+        out.append(ivs[-1])
+    return out
+
 
 
 @dataclass

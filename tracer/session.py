@@ -29,6 +29,7 @@ from .hist import Histogram
 from .layout import family_name
 from .model import (
     DISPATCH_STAGES,
+    MAX_INTERVALS,
     STAGES,
     Cost,
     Interval,
@@ -38,6 +39,7 @@ from .model import (
     ProgramCost,
     Run,
     Sample,
+    halve_intervals,
 )
 from .netns import NetNamespace
 
@@ -457,6 +459,8 @@ class Session:
         total = _sum_intervals(ivs, round(now - self.t0, 3), round(dur, 3))
         if record:
             self.intervals.append(total)
+            if len(self.intervals) > MAX_INTERVALS:  # bounded over days: older ones coarser
+                self.intervals = halve_intervals(self.intervals)
         self._prev_t, self.last = now, snap
         return total
 
