@@ -372,7 +372,7 @@ class Interval:
 # A run keeps at most this many intervals: beyond, each two neighbours are merged into
 # one (Interval.then), so a run of days keeps a bounded report and memory, with the
 # older intervals coarser (docs/schema.md, "intervals").
-MAX_INTERVALS = 4096
+MAX_INTERVALS = 1024
 
 
 def halve_intervals(ivs: list[Interval]) -> list[Interval]:
