@@ -104,7 +104,8 @@ sys.stdin.read()
 # Raw SYNs from CLIENT_IP (whose SYN-ACKs nobody answers), paced, each from a new port.
 SYN_FLOOD = r"""
 import random, socket, struct, sys, time
-src, dst, dport, rate, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+src, dst = sys.argv[1], sys.argv[2]
+dport, rate, seconds = int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
 def csum(b):
     if len(b) % 2: b += b"\0"
     s = sum(struct.unpack(f"!{len(b)//2}H", b))
@@ -112,10 +113,12 @@ def csum(b):
     return ~s & 0xFFFF
 def syn(sport):
     opts = struct.pack("!BBH", 2, 4, 1460)
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, random.getrandbits(32), 0, 6 << 4, 0x02, 64240, 0, 0) + opts
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, random.getrandbits(32), 0, 6 << 4, 0x02,
+                      64240, 0, 0) + opts
     pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
     tcp = tcp[:16] + struct.pack("!H", csum(pseudo + tcp)) + tcp[18:]
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0, 64, 6, 0, socket.inet_aton(src), socket.inet_aton(dst))
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0, 64, 6, 0, socket.inet_aton(src),
+                     socket.inet_aton(dst))
     return ip + tcp
 raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
 t0 = time.monotonic(); n = 0; sport = 1024
@@ -437,7 +440,8 @@ class Soak:
             "queued": [run["connections"]["queued"], kernel["TcpPassiveOpens"],
                        short_by("queued")],
             "listen_overflow": [run["drops"]["listen_overflow"],
-                                kernel["TcpExtListenOverflows"], short_by("listen_overflow", "ack_dropped_acceptq_full")],
+                                kernel["TcpExtListenOverflows"],
+                                short_by("listen_overflow", "ack_dropped_acceptq_full")],
             # SYN-ACK retransmits; the namespace's TCPSynRetrans also counts clients'
             # SYN retransmits, which only a dropped SYN causes (ListenOverflows 0)
             "synack_retransmits": [synack, kernel["TcpExtTCPSynRetrans"],
