@@ -282,7 +282,7 @@ def runs(draw: st.DrawFn) -> Run:
     return run
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(runs())
 def test_run_json_round_trip(run):
     """to_json -> JSON text -> from_json -> to_json is the identity."""
@@ -342,7 +342,7 @@ def _paths(d: object, prefix: tuple = ()) -> list[tuple]:
 FIXTURE_PATHS = _paths(FIXTURE_JSON)[1:]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(FIXTURE_PATHS), json_values | st.just("DELETE")),
                 min_size=1, max_size=3))
 def test_a_real_report_with_values_replaced_reads_or_is_refused(changes):

@@ -453,7 +453,8 @@ class Cost:
 
     def to_json(self) -> dict:
         def r(x: float | None, n: int = 3) -> float | None:
-            return None if x is None else round(x, n)
+            # a rate over a vanishing time is not a figure (and Infinity is not JSON)
+            return None if x is None or not math.isfinite(x) else round(x, n)
 
         kcpu = self.per_second(self.kernel_ns / 1e6) if self.stats else None
         return {
