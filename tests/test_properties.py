@@ -185,6 +185,7 @@ def test_histogram_json_round_trip(vs):
     assert Histogram.from_json(json.loads(text)).to_json() == d
 
 
+@settings(max_examples=30)
 @given(st.lists(st.integers(min_value=0, max_value=1000), min_size=NBUCKETS,
                 max_size=NBUCKETS), st.integers(min_value=0, max_value=1 << 40),
        st.integers(min_value=0, max_value=1 << 40), st.integers(min_value=0, max_value=1 << 40))

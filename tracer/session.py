@@ -662,7 +662,8 @@ class Session:
         run.slowest = [record_to_sample(r) for r in t.slowest.records()]
         run.recent = t.recent
         run.extra = {
-            "accept_untracked": c.get("accept_untracked", 0) - c.get("accept_early", 0),
+            # (>= 0: the two are counted in that order, but read from per-CPU values)
+            "accept_untracked": max(0, c.get("accept_untracked", 0) - c.get("accept_early", 0)),
             "queue_missed": c.get("queue_missed", 0),
             "listener_sk_drops": sk_drops,
             # SYNs that reached tcp_conn_request (fentry/kprobe): retransmits included
