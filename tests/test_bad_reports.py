@@ -200,3 +200,18 @@ def test_unknown_fields_of_a_later_version_are_ignored():
     d["queues"]["listeners"][0]["future"] = True
     run = Run.from_json(d)
     assert run.connections == GOOD["connections"]
+
+
+def test_every_field_the_reader_builds_has_a_check():
+    """A field added with a type the reader has no check for would be a TypeError
+    (a traceback) on every report: caught here instead."""
+    from dataclasses import fields
+
+    from acceptrace import model
+
+    for cls in (model.Meta, model.Listener, model.ProcessCount, model.Sample, model.Interval,
+                model.ProgramCost, model.Cost):
+        for f in fields(cls):
+            if (cls, f.name) == (model.Cost, "programs"):
+                continue  # read item by item as ProgramCost
+            assert str(f.type) in model._CHECKS, (cls.__name__, f.name, f.type)
