@@ -453,7 +453,11 @@ class Soak:
             "maps_end": {k: v["entries"] for k, v in last["maps"].items()},
             "missed": missed,
         }
-        ok = (rc == 0 and checks["lost_events"] == 0
+        full = {name: n for name, n in checks["maps_max"].items()
+                if secs and n >= secs[-1]["maps"][name]["max_entries"]}
+        checks["maps_full"] = full
+        ok = (rc == 0 and checks["lost_events"] == 0 and not full
+              and (checks["rss_growth_kib"] or 0) <= self.args.max_rss_growth_mib * 1024
               and all(ours is not None and kern - slack <= ours <= kern
                       for ours, kern, slack in (checks[k] for k in (
                           "accepted", "queued", "listen_overflow", "synack_retransmits"))))
@@ -491,7 +495,10 @@ def summary(v: dict[str, Any]) -> str:
         lines.append(f"  {k}: acceptrace {ours}, kernel {kern}"
                      + (f" (at most {slack} short: runs the kernel skipped)" if slack else ""))
     lines.append("  maps (max entries over the samples): "
-                 + ", ".join(f"{k} {n}" for k, n in sorted(c["maps_max"].items())))
+                 + ", ".join(f"{k} {n}" for k, n in sorted(c["maps_max"].items()))
+                 + (f"; FULL: {c['maps_full']}" if c["maps_full"] else ""))
+    lines.append("  RSS per sample (MiB): " + " ".join(
+        f"{x['VmRSS'] / 1024:.1f}" for x in s))
     cost = v.get("cost") or {}
     lines.append(f"  cost: {cost.get('kernel_ns_per_connection')} ns in the kernel per "
                  f"connection, {cost.get('kernel_cpu_pct')} % of a CPU in the kernel, "
@@ -516,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-s", type=float, default=60.0, help="seconds between samples")
     ap.add_argument("--interval", type=float, default=1.0, help="acceptrace --interval")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--max-rss-growth-mib", type=float, default=8.0,
+                    help="RSS growth after the first sample that still counts as flat")
     ap.add_argument("--out", type=Path, help="write every sample and the verdict here (JSON)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
