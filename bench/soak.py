@@ -530,6 +530,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("soak: needs root (BPF, network namespaces)", file=sys.stderr)
         return 2
+    # SIGTERM (a test's timeout) unwinds like Ctrl-C: the namespace, the server, the
+    # clients and acceptrace are removed on the way out
+    signal.signal(signal.SIGTERM, lambda _s, _f: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="acceptrace-soak-") as tmp, namespace() as ns:
         soak = Soak(args, ns, Path(tmp))
         try:

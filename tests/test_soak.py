@@ -21,10 +21,21 @@ SOAK = Path(__file__).resolve().parent.parent / "bench" / "soak.py"
 
 def test_three_minute_soak(tmp_path):
     out = tmp_path / "soak.json"
-    res = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, str(SOAK), "--minutes", "2", "--synq-minutes", "1", "--rate", "500",
          "--synq-rate", "200", "--sample-s", "30", "--out", str(out), *backend_args()],
-        capture_output=True, text=True, timeout=scaled(600))
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=scaled(600))
+    finally:
+        if proc.poll() is None:  # SIGTERM first: the soak removes its namespace and all
+            proc.terminate()
+            try:
+                proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     assert out.exists(), res.stdout + res.stderr
     v = json.loads(out.read_text())
     c = v["checks"]
