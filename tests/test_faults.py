@@ -213,7 +213,7 @@ def test_server_killed_and_restarted_mid_run(tracer):
         try:
             with uvicorn_in(ns, port) as second:
                 pid2 = second.pid
-                time.sleep(2.5)  # acceptrace rescans the servers every 2 s (dispatch uprobe)
+                time.sleep(4.0)  # acceptrace rescans the servers every 2 s (dispatch uprobe)
                 assert load_in(ns, port, n2) == n2
                 time.sleep(1.0)
                 k2 = ns_netstat(ns)
