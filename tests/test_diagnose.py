@@ -222,3 +222,14 @@ def test_skipped_runs_are_named_with_what_they_feed():
     assert "sys_exit_accept4" not in f.text   # not counted there: not claimed as 0 or N
     run.cost.programs[0].missed = 0
     assert "missed_runs" not in rules(run)
+
+
+def test_untracked_accepts_are_said_beside_a_healthy_run():
+    run = base_run()
+    run.extra["accept_untracked"] = 236
+    fs = diagnose(run)
+    assert [f.rule for f in fs] == ["healthy", "accept_untracked"]
+    assert fs[1].text.startswith("236 accepted connections have no queue time")
+    assert "evicted" in fs[1].text and "accept_queue timed 100 of 100" in fs[1].text
+    run.extra["accept_untracked"] = 0
+    assert rules(run) == {"healthy"}

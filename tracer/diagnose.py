@@ -247,4 +247,15 @@ def diagnose(run: Run) -> list[Finding]:
             f"no accept-path problem seen: {accepted:,} connections, no overflow, "
             + (f"p99 accept-queue wait {fmt_us(aq99)}." if aq99 is not None else
                "nothing queued for long.")))
+    untracked = run.extra.get("accept_untracked")
+    if untracked:
+        timed = run.stages.get("accept_queue")
+        out.append(Finding(
+            "accept_untracked", "info",
+            f"{untracked:,} accepted connections have no queue time: they were queued before "
+            "the run began, or more connections were waiting at once than the per-connection "
+            "map holds and the oldest were evicted from it. They are counted in accepted and "
+            "read (each once), not in the queue stages"
+            + (f" (accept_queue timed {timed.count:,} of {accepted:,})" if timed is not None
+               else "") + "."))
     return out

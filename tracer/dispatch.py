@@ -7,6 +7,7 @@ over servers.py (/proc) and the Backend protocol.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
@@ -33,7 +34,10 @@ class DispatchTracker:
         self._inodes: set[int] = set()
         self._next_full = 0.0
         self.infos: dict[int, servers.ServerInfo] = {}
-        self.tried_paths: set[str] = set()
+        # the parser files tried, by identity: a uprobe is on an inode, whatever path
+        # reaches it (a server restarted in its own mount namespace maps the same file
+        # as /proc/<new pid>/root/...: a second uprobe there counted each request twice)
+        self.tried: set[tuple[int, int] | str] = set()
         self.messages: list[str] = []
         self._said: set[str] = set()
 
@@ -70,8 +74,8 @@ class DispatchTracker:
             if pid in self.infos:
                 continue
             info = self.infos[pid] = servers.inspect(pid)
-            if info.parser_path and info.parser_path not in self.tried_paths:
-                self.tried_paths.add(info.parser_path)
+            if info.parser_path and file_key(info.parser_path) not in self.tried:
+                self.tried.add(file_key(info.parser_path))
                 target = servers.find_dispatch_symbol(info.parser_path)
                 if target is None:
                     self._say(info.parser_path, "dispatch: not available — no usable symbol in "
@@ -92,3 +96,12 @@ class DispatchTracker:
     def take_messages(self) -> list[str]:
         out, self.messages = self.messages, []
         return out
+
+
+def file_key(path: str) -> tuple[int, int] | str:
+    """A file's identity (device, inode); its path when it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return path
+    return (st.st_dev, st.st_ino)

@@ -18,7 +18,8 @@ Percentiles use **upper-bound semantics**: the ``q`` percentile is the upper
 bound ``hi`` of the bucket holding the ``ceil(q * count)``-th smallest value,
 but never more than the exact maximum.  "p99 = 840 us" thus means: at least
 99 % of the values were below 840 us (and the bound is at most one bucket,
-6.25 %, above the true percentile).  See docs/histograms.md.
+6.25 %, above the true percentile).  In the last bucket, which also holds the
+clamped values, it is the maximum.  See docs/histograms.md.
 """
 
 from __future__ import annotations
@@ -93,9 +94,22 @@ class Histogram:
         """
         if len(buckets) != NBUCKETS:
             raise ValueError(f"expected {NBUCKETS} buckets, got {len(buckets)}")
-        h = cls(unit, [int(b) for b in buckets], int(count), sum_raw / scale)
+        # The count is the buckets' sum: a program on another CPU may be between its
+        # bucket increment and its count increment while userspace reads (per-CPU
+        # values are read without a lock), and a histogram must add up.
+        counts = [int(b) for b in buckets]
+        count = sum(counts)
+        h = cls(unit, counts, count, sum_raw / scale)
         if count:
+            nz = [i for i, c in enumerate(counts) if c]
             h.min, h.max = min_raw / scale, max_raw / scale
+            # ... and a new min or max may be in its bucket before it is in min/max:
+            # then the bucket's bound is what is known (hi for max: percentiles are
+            # upper bounds capped at max)
+            if not bucket_bounds(nz[0])[0] <= h.min <= bucket_bounds(nz[0])[1]:
+                h.min = float(bucket_bounds(nz[0])[0])
+            if not bucket_bounds(nz[-1])[0] <= h.max <= _top(nz[-1]):
+                h.max = float(bucket_bounds(nz[-1])[1])
         return h
 
     def add(self, value: float) -> None:
@@ -131,7 +145,7 @@ class Histogram:
         out = Histogram(self.unit, counts, self.count - prev.count, self.sum - prev.sum)
         nz = [i for i, c in enumerate(counts) if c > 0]
         if nz and out.count > 0:
-            lo, hi = bucket_bounds(nz[0])[0], bucket_bounds(nz[-1])[1]
+            lo, hi = bucket_bounds(nz[0])[0], _top(nz[-1])
             out.min = max(lo, self.min) if self.min is not None else lo
             out.max = min(hi, self.max) if self.max is not None else hi
         return out
@@ -149,6 +163,8 @@ class Histogram:
             seen += c
             if seen >= rank:
                 hi = float(bucket_bounds(i)[1])
+                if i == NBUCKETS - 1 and self.max is not None:
+                    return self.max  # the last bucket also holds the clamped values
                 return min(hi, self.max) if self.max is not None else hi
         return self.max
 
@@ -156,12 +172,14 @@ class Histogram:
         return [(*bucket_bounds(i), c) for i, c in enumerate(self.counts) if c]
 
     def to_json(self) -> dict:
+        # the mean of the sum as written: a histogram read back writes the same mean
+        total = _num(self.sum)
         d: dict = {
             "unit": self.unit,
             "count": self.count,
             "min": _num(self.min),
             "max": _num(self.max),
-            "mean": _num(self.mean),
+            "mean": _num(total / self.count) if self.count and total is not None else None,
         }
         for name, q in PERCENTILES:
             d[name] = _num(self.percentile(q))
@@ -171,19 +189,69 @@ class Histogram:
 
     @classmethod
     def from_json(cls, d: dict) -> Histogram:
+        """A histogram as to_json wrote it; ValueError unless every bucket is one of ours
+        (``lo``/``hi`` bounds of a bucket, listed once), the counts add up to ``count``,
+        and ``min <= max`` are finite and inside the first and last non-empty buckets."""
         try:
-            h = cls(str(d["unit"]))
-            for b in d["buckets"]:
-                h.counts[bucket_index(int(b["lo"]))] += int(b["count"])
-            h.count = int(d["count"])
-            h.min = None if d.get("min") is None else float(d["min"])
-            h.max = None if d.get("max") is None else float(d["max"])
-            if "sum" in d and d["sum"] is not None:
-                h.sum = float(d["sum"])
+            unit = d["unit"]
+            if not isinstance(unit, str) or len(unit) > 64:
+                raise ValueError("unit must be a short string")
+            h = cls(unit)
+            buckets = d["buckets"]
+            if not isinstance(buckets, list) or len(buckets) > NBUCKETS:
+                raise ValueError(f"buckets must be a list of at most {NBUCKETS}")
+            for b in buckets:
+                lo, hi = _whole(b["lo"], "lo"), _whole(b["hi"], "hi")
+                n = _whole(b["count"], "count")
+                i = bucket_index(lo)
+                if lo > MAX_VALUE or bucket_bounds(i) != (lo, hi):
+                    raise ValueError(f"[{lo}, {hi}) is not a bucket")
+                if h.counts[i]:
+                    raise ValueError(f"bucket [{lo}, {hi}) listed twice")
+                if n == 0:
+                    raise ValueError(f"bucket [{lo}, {hi}) listed with count 0")
+                h.counts[i] = n
+            h.count = _whole(d["count"], "count")
+            h.min = None if d.get("min") is None else _finite(d["min"], "min")
+            h.max = None if d.get("max") is None else _finite(d["max"], "max")
+            if d.get("sum") is not None:
+                h.sum = _finite(d["sum"], "sum")
             elif d.get("mean") is not None:
-                h.sum = float(d["mean"]) * h.count
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"malformed histogram: {exc}") from exc
+                h.sum = _finite(d["mean"], "mean") * h.count
+        except KeyError as exc:
+            raise ValueError(f"malformed histogram: no {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"malformed histogram: {exc}") from None
         if sum(h.counts) != h.count:
             raise ValueError("malformed histogram: bucket counts do not add up to count")
+        nz = [i for i, c in enumerate(h.counts) if c]
+        if h.min is not None and h.max is not None and h.min > h.max:
+            raise ValueError("malformed histogram: min is above max")
+        # min and max lie in the first and last non-empty bucket ([lo, hi]: to_json rounds
+        # them to 3 decimals, which may carry one up to its bucket's hi)
+        for v, at, what in ((h.min, nz[0] if nz else None, "min"),
+                            (h.max, nz[-1] if nz else None, "max")):
+            if v is not None and at is not None and not bucket_bounds(at)[0] <= v <= _top(at):
+                raise ValueError(f"malformed histogram: {what} is not in its bucket")
         return h
+
+
+def _top(i: int) -> float:
+    """The most a value in bucket ``i`` can be: its hi, but for the last bucket, which
+    also holds every larger value (clamped)."""
+    return math.inf if i == NBUCKETS - 1 else bucket_bounds(i)[1]
+
+
+def _whole(v: object, what: str) -> int:
+    """A JSON integer 0 <= v < 2**64."""
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 64:
+        raise ValueError(f"{what} must be a non-negative integer, not {str(v)[:40]}")
+    return v
+
+
+def _finite(v: object, what: str) -> float:
+    """A finite number >= 0 (JSON: int or float)."""
+    if (isinstance(v, bool) or not isinstance(v, (int, float))
+            or not math.isfinite(v) or not 0 <= v <= 1e19):
+        raise ValueError(f"{what} must be a finite non-negative number, not {str(v)[:40]}")
+    return float(v)

@@ -8,8 +8,11 @@ cannot observe it", never zero.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,27 +58,152 @@ def _hist_json(h: Histogram | None) -> dict | None:
     return None if h is None else h.to_json()
 
 
-def _hist_from(d: Any) -> Histogram | None:
-    return None if d is None else Histogram.from_json(d)
-
-
-def _known_fields(cls: type[T], d: Any, what: str) -> T:
-    """Build dataclass ``cls`` from ``d``, ignoring keys a later version added."""
-    if not isinstance(d, dict):
-        raise ValueError(f"{what} must be an object, not {d!r}")
-    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+def _hist_from(d: Any, what: str = "histogram") -> Histogram | None:
+    if d is None:
+        return None
     try:
-        return cls(**{k: v for k, v in d.items() if k in known})
-    except TypeError as exc:
-        raise ValueError(f"{what}: {exc}") from exc
+        return Histogram.from_json(_object(d, what))
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
+
+
+# -- reading a report: every value checked ----------------------------------------------
+#
+# A report is read from a file anyone may hand over (a truncated copy, another tool's
+# JSON, a hostile one): every value is checked against the type its field has and
+# against the range acceptrace writes, so that a Run read back renders without
+# surprises, and a bad file is one ValueError naming the field.
+
+MAX_REPORT_BYTES = 64 << 20   # far above what a run writes (docs/schema.md, "Limits")
+MAX_COUNT = (1 << 64) - 1     # the kernel's counters are u64
+MAX_NUMBER = 1e19             # durations in us, seconds: above any u64 of ns
+MAX_STRING = 1 << 16
+MAX_ITEMS = 1 << 20           # entries of one list or object
+
+
+def _bad(what: str, v: Any, want: str) -> ValueError:
+    shown = repr(v)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return ValueError(f"{what} must be {want}, not {shown}")
+
+
+def _count(v: Any, what: str) -> int:
+    """A non-negative integer (a count, a pid, an inode)."""
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_COUNT:
+        raise _bad(what, v, "a non-negative integer")
+    return v
+
+
+def _number(v: Any, what: str) -> float | int:
+    """A finite, non-negative number (a duration, a percentile, a sum)."""
+    if (isinstance(v, bool) or not isinstance(v, (int, float))
+            or not (0 <= v <= MAX_NUMBER) or (isinstance(v, float) and not math.isfinite(v))):
+        raise _bad(what, v, "a finite non-negative number")
+    return v
+
+
+def _text(v: Any, what: str) -> str:
+    if not isinstance(v, str) or len(v) > MAX_STRING:
+        raise _bad(what, v, f"a string (at most {MAX_STRING} characters)")
+    return v
+
+
+def _flag(v: Any, what: str) -> bool:
+    if not isinstance(v, bool):
+        raise _bad(what, v, "true or false")
+    return v
+
+
+def _items(v: Any, what: str) -> list:
+    if not isinstance(v, list) or len(v) > MAX_ITEMS:
+        raise _bad(what, v, "a list")
+    return v
+
+
+def _object(v: Any, what: str) -> dict:
+    if not isinstance(v, dict) or len(v) > MAX_ITEMS:
+        raise _bad(what, v, "an object")
+    return v
 
 
 def _opt_int(v: Any, what: str) -> int | None:
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"{what} must be an integer or null, not {v!r}")
-    return v
+    try:
+        return _count(v, what)
+    except ValueError:
+        raise _bad(what, v, "a non-negative integer or null") from None
+
+
+def _opt_number(v: Any, what: str) -> float | int | None:
+    if v is None:
+        return None
+    try:
+        return _number(v, what)
+    except ValueError:
+        raise _bad(what, v, "a finite non-negative number or null") from None
+
+
+def _counts(v: Any, what: str) -> dict[str, int | None]:
+    return {_text(k, what): _opt_int(x, f"{what}.{k}") for k, x in _object(v, what).items()}
+
+
+def _netns(v: Any, what: str) -> dict | None:
+    if v is None:
+        return None
+    d = _object(v, what)
+    for k, x in d.items():
+        if k in ("inode", "pid"):
+            _opt_int(x, f"{what}.{k}")
+        elif k == "name":
+            _text(x, f"{what}.{k}")
+    return d
+
+
+def _interval_stages(v: Any, what: str) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, st in _object(v, what).items():
+        here = f"{what}.{_text(name, what)}"
+        out[name] = {k: _opt_number(x, f"{here}.{k}")
+                     for k, x in _object(st, here).items() if k in ("count", "p50", "p99")}
+    return out
+
+
+# Each field's declared type (the annotation's text) -> how a read value is checked.
+_CHECKS: dict[str, Callable[[Any, str], Any]] = {
+    "int": _count,
+    "int | None": _opt_int,
+    "float": _number,
+    "float | None": _opt_number,
+    "str": _text,
+    "str | None": lambda v, w: None if v is None else _text(v, w),
+    "bool": _flag,
+    "list[str]": lambda v, w: [_text(x, f"{w}[]") for x in _items(v, w)],
+    "list[int]": lambda v, w: [_count(x, f"{w}[]") for x in _items(v, w)],
+    "list[dict]": lambda v, w: [_netns(x, f"{w}[]") or {} for x in _items(v, w)],
+    "dict | None": _netns,
+    "dict[str, dict[str, Any]]": _interval_stages,
+}
+
+
+def _known_fields(cls: type[T], d: Any, what: str) -> T:
+    """Build dataclass ``cls`` from ``d``, every known field checked against its declared
+    type; keys a later version added are ignored."""
+    d = _object(d, what)
+    kwargs = {}
+    for f in fields(cls):  # type: ignore[arg-type]
+        if f.name in d:
+            check = _CHECKS.get(str(f.type))
+            if check is None:  # a field of a type nobody taught the reader: a bug here
+                raise TypeError(f"{cls.__name__}.{f.name}: no check for {f.type}")
+            kwargs[f.name] = check(d[f.name], f"{what}.{f.name}")
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        missing = re.findall(r"'(\w+)'", str(exc))
+        raise ValueError(f"{what}: missing field " + ", ".join(missing)
+                         if "missing" in str(exc) else f"{what}: {exc}") from None
 
 
 @dataclass
@@ -105,8 +233,9 @@ class Meta:
     @classmethod
     def from_json(cls, d: dict) -> Meta:
         m = _known_fields(cls, d, "meta")
-        if not isinstance(m.port, int) or not 0 <= m.port <= 65535:
-            raise ValueError(f"meta.port must be a port number, not {m.port!r}")
+        for port in (m.port, *m.ports):
+            if not 0 <= port <= 65535:
+                raise ValueError(f"meta.port must be a port number, not {port!r}")
         return m
 
 
@@ -137,12 +266,15 @@ class Queues:
         }
 
     @classmethod
-    def from_json(cls, d: dict) -> Queues:
+    def from_json(cls, d: Any) -> Queues:
+        d = _object(d, "queues")
         return cls(
             backlog=_opt_int(d.get("backlog"), "queues.backlog"),
-            accept_queue_depth=_hist_from(d.get("accept_queue_depth")),
-            syn_queue_depth=_hist_from(d.get("syn_queue_depth")),
-            listeners=[_known_fields(Listener, x, "listeners") for x in d.get("listeners", [])],
+            accept_queue_depth=_hist_from(d.get("accept_queue_depth"),
+                                          "queues.accept_queue_depth"),
+            syn_queue_depth=_hist_from(d.get("syn_queue_depth"), "queues.syn_queue_depth"),
+            listeners=[_known_fields(Listener, x, "queues.listeners[]")
+                       for x in _items(d.get("listeners", []), "queues.listeners")],
         )
 
 
@@ -215,6 +347,55 @@ class Interval:
     synq_dropped: int | None = None            # SYN queue full, no syncookies (fentry/kprobe)
     responded: int | None = None               # first responses (null: no send hook)
 
+    def then(self, later: Interval) -> Interval:
+        """This interval and the ``later`` one after it as one: counts added exactly,
+        maxima the larger, the depth now the later one's, and each stage's p50/p99 the
+        larger of the two -- an upper bound of the pair's (at least half of each is at
+        or below its own p50, so at least half of both is at or below the larger)."""
+        def add(a: int | None, b: int | None) -> int | None:
+            return None if a is None and b is None else (a or 0) + (b or 0)
+
+        def top(a: Any, b: Any) -> Any:
+            return b if a is None else a if b is None else max(a, b)
+
+        stages: dict[str, dict[str, Any]] = {}
+        for name in list(self.stages) + [n for n in later.stages if n not in self.stages]:
+            a, b = self.stages.get(name, {}), later.stages.get(name, {})
+            stages[name] = {"count": (a.get("count") or 0) + (b.get("count") or 0),
+                            "p50": top(a.get("p50"), b.get("p50")),
+                            "p99": top(a.get("p99"), b.get("p99"))}
+        return Interval(
+            t_s=later.t_s, duration_s=round(self.duration_s + later.duration_s, 3),
+            queued=self.queued + later.queued, accepted=self.accepted + later.accepted,
+            read=self.read + later.read,
+            listen_overflow=add(self.listen_overflow, later.listen_overflow),
+            synack_retransmits=self.synack_retransmits + later.synack_retransmits,
+            accept_queue_depth_max=top(self.accept_queue_depth_max,
+                                       later.accept_queue_depth_max),
+            stages=stages, syn=add(self.syn, later.syn),
+            syn_dropped=add(self.syn_dropped, later.syn_dropped),
+            syncookies=self.syncookies + later.syncookies,
+            syn_queue_depth_max=top(self.syn_queue_depth_max, later.syn_queue_depth_max),
+            accept_queue_depth_now=later.accept_queue_depth_now,
+            dispatched=add(self.dispatched, later.dispatched),
+            synq_dropped=add(self.synq_dropped, later.synq_dropped),
+            responded=add(self.responded, later.responded),
+        )
+
+
+# A run keeps at most this many intervals: beyond, each two neighbours are merged into
+# one (Interval.then), so a run of days keeps a bounded report and memory, with the
+# older intervals coarser (docs/schema.md, "intervals").
+MAX_INTERVALS = 1024
+
+
+def halve_intervals(ivs: list[Interval]) -> list[Interval]:
+    """Each two neighbours as one (an odd last one stays as it is)."""
+    out = [a.then(b) for a, b in zip(ivs[0::2], ivs[1::2])]
+    if len(ivs) % 2:
+        out.append(ivs[-1])
+    return out
+
 
 
 @dataclass
@@ -286,7 +467,8 @@ class Cost:
 
     def to_json(self) -> dict:
         def r(x: float | None, n: int = 3) -> float | None:
-            return None if x is None else round(x, n)
+            # a rate over a vanishing time is not a figure (and Infinity is not JSON)
+            return None if x is None or not math.isfinite(x) else round(x, n)
 
         kcpu = self.per_second(self.kernel_ns / 1e6) if self.stats else None
         return {
@@ -310,23 +492,11 @@ class Cost:
 
     @classmethod
     def from_json(cls, d: Any) -> Cost:
-        if not isinstance(d, dict):
-            raise ValueError(f"cost must be an object, not {d!r}")
-        try:
-            progs = [ProgramCost(hook=str(p["hook"]), runs=int(p["runs"]),
-                                 run_time_ns=int(p["run_time_ns"]),
-                                 missed=_opt_int(p.get("missed"), "cost.programs.missed"),
-                                 feeds=[str(f) for f in p.get("feeds", [])])
-                     for p in d.get("programs", [])]
-            return cls(stats=None if d.get("stats") is None else str(d["stats"]),
-                       seconds=float(d["seconds"]), programs=progs,
-                       user_cpu_s=float(d.get("user_cpu_s", 0.0)),
-                       peak_rss_kib=int(d.get("peak_rss_kib", 0)),
-                       connections=int(d.get("connections", 0)),
-                       virtual_machine=bool(d.get("virtual_machine", False)),
-                       why=None if d.get("why") is None else str(d["why"]))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"malformed cost: {exc}") from exc
+        d = _object(d, "cost")
+        c = _known_fields(cls, {k: v for k, v in d.items() if k != "programs"}, "cost")
+        c.programs = [_known_fields(ProgramCost, p, "cost.programs[]")
+                      for p in _items(d.get("programs", []), "cost.programs")]
+        return c
 
 
 @dataclass
@@ -385,55 +555,75 @@ class Run:
 
     @classmethod
     def from_json(cls, d: Any) -> Run:
+        """The run in ``d`` (parsed JSON); ValueError naming the first bad field."""
         if not isinstance(d, dict):
             raise ValueError("the top level is not a JSON object")
-        if d.get("schema") != SCHEMA:
-            raise ValueError(f"schema is {d.get('schema')!r}, expected {SCHEMA!r}")
+        schema = d.get("schema")
+        if schema != SCHEMA:
+            if isinstance(schema, str) and schema.startswith("acceptrace/"):
+                raise ValueError(f"schema {schema[:40]!r} is not one this version reads "
+                                 f"({SCHEMA})")
+            if schema is None:
+                raise ValueError(f"it has no schema field (expected {SCHEMA!r})")
+            raise ValueError(f"schema is {str(schema)[:40]!r}, expected {SCHEMA!r}")
         run = cls.from_section(d)
-        try:
-            run.targets = [cls.from_section(t) for t in d.get("targets") or []]
-            run.cost = Cost.from_json(d["cost"]) if d.get("cost") is not None else None
-        except (TypeError, AttributeError) as exc:
-            raise ValueError(f"malformed report: {exc}") from exc
+        run.intervals = [_known_fields(Interval, i, "intervals[]")
+                         for i in _items(d.get("intervals", []), "intervals")]
+        run.targets = [cls.from_section(t, "targets[]")
+                       for t in _items(d.get("targets") or [], "targets")]
+        run.cost = Cost.from_json(d["cost"]) if d.get("cost") is not None else None
         return run
 
     @classmethod
-    def from_section(cls, d: Any) -> Run:
+    def from_section(cls, d: Any, what: str = "") -> Run:
+        """One listener's section (or the top level without intervals, targets, cost)."""
         if not isinstance(d, dict):
-            raise ValueError("a section is not a JSON object")
-        try:
-            run = cls(
-                meta=Meta.from_json(d["meta"]),
-                connections={k: _opt_int(v, f"connections.{k}")
-                             for k, v in d["connections"].items()},
-                drops={k: _opt_int(v, f"drops.{k}") for k, v in d["drops"].items()},
-                kernel_counters={k: int(v) for k, v in d.get("kernel_counters", {}).items()},
-                stages={k: _hist_from(v) for k, v in d["stages"].items()},
-                queues=Queues.from_json(d.get("queues", {})),
-                processes=[_known_fields(ProcessCount, p, "processes")
-                           for p in d.get("processes", [])],
-                slowest=[_known_fields(Sample, s, "slowest") for s in d.get("slowest", [])],
-                intervals=[_known_fields(Interval, i, "intervals")
-                           for i in d.get("intervals", [])],
-                extra=dict(d.get("extra", {})),
-                recent=(_known_fields(Interval, d["recent"], "recent")
-                        if d.get("recent") is not None else None),
-            )
-        except KeyError as exc:
-            raise ValueError(f"missing field {exc}") from exc
-        except (TypeError, AttributeError) as exc:
-            raise ValueError(f"malformed report: {exc}") from exc
-        return run
+            raise ValueError(f"{what or 'a section'} is not a JSON object")
+        pre = f"{what}." if what else ""
+        for key in ("meta", "connections", "drops", "stages"):
+            if key not in d:
+                raise ValueError(f"missing field {pre}{key}")
+        return cls(
+            meta=Meta.from_json(d["meta"]),
+            connections=_counts(d["connections"], f"{pre}connections"),
+            drops=_counts(d["drops"], f"{pre}drops"),
+            kernel_counters={k: _count(v, f"{pre}kernel_counters.{k}") for k, v in
+                             _object(d.get("kernel_counters", {}),
+                                     f"{pre}kernel_counters").items()},
+            stages={_text(k, f"{pre}stages"): _hist_from(v, f"{pre}stages.{k}")
+                    for k, v in _object(d["stages"], f"{pre}stages").items()},
+            queues=Queues.from_json(d.get("queues", {})),
+            processes=[_known_fields(ProcessCount, p, f"{pre}processes[]")
+                       for p in _items(d.get("processes", []), f"{pre}processes")],
+            slowest=[_known_fields(Sample, x, f"{pre}slowest[]")
+                     for x in _items(d.get("slowest", []), f"{pre}slowest")],
+            extra=_extra(d.get("extra", {}), f"{pre}extra"),
+            recent=(_known_fields(Interval, d["recent"], f"{pre}recent")
+                    if d.get("recent") is not None else None),
+        )
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), indent=2) + "\n"
 
     @classmethod
-    def loads(cls, text: str) -> Run:
+    def loads(cls, text: str | bytes) -> Run:
+        """A run from its JSON text; ValueError (one line) for anything else."""
+        if len(text) > MAX_REPORT_BYTES:
+            raise ValueError(f"{_size(len(text))}: larger than any report acceptrace writes "
+                             f"({_size(MAX_REPORT_BYTES)} at most)")
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_constant=_no_constant)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"not JSON: {exc}") from exc
+            raise ValueError(f"not JSON: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"not JSON: not UTF-8 text ({exc.reason} at byte {exc.start})") \
+                from None
+        except RecursionError:  # json's decoder recurses once per level of nesting
+            raise ValueError("not JSON acceptrace writes: nested too deeply") from None
+        except ValueError as exc:  # NaN/Infinity, an integer of thousands of digits
+            why = ("an integer of thousands of digits" if "integer string conversion" in str(exc)
+                   else str(exc))
+            raise ValueError(f"not JSON acceptrace writes: {why}") from None
         return cls.from_json(data)
 
     def write_atomic(self, path: str | os.PathLike[str]) -> None:
@@ -441,4 +631,35 @@ class Run:
 
     @classmethod
     def read(cls, path: str | os.PathLike[str]) -> Run:
-        return cls.loads(Path(path).read_text())
+        """Read a report file: OSError when it cannot be read, ValueError when it is not
+        a report (never more than MAX_REPORT_BYTES are read)."""
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_REPORT_BYTES:
+                raise ValueError(f"{_size(size)}: larger than any report acceptrace writes "
+                                 f"({_size(MAX_REPORT_BYTES)} at most)")
+            data = f.read(MAX_REPORT_BYTES + 1)  # a file that grows while read
+        return cls.loads(data)
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n} bytes"
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+# extra's known keys and their checks; other keys (a later version's) are kept as read.
+_EXTRA_CHECKS: dict[str, Callable[[Any, str], Any]] = {
+    "accept_untracked": _opt_int, "queue_missed": _opt_int, "listener_sk_drops": _opt_int,
+    "syns": _opt_int, "softirqs_busy": _opt_int, "packets_unseen": _opt_int,
+    "listeners_untraced": _opt_int, "rank": _opt_int, "listening": _flag,
+    "first_seen_s": _opt_number,
+}
+
+
+def _extra(v: Any, what: str) -> dict[str, Any]:
+    d = _object(v, what)
+    return {k: (_EXTRA_CHECKS[k](x, f"{what}.{k}") if k in _EXTRA_CHECKS else x)
+            for k, x in d.items()}

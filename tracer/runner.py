@@ -265,6 +265,8 @@ def _trace(
     clock.step("prepare")
     if prep.tracefs_mounted:
         err.print("acceptrace: mounted tracefs at /sys/kernel/tracing")
+    for line in prep.stale_lines:
+        err.print(f"acceptrace: {line}", style="dim")
     if prep.header_line:
         err.print(f"acceptrace: {prep.header_line}")
     ports = opts.port_list()
@@ -690,6 +692,8 @@ def _export(
     clock.step("prepare")
     if prep.tracefs_mounted:
         err.print("acceptrace: mounted tracefs at /sys/kernel/tracing")
+    for line in prep.stale_lines:
+        err.print(f"acceptrace: {line}", style="dim")
     if prep.header_line:
         err.print(f"acceptrace: {prep.header_line}")
     ports = t.port_list()

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from . import headers, hooks, kernel
+from . import headers, hooks, kernel, stale
 from .backend import Backend
 from .bootmemo import BootMemo
 from .errors import KernelRefused, UserError
@@ -32,6 +32,25 @@ ACK_OVERFLOW_NOTE = (
 )
 CONN_MAX = 65536
 RINGBUF_PAGES = 64
+# Test knobs (undocumented for users): a tiny ring buffer or connection map, to overrun
+# them on purpose (tests/test_faults.py).  Validated: never pasted into C unchecked.
+RINGBUF_PAGES_ENV = "ACCEPTRACE_RINGBUF_PAGES"
+CONN_MAX_ENV = "ACCEPTRACE_CONN_MAX"
+
+
+def _knob(env: str, default: int, lo: int, hi: int, power_of_two: bool) -> int:
+    """An integer test knob from the environment; UserError (one line) if it is not one."""
+    raw = os.environ.get(env)
+    if raw is None or raw == "":
+        return default
+    try:
+        v = int(raw.strip(), 10)
+    except ValueError:
+        v = -1
+    if not lo <= v <= hi or (power_of_two and v & (v - 1)):
+        want = "a power of two" if power_of_two else "an integer"
+        raise UserError(f"{env} must be {want} from {lo} to {hi}, not {raw!r}")
+    return v
 # Per-target rows (bpf/acceptrace.h): each target slot costs AT_H_COUNT histograms
 # per possible CPU.  The programs hold at most MAX_SLOTS targets and never more
 # histogram memory than HIST_BUDGET (docs/listeners.md).
@@ -60,6 +79,12 @@ def target_capacity(ncpu: int) -> int:
     return max(1, min(MAX_SLOTS, HIST_BUDGET // per_slot))
 
 
+def test_knobs() -> dict[str, int]:
+    """The test knobs' values: a bad one is one line before anything is loaded."""
+    return {"AT_CONN_MAX": _knob(CONN_MAX_ENV, CONN_MAX, 1, 1 << 24, False),
+            "AT_RINGBUF_PAGES": _knob(RINGBUF_PAGES_ENV, RINGBUF_PAGES, 1, 1 << 16, True)}
+
+
 def require_root() -> None:
     if os.geteuid() != 0:
         raise UserError(
@@ -76,20 +101,24 @@ class Prepared:
     facts: kernel.KernelFacts
     header_line: str | None = None
     tracefs_mounted: bool = False
+    stale_lines: list[str] = field(default_factory=list)  # probes of killed BCC runs removed
 
 
 def prepare() -> Prepared:
     """Everything that can fail with a clear message before a program is loaded."""
     require_root()
+    test_knobs()
     from .bpfloader import import_bcc  # noqa: PLC0415 - keep bcc out of import time
 
     import_bcc()
     tracefs, mounted = kernel.ensure_tracefs()
+    # A killed earlier run (ours or another BCC tool's) may have left tracefs probes.
+    stale_lines = stale.describe(*stale.remove_stale(tracefs))
     facts, _remembered = kernel.kernel_facts(tracefs)
     tree = headers.find_header_tree()
     headers.activate(tree)
     return Prepared(facts=facts, header_line=tree.description if tree.kind == "merged" else None,
-                    tracefs_mounted=mounted)
+                    tracefs_mounted=mounted, stale_lines=stale_lines)
 
 
 def unavailable(hook: Hook, facts: kernel.KernelFacts) -> str | None:
@@ -176,8 +205,7 @@ def plan_backend(name: str, facts: kernel.KernelFacts, dispatch: bool,
                 plan.chosen[row] = hooks.BY_NAME[row].attach_type(name)
     else:
         plan.notes.append(f"softirqs_busy not counted: {facts.busy_why}")
-    base = {**facts.defines, "AT_CONN_MAX": CONN_MAX, "AT_RINGBUF_PAGES": RINGBUF_PAGES,
-            "AT_SLOTS": slots}
+    base = {**facts.defines, **test_knobs(), "AT_SLOTS": slots}
     if name in hooks.FUNC_BACKENDS:
         base.update(facts.func_defines)
     if plan.busy_counted:

@@ -28,6 +28,7 @@ from .hist import Histogram
 from .layout import family_name
 from .model import (
     DISPATCH_STAGES,
+    MAX_INTERVALS,
     RESPONSE_STAGES,
     STAGES,
     Cost,
@@ -38,6 +39,7 @@ from .model import (
     ProgramCost,
     Run,
     Sample,
+    halve_intervals,
 )
 from .netns import NetNamespace
 
@@ -454,6 +456,8 @@ class Session:
         total = _sum_intervals(ivs, round(now - self.t0, 3), round(dur, 3))
         if record:
             self.intervals.append(total)
+            if len(self.intervals) > MAX_INTERVALS:  # bounded over days: older ones coarser
+                self.intervals = halve_intervals(self.intervals)
         self._prev_t, self.last = now, snap
         return total
 
@@ -679,7 +683,8 @@ class Session:
             sample.comm = self._comm(sample.pid, sample.comm)
         run.recent = t.recent
         run.extra = {
-            "accept_untracked": c.get("accept_untracked", 0) - c.get("accept_early", 0),
+            # (>= 0: the two are counted in that order, but read from per-CPU values)
+            "accept_untracked": max(0, c.get("accept_untracked", 0) - c.get("accept_early", 0)),
             "queue_missed": c.get("queue_missed", 0),
             "listener_sk_drops": sk_drops,
             # SYNs that reached tcp_conn_request (fentry/kprobe): retransmits included
