@@ -224,6 +224,44 @@ def export(ports: tuple[str, ...], listen: str | None, textfile: Path | None, in
                                        per_octave=int(per_octave)), err)
 
 
+@cli.group()
+def lab() -> None:
+    """Each failure mode of the accept path, reproduced in a network namespace of its own:
+    the symptom clients see, the cause acceptrace names, the fix, before and after.
+
+    \b
+      sudo acceptrace lab list
+      sudo acceptrace lab run accept-overflow
+      sudo acceptrace lab run all
+    """
+
+
+@lab.command("list")
+def lab_list() -> None:
+    """The scenarios: symptom, cause, fix."""
+    from .lab import render_list  # noqa: PLC0415
+
+    out, _ = _consoles()
+    out.print(render_list())
+
+
+@lab.command("run")
+@click.argument("name", metavar="NAME|all")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("lab-results"), show_default=True,
+              help="Write NAME/run.json, fixed.json, report.html and lab.json here.")
+@click.option("--backend", "-b", default="auto", show_default=True, metavar="NAME",
+              type=click.Choice(["auto", "fentry", "kprobe", "tracepoint"]),
+              help="How acceptrace hooks the kernel (as for a trace).")
+def lab_run(name: str, out_dir: Path, backend: str) -> None:
+    """Run scenario NAME (or all): set up, load, trace, diagnose; then the fix, the same
+    again, and the comparison. Exit code 1 if an expected cause was not named."""
+    from .lab import run_lab  # noqa: PLC0415
+
+    out, err = _consoles()
+    sys.exit(run_lab(name, out_dir, backend, out, err))
+
+
 def _read_run(path: Path):  # noqa: ANN202 - Run, imported lazily
     from .model import Run  # noqa: PLC0415
 

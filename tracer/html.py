@@ -192,3 +192,9 @@ def render_html(run: Run) -> str:
           fmt_us(s.total_us)] for s in run.slowest]))
     parts.append("</body></html>\n")
     return "".join(parts)
+
+
+def render_html_compare(a: Run, b: Run, names: tuple[str, str] = ("before", "after"),
+                        title: str = "", subtitle: str = "") -> str:
+    """Two runs on one page (placeholder)."""
+    return render_html(a) + render_html(b)
