@@ -277,7 +277,8 @@ def _read_run(path: Path):  # noqa: ANN202 - Run, imported lazily
 @click.argument("runs", nargs=-1, required=True,
                 type=click.Path(dir_okay=False, path_type=Path), metavar="RUN.json [AFTER.json]")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
-              metavar="FILE", help="Write a self-contained HTML report (one run).")
+              metavar="FILE", help="Write a self-contained HTML report (of two runs: the "
+                                   "comparison).")
 @click.option("--port", "-p", "port", metavar="PORT",
               help="Only this listener of a run of several (its own figures).")
 @click.option("--namespace", "namespace", metavar="NAME",
@@ -305,13 +306,13 @@ def report(runs: tuple[Path, ...], html_path: Path | None, port: str | None,
         loaded = picked
     out, err = _consoles()
     if html_path is not None:
-        if len(loaded) != 1:
-            raise UserError("--html renders one run")
-        from .html import render_html  # noqa: PLC0415
+        from .html import render_html, render_html_compare  # noqa: PLC0415
         from .model import write_text_atomic  # noqa: PLC0415
 
+        page = (render_html(loaded[0]) if len(loaded) == 1 else
+                render_html_compare(loaded[0], loaded[1], (runs[0].name, runs[1].name)))
         try:
-            write_text_atomic(html_path, render_html(loaded[0]))
+            write_text_atomic(html_path, page)
         except OSError as exc:
             raise UserError(f"cannot write {html_path}: {exc.strerror or exc}") from exc
         err.print(f"acceptrace: HTML report written to {html_path}")

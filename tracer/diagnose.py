@@ -295,15 +295,15 @@ def rule_event_loop_busy(run: Run) -> Finding | None:
     deepest = (f", deepest {depth.max:.0f}" if depth is not None and depth.max is not None
                else "")
     resp99 = _p(run, "dispatch_to_response", 0.99)
-    waits = [f"{fmt_us(v)} {where}" for v, where in (
+    waits = [f"{fmt_us(v)} or more {where}" for v, where in (
         (aq50, "in the accept queue (before accept())"),
         (ar50, "from accept() to their first read")) if v is not None and v >= LOOP_WAIT_US]
     return Finding(
         "event_loop_busy", "warning",
         "the event loop is busy: the accept queue never overflowed (backlog "
         f"{run.queues.backlog}{deepest}), yet half the connections waited "
-        + " and ".join(waits) + " or more"
-        f" (p99 accept() → first read {fmt_us(_p(run, 'accept_to_read', 0.99))}). "
+        + " and ".join(waits)
+        + f" (p99 accept() → first read {fmt_us(_p(run, 'accept_to_read', 0.99))}). "
         "The kernel's queues are not the problem: the server gets to "
         "accept() and to reading late because its loop is running other code — a "
         "CPU-bound or blocking handler"
