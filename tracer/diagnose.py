@@ -282,13 +282,19 @@ def rule_abort_on_overflow(run: Run) -> Finding | None:
         "stalled handshakes that the kernel retries.")
 
 
-def rule_event_loop_busy(run: Run) -> Finding | None:
-    """No overflow, yet connections wait for the server: the event loop is busy."""
+LOOP_RULES = ("accept_queue_slow", "accept_to_read_slow")  # they name the busy loop too
+
+
+def rule_event_loop_busy(run: Run, out: list[Finding]) -> Finding | None:
+    """No overflow, yet half the connections wait for the server: its event loop is busy.
+    (A wait in the tail only is accept_queue_slow's or accept_to_read_slow's: when
+    either said it, this one stays quiet.)"""
     over = _overflows(run)
     accepted = run.connections.get("accepted") or 0
-    if over is None or over > 0 or accepted < 20:
+    if over is None or over > 0 or accepted < 20 or any(f.rule in LOOP_RULES for f in out):
         return None
     aq50, ar50 = _p(run, "accept_queue", 0.5), _p(run, "accept_to_read", 0.5)
+    ar99 = _p(run, "accept_to_read", 0.99)
     if max(aq50 or 0, ar50 or 0) < LOOP_WAIT_US:
         return None
     depth = run.queues.accept_queue_depth
@@ -298,12 +304,13 @@ def rule_event_loop_busy(run: Run) -> Finding | None:
     waits = [f"{fmt_us(v)} or more {where}" for v, where in (
         (aq50, "in the accept queue (before accept())"),
         (ar50, "from accept() to their first read")) if v is not None and v >= LOOP_WAIT_US]
+    waited = f"half the connections waited {' and '.join(waits)}"
     return Finding(
         "event_loop_busy", "warning",
         "the event loop is busy: the accept queue never overflowed (backlog "
-        f"{run.queues.backlog}{deepest}), yet half the connections waited "
-        + " and ".join(waits)
-        + f" (p99 accept() → first read {fmt_us(_p(run, 'accept_to_read', 0.99))}). "
+        f"{run.queues.backlog}{deepest}), yet {waited} (accept queue p50 "
+        f"{fmt_us(aq50)}, p99 {fmt_us(_p(run, 'accept_queue', 0.99))}; accept() → first read "
+        f"p50 {fmt_us(ar50)}, p99 {fmt_us(ar99)}). "
         "The kernel's queues are not the problem: the server gets to "
         "accept() and to reading late because its loop is running other code — a "
         "CPU-bound or blocking handler"
@@ -351,7 +358,7 @@ def lab_rules(run: Run, out: list[Finding]) -> list[Finding]:
     final ACKs dropped were reset, not left to stall: ack_dropped's sentence, which
     says they stall, is then left out of ``out``."""
     found = [f for f in (rule_backlog_clamped(run), rule_syn_queue_full(run),
-                         rule_abort_on_overflow(run), rule_event_loop_busy(run),
+                         rule_abort_on_overflow(run), rule_event_loop_busy(run, out),
                          rule_workers_uneven(run, out)) if f is not None]
     if any(f.rule == "abort_on_overflow" for f in found):
         out[:] = [f for f in out if f.rule != "ack_dropped"]

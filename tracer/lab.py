@@ -64,6 +64,7 @@ NETSTAT_KEYS = (
     "TcpExtTCPReqQFullDoCookies", "TcpExtSyncookiesSent", "TcpExtSyncookiesRecv",
     "TcpPassiveOpens", "TcpExtEmbryonicRsts", "TcpOutRsts", "TcpExtTCPSynRetrans",
 )
+BACKGROUND_LEAD_S = 0.5
 # settle(): the counters that must have stopped moving before the tracer stops
 SETTLE_KEYS = ("TcpExtListenOverflows", "TcpExtListenDrops", "TcpExtTCPReqQFullDrop",
                "TcpExtSyncookiesSent", "TcpExtSyncookiesRecv", "TcpPassiveOpens")
@@ -113,19 +114,22 @@ class Load:
     timeout_s: float = 5.0
     max_requests: int | None = None
     processes: int = 1           # clients split over this many processes (CPUs)
+    pause_s: float = 0.0         # each client's pause between a response and its next request
 
     def argv(self, port: int) -> list[str]:
         argv = [sys.executable, "-m", "acceptrace.loadgen", "--host", "127.0.0.1",
                 "--port", str(port), "--path", self.path, "--duration", f"{self.duration_s:g}",
                 "--concurrency", str(self.concurrency),
                 "--connect-timeout", f"{self.connect_timeout_s:g}",
-                "--timeout", f"{self.timeout_s:g}", "--processes", str(self.processes)]
+                "--timeout", f"{self.timeout_s:g}", "--processes", str(self.processes),
+                "--pause", f"{self.pause_s:g}"]
         return argv + (["--max-requests", str(self.max_requests)] if self.max_requests else [])
 
     def describe(self) -> str:
         bound = (f"{self.max_requests} requests" if self.max_requests
                  else f"{self.duration_s:g} s")
         procs = f" from {self.processes} processes" if self.processes > 1 else ""
+        procs += f", {self.pause_s * 1000:g} ms apart" if self.pause_s else ""
         who = f"{self.concurrency} client{'s' if self.concurrency != 1 else ''}"
         return f"{who}{procs}, GET {self.path}, {bound}"
 
@@ -178,7 +182,14 @@ def _waited(p: PhaseResult) -> bool:
 # Two client processes: handshakes on both CPUs at once, as real clients make them.
 BLOCKING = Load("/slow?ms=20", concurrency=32, processes=2)
 AWAITING = Load("/async?ms=20", concurrency=32, processes=2)
+# 160 clients at once, one request each: the SYNs the full queue drops are retransmitted
+# together a second later (the kernel batches 1 s timers), and their handshakes then race
+# for the queue's few free places.
+BURST = Load("/slow?ms=20", concurrency=160, max_requests=160, duration_s=10)
 CPU_MS = 50
+# Light load: every worker idle when a connection comes (a busy one would leave it to the
+# others, and the split would even out).
+LIGHT = Load("/health", concurrency=1, pause_s=0.005)
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario(
@@ -235,31 +246,34 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
         cause=f"a CPU-bound handler ({CPU_MS} ms of CPU) runs on the event loop: accept() and "
               "the reads of new connections wait for it; no overflow (backlog 2048)",
         fix="do the CPU work off the loop (run_in_executor with a process pool)",
-        before=Phase(f"GET /health while another client's requests burn {CPU_MS} ms of CPU "
+        before=Phase(f"GET /health while 2 other clients' requests burn {CPU_MS} ms of CPU "
                      "each on the event loop",
                      Server(backlog=2048), Load("/health", concurrency=4),
-                     background=Load(f"/cpu?ms={CPU_MS}", concurrency=1)),
+                     background=Load(f"/cpu?ms={CPU_MS}", concurrency=2)),
         fixed=Phase("the same, the CPU work in a process pool",
                     Server(backlog=2048, env=(("ACCEPTRACE_DEMO_POOL", "1"),)),
                     Load("/health", concurrency=4),
-                    background=Load(f"/cpu-offload?ms={CPU_MS}", concurrency=1)),
-        expect=("event_loop_busy",),
+                    background=Load(f"/cpu-offload?ms={CPU_MS}", concurrency=2)),
+        expect=("event_loop_busy", "accept_to_read_slow", "accept_queue_slow"),
         seen=lambda p: float(p.client.get("total_p99_ms") or 0) >= CPU_MS / 2,
         seen_words=f"/health p99 ≥ {CPU_MS // 2} ms",
     ),
     Scenario(
         name="abort-on-overflow",
         symptom="random connection resets",
-        cause="the accept queue overflows and net.ipv4.tcp_abort_on_overflow=1 makes the "
-              "kernel answer a final ACK that finds it full with RST",
+        cause="a burst overflows the accept queue of a busy server, and "
+              "net.ipv4.tcp_abort_on_overflow=1 makes the kernel answer each final ACK that "
+              "finds it full with RST",
         fix="stop the overflow (await instead of blocking, backlog 2048); "
             "tcp_abort_on_overflow=0 alone only turns the resets into stalls",
-        before=Phase("tcp_abort_on_overflow=1, backlog 8, a handler that blocks 20 ms",
-                     Server(backlog=8), replace(BLOCKING, concurrency=64),
-                     _sys(abort_on_overflow=1)),
-        fixed=Phase("tcp_abort_on_overflow=1, backlog 2048, the handler awaits",
-                    Server(backlog=2048), replace(AWAITING, concurrency=64),
-                    _sys(abort_on_overflow=1)),
+        before=Phase("tcp_abort_on_overflow=1, backlog 64, handlers that block 20 ms: a "
+                     "burst of 160 clients while 4 others keep the loop busy",
+                     Server(backlog=64), BURST, _sys(abort_on_overflow=1),
+                     background=replace(BLOCKING, concurrency=4, processes=1)),
+        fixed=Phase("tcp_abort_on_overflow=1, backlog 2048, the handlers await",
+                    Server(backlog=2048), replace(BURST, path="/async?ms=20"),
+                    _sys(abort_on_overflow=1),
+                    background=replace(AWAITING, concurrency=4, processes=1)),
         expect=("abort_on_overflow",),
         seen=lambda p: _errors(p.client, "reset") > 0,
         seen_words="connections reset",
@@ -272,10 +286,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
         fix="one SO_REUSEPORT socket per worker (gunicorn --reuse-port): the kernel "
             "spreads connections over the workers' own queues and wakes one worker",
         before=Phase("gunicorn, 4 uvicorn workers on one shared socket",
-                     Server(workers=4, gunicorn=True), Load("/health", concurrency=1)),
+                     Server(workers=4, gunicorn=True), LIGHT),
         fixed=Phase("gunicorn --reuse-port: 4 workers, 4 sockets on one port",
-                    Server(workers=4, gunicorn=True, reuse_port=True),
-                    Load("/health", concurrency=1)),
+                    Server(workers=4, gunicorn=True, reuse_port=True), LIGHT),
         expect=("workers_uneven", "workers_unbalanced"),
         seen=lambda p: (p.wakeups_per_connection or 0) >= 3,
         seen_words="≥ 3 worker wakeups per connection (the kernel's count of the workers' "
@@ -685,6 +698,7 @@ def run_loads(lns: LabNamespace, load: Load, background: Load | None,
     try:
         if background is not None:
             procs.append(LoadProcess(lns, background, port))
+            time.sleep(BACKGROUND_LEAD_S)   # the server busy before the measured clients come
         procs.append(LoadProcess(lns, load, port))
         results = [p.result() for p in reversed(procs)]
     finally:

@@ -70,6 +70,7 @@ class LoadResult:
             "completed": self.completed,
             "errors": dict(sorted(self.errors.items())),
             "connect_timeouts": self.connect_timeouts,
+            "connected": len(self.connect_s),   # connect() returned: the handshake completed
             "duration_s": round(self.duration_s, 3),
             "requests_per_s": round(self.completed / self.duration_s, 1)
             if self.duration_s > 0 else None,
@@ -133,8 +134,10 @@ async def run_load_async(
     connect_timeout_s: float = 10.0,
     timeout_s: float = 10.0,
     max_requests: int | None = None,
+    pause_s: float = 0.0,
 ) -> LoadResult:
-    """``concurrency`` clients, each one request at a time, each on a new connection."""
+    """``concurrency`` clients, each one request at a time, each on a new connection,
+    ``pause_s`` between one response and its next request."""
     res = LoadResult()
     request = (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
                "Connection: close\r\n\r\n").encode()
@@ -149,7 +152,11 @@ async def run_load_async(
         return True
 
     async def client() -> None:
+        first = True
         while take():
+            if pause_s > 0 and not first:
+                await asyncio.sleep(pause_s)
+            first = False
             await _one(host, port, request, connect_timeout_s, timeout_s, res)
 
     t0 = time.monotonic()
@@ -168,11 +175,13 @@ def run_load(
     connect_timeout_s: float = 10.0,
     timeout_s: float = 10.0,
     max_requests: int | None = None,
+    pause_s: float = 0.0,
 ) -> LoadResult:
     """Blocking wrapper of :func:`run_load_async` (runs its own event loop)."""
     return asyncio.run(run_load_async(
         host, port, duration_s=duration_s, concurrency=concurrency, path=path,
         connect_timeout_s=connect_timeout_s, timeout_s=timeout_s, max_requests=max_requests,
+        pause_s=pause_s,
     ))
 
 
@@ -187,6 +196,7 @@ def run_load_processes(
     connect_timeout_s: float = 10.0,
     timeout_s: float = 10.0,
     max_requests: int | None = None,
+    pause_s: float = 0.0,
 ) -> LoadResult:
     """:func:`run_load` in ``processes`` processes at once (``concurrency`` clients and
     ``max_requests`` split between them), merged: handshakes then happen on several CPUs
@@ -195,7 +205,7 @@ def run_load_processes(
     if processes <= 1:
         return run_load(host, port, duration_s=duration_s, concurrency=concurrency, path=path,
                         connect_timeout_s=connect_timeout_s, timeout_s=timeout_s,
-                        max_requests=max_requests)
+                        max_requests=max_requests, pause_s=pause_s)
     per = [concurrency // processes + (1 if i < concurrency % processes else 0)
            for i in range(processes)]
     caps = [None if max_requests is None else
@@ -204,7 +214,7 @@ def run_load_processes(
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as ex:
         futs = [ex.submit(run_load, host, port, duration_s=duration_s, concurrency=c,
                           path=path, connect_timeout_s=connect_timeout_s,
-                          timeout_s=timeout_s, max_requests=m)
+                          timeout_s=timeout_s, max_requests=m, pause_s=pause_s)
                 for c, m in zip(per, caps) if c > 0]
         res = LoadResult()
         for f in futs:
@@ -226,11 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=10.0, help="response timeout")
     ap.add_argument("--processes", type=int, default=1,
                     help="split the clients over this many processes (default 1)")
+    ap.add_argument("--pause", type=float, default=0.0,
+                    help="seconds each client waits between a response and its next request")
     a = ap.parse_args(argv)
     res = run_load_processes(a.host, a.port, processes=a.processes, duration_s=a.duration,
                              concurrency=a.concurrency, path=a.path,
                              connect_timeout_s=a.connect_timeout, timeout_s=a.timeout,
-                             max_requests=a.max_requests)
+                             max_requests=a.max_requests, pause_s=a.pause)
     print(json.dumps(res.summary()))
     return 0
 
