@@ -150,10 +150,12 @@ def demo(duration: float, json_path: Path | None) -> None:
 
     out, err = _consoles()
     seconds = _positive("--duration", duration) or 15.0
+    tui = sys.stdout.isatty() and sys.stdin.isatty()   # a terminal: the live dashboard
 
-    def trace_demo(port: int, on_started: Callable[[], None]) -> object:
-        return trace(TraceOptions(port=port, duration_s=seconds, json_path=json_path), out, err,
-                     on_started=on_started)
+    def trace_demo(port: int, on_started: Callable[[], None],
+                   before_summary: Callable[[object], None]) -> object:
+        return trace(TraceOptions(port=port, duration_s=seconds, json_path=json_path, tui=tui),
+                     out, err, on_started=on_started, before_summary=before_summary)
 
     run_demo(duration_s=seconds, err=err, trace=trace_demo)
 
