@@ -8,9 +8,11 @@ PYTEST_ARGS ?=
 # Debian/Ubuntu packages: BCC's Python module (for Debian's /usr/bin/python3),
 # a kernel header tree for BCC's compiler, and what the tests and tools use
 # (prometheus: the server and promtool the exporter's tests scrape and check with;
-# prometheus-node-exporter: its textfile collector reads the exporter's textfile).
+# prometheus-node-exporter: its textfile collector reads the exporter's textfile;
+# vagrant, vagrant-libvirt: `vagrant validate` of the lab's VM, tests/test_vagrant.py).
 APT_PACKAGES := python3-bpfcc bpfcc-tools python3-venv python3-pip iproute2 bpftool \
-	gcc libc6-dev make binutils xz-utils procps tmux chromium prometheus prometheus-node-exporter
+	gcc libc6-dev make binutils xz-utils procps tmux chromium prometheus prometheus-node-exporter \
+	vagrant vagrant-libvirt
 # The QEMU guest suite (tests/test_vm.py, docs/vm.md): TCG emulator, debootstrap
 # for the guest root filesystem, mkfs.ext4 -d for its image.
 VM_APT_PACKAGES := qemu-system-x86 debootstrap e2fsprogs
