@@ -208,6 +208,7 @@ def test_syn_queue_full_from_the_namespaces_counter():
     assert f.severity == "critical" and "dropped 335 SYNs" in f.text
     assert "net.ipv4.tcp_syncookies=0" in f.text and "322 SYN-ACK retransmits" in f.text
     assert "no_traffic" not in fs   # nothing was accepted, and the reason is said
+    assert "synack_retransmits" not in fs   # not "network loss": the flood's sources
     # fentry/kprobe count it at the kernel's decision: their own rule says it, once
     run.drops["syn_dropped_synq_full"] = 335
     assert "syn_queue_full" not in rules(run) and "syn_dropped_synq_full" in rules(run)

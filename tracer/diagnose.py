@@ -356,10 +356,14 @@ def rule_workers_uneven(run: Run, out: list[Finding]) -> Finding | None:
 def lab_rules(run: Run, out: list[Finding]) -> list[Finding]:
     """The rules above that fire, in this order.  With tcp_abort_on_overflow=1 the
     final ACKs dropped were reset, not left to stall: ack_dropped's sentence, which
-    says they stall, is then left out of ``out``."""
+    says they stall, is then left out of ``out``; so is synack_retransmits' (lost
+    final ACKs, network loss) beside syn_queue_full, which says whom they went to."""
     found = [f for f in (rule_backlog_clamped(run), rule_syn_queue_full(run),
                          rule_abort_on_overflow(run), rule_event_loop_busy(run, out),
                          rule_workers_uneven(run, out)) if f is not None]
     if any(f.rule == "abort_on_overflow" for f in found):
         out[:] = [f for f in out if f.rule != "ack_dropped"]
+    if any(f.rule == "syn_queue_full" for f in found):
+        # its sentence says whom the SYN-ACKs went to; "network loss" would mislead
+        out[:] = [f for f in out if f.rule != "synack_retransmits"]
     return found
