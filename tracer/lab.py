@@ -160,6 +160,7 @@ class Scenario:
     expect: tuple[str, ...]      # diagnosis rules that name the cause (any one of them)
     seen: Callable[[PhaseResult], bool]  # was the symptom there (the clients', mostly)?
     seen_words: str              # ... said in words (the symptom, as measured)
+    short: tuple[str, str, str] = ("", "", "")  # symptom, cause, fix in a few words (lab list)
 
 
 def _sys(**kv: int) -> tuple[tuple[str, int], ...]:
@@ -194,6 +195,7 @@ LIGHT = Load("/health", concurrency=1, pause_s=0.005)
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario(
         name="accept-overflow",
+        short=("timeouts, connects of 1-3 s", "queue overflows: backlog 8, loop blocked", "await; backlog 2048"),
         symptom="connection timeouts; connects of 1 s, 2 s, 3 s",
         cause="the accept queue overflows: a small backlog, and an event loop blocked in "
               "every request so accept() comes late",
@@ -208,6 +210,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     ),
     Scenario(
         name="syn-flood",
+        short=("new clients cannot connect", "SYN flood fills SYN queue, no syncookies", "tcp_syncookies=1"),
         symptom="new clients cannot connect at all while a flood goes on",
         cause="a SYN flood fills the SYN queue; with net.ipv4.tcp_syncookies=0 every further "
               "SYN is dropped (TCPReqQFullDrop)",
@@ -225,6 +228,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     ),
     Scenario(
         name="somaxconn-clamp",
+        short=("fine locally, timeouts in prod", "somaxconn 64 clamps listen(2048)", "raise somaxconn"),
         symptom="works locally, connection timeouts in production",
         cause="net.core.somaxconn (64 in 'prod', 4096 'locally') silently clamps "
               "uvicorn's listen(2048): the accept queue holds 64",
@@ -242,6 +246,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     ),
     Scenario(
         name="event-loop-busy",
+        short=("slow before handling, no errors", "CPU-bound handler on the event loop", "a process pool"),
         symptom="high latency before a request is handled, even for a trivial one; no errors",
         cause=f"a CPU-bound handler ({CPU_MS} ms of CPU) runs on the event loop: accept() and "
               "the reads of new connections wait for it; no overflow (backlog 2048)",
@@ -260,6 +265,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     ),
     Scenario(
         name="abort-on-overflow",
+        short=("random connection resets", "overflow + tcp_abort_on_overflow=1", "stop the overflow"),
         symptom="random connection resets",
         cause="a burst overflows the accept queue of a busy server, and "
               "net.ipv4.tcp_abort_on_overflow=1 makes the kernel answer each final ACK that "
@@ -280,6 +286,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     ),
     Scenario(
         name="workers",
+        short=("uneven split, herd wakeups", "4 workers on one shared socket", "SO_REUSEPORT per worker"),
         symptom="the workers share the load unevenly; each connection wakes every worker",
         cause="4 workers on one shared listening socket (one accept queue): every worker is "
               "woken for each connection (the thundering herd), the first to run takes it",
@@ -891,13 +898,15 @@ def _kernel(p: PhaseResult, key: str) -> str:
 
 
 def render_list() -> RenderableType:
-    t = Table(title="acceptrace lab: sudo acceptrace lab run NAME|all", title_justify="left",
-              show_lines=True)
+    """One line per scenario: the symptom, its cause, the fix."""
+    t = Table(title="acceptrace lab scenarios (sudo acceptrace lab run NAME|all)",
+              title_justify="left", box=None, pad_edge=False)
     for col in ("scenario", "symptom", "cause", "fix"):
-        t.add_column(col, ratio=1 if col != "scenario" else None, no_wrap=col == "scenario")
+        t.add_column(col, no_wrap=True, style="bold" if col == "scenario" else "")
     for sc in SCENARIOS.values():
-        t.add_row(sc.name, sc.symptom, sc.cause, sc.fix)
-    return t
+        t.add_row(sc.name, *sc.short)
+    return Group(t, Text("details: docs/lab.md; each scenario's full story is printed "
+                         "when it runs", style="dim"))
 
 
 def render_result(res: ScenarioResult) -> RenderableType:
