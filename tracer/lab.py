@@ -195,7 +195,8 @@ LIGHT = Load("/health", concurrency=1, pause_s=0.005)
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario(
         name="accept-overflow",
-        short=("timeouts, connects of 1-3 s", "queue overflows: backlog 8, loop blocked", "await; backlog 2048"),
+        short=("timeouts, connects of 1-3 s", "queue overflows: backlog 8, loop blocked",
+               "await; backlog 2048"),
         symptom="connection timeouts; connects of 1 s, 2 s, 3 s",
         cause="the accept queue overflows: a small backlog, and an event loop blocked in "
               "every request so accept() comes late",
@@ -210,7 +211,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     ),
     Scenario(
         name="syn-flood",
-        short=("new clients cannot connect", "SYN flood fills SYN queue, no syncookies", "tcp_syncookies=1"),
+        short=("new clients cannot connect", "SYN flood fills SYN queue, no syncookies",
+               "tcp_syncookies=1"),
         symptom="new clients cannot connect at all while a flood goes on",
         cause="a SYN flood fills the SYN queue; with net.ipv4.tcp_syncookies=0 every further "
               "SYN is dropped (TCPReqQFullDrop)",
@@ -228,7 +230,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     ),
     Scenario(
         name="somaxconn-clamp",
-        short=("fine locally, timeouts in prod", "somaxconn 64 clamps listen(2048)", "raise somaxconn"),
+        short=("fine locally, timeouts in prod", "somaxconn 64 clamps listen(2048)",
+               "raise somaxconn"),
         symptom="works locally, connection timeouts in production",
         cause="net.core.somaxconn (64 in 'prod', 4096 'locally') silently clamps "
               "uvicorn's listen(2048): the accept queue holds 64",
@@ -246,7 +249,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     ),
     Scenario(
         name="event-loop-busy",
-        short=("slow before handling, no errors", "CPU-bound handler on the event loop", "a process pool"),
+        short=("slow before handling, no errors", "CPU-bound handler on the event loop",
+               "a process pool"),
         symptom="high latency before a request is handled, even for a trivial one; no errors",
         cause=f"a CPU-bound handler ({CPU_MS} ms of CPU) runs on the event loop: accept() and "
               "the reads of new connections wait for it; no overflow (backlog 2048)",
@@ -265,7 +269,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     ),
     Scenario(
         name="abort-on-overflow",
-        short=("random connection resets", "overflow + tcp_abort_on_overflow=1", "stop the overflow"),
+        short=("random connection resets", "overflow + tcp_abort_on_overflow=1",
+               "stop the overflow"),
         symptom="random connection resets",
         cause="a burst overflows the accept queue of a busy server, and "
               "net.ipv4.tcp_abort_on_overflow=1 makes the kernel answer each final ACK that "
@@ -286,7 +291,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     ),
     Scenario(
         name="workers",
-        short=("uneven split, herd wakeups", "4 workers on one shared socket", "SO_REUSEPORT per worker"),
+        short=("uneven split, herd wakeups", "4 workers on one shared socket",
+               "SO_REUSEPORT per worker"),
         symptom="the workers share the load unevenly; each connection wakes every worker",
         cause="4 workers on one shared listening socket (one accept queue): every worker is "
               "woken for each connection (the thundering herd), the first to run takes it",
