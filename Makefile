@@ -17,7 +17,8 @@ APT_PACKAGES := python3-bpfcc bpfcc-tools python3-venv python3-pip iproute2 bpft
 # for the guest root filesystem, mkfs.ext4 -d for its image.
 VM_APT_PACKAGES := qemu-system-x86 debootstrap e2fsprogs
 
-.PHONY: setup system-packages vm-packages demo test test-host test-unit test-vm lint bench clean
+.PHONY: setup system-packages vm-packages lab-packages demo test test-host test-unit test-vm \
+	test-lab lint bench clean print-apt-packages
 
 setup: system-packages $(STAMP)
 
@@ -60,6 +61,10 @@ vm-packages:
 
 demo: setup
 	$(VENV)/bin/acceptrace demo
+
+# What make setup installs (the lab's local box bakes them in: tests/labvm/build-box.sh).
+print-apt-packages:
+	@echo $(APT_PACKAGES)
 
 # ruff, then mypy over what [tool.mypy] in pyproject.toml lists (tracer/, bench/,
 # the QEMU harness).

@@ -579,7 +579,7 @@ class LabServer:
         self._log.seek(0)
         return self._log.read().decode(errors="replace")
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def wait_ready(self, timeout: float = 300.0) -> None:
         """Until every worker said "Application startup complete" and the port has as many
         listening sockets as it will (one, or one per worker with --reuse-port)."""
         assert self.proc is not None
@@ -647,7 +647,7 @@ class TracerProcess:
                          name="tracer stdout", daemon=True).start()
         return self
 
-    def wait_tracing(self, timeout: float = 120.0) -> None:
+    def wait_tracing(self, timeout: float = 300.0) -> None:
         assert self.proc is not None
         if not self._tracing.wait(timeout) or self.proc.poll() is not None:
             raise UserError("acceptrace did not start tracing: " + _tail("".join(self.lines)))
