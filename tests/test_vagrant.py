@@ -32,7 +32,8 @@ def validate(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.parametrize("env", [{}, {"ACCEPTRACE_LIBVIRT_DRIVER": "kvm"},
                                  {"ACCEPTRACE_BOX": "acceptrace-lab-local",
-                                  "ACCEPTRACE_VM_MEMORY": "3072"}])
+                                  "ACCEPTRACE_VM_MEMORY": "3072",
+                                  "ACCEPTRACE_VM_CONSOLE": "/tmp/console.log"}])
 def test_vagrantfile_validates(tmp_path, env):
     res = validate(tmp_path, **env)
     assert res.returncode == 0 and "validated successfully" in res.stdout, \

@@ -26,9 +26,10 @@ CACHE=${ACCEPTRACE_LAB_CACHE:-/var/cache/acceptrace-lab}
 MIRROR=${ACCEPTRACE_VM_MIRROR:-http://deb.debian.org/debian}
 SUITE=trixie
 VAGRANT_PUB=${VAGRANT_PUB:-$(ls /usr/share/rubygems-integration/all/gems/vagrant-*/keys/vagrant.pub \
-                              /opt/vagrant/embedded/gems/gems/vagrant-*/keys/vagrant.pub 2>/dev/null | head -1)}
+                              /opt/vagrant/embedded/gems/gems/vagrant-*/keys/vagrant.pub \
+                              2>/dev/null | head -1 || true)}
 
-BASE="systemd-sysv systemd-networkd openssh-server sudo rsync ca-certificates iproute2 procps
+BASE="systemd-sysv openssh-server sudo rsync ca-certificates iproute2 procps
 kmod initramfs-tools zstd python3 python3-pip python3-venv linux-image-amd64 linux-headers-amd64"
 APT=$(make -s -C "$REPO" print-apt-packages)
 
@@ -95,12 +96,14 @@ cleanup() { unmount_all; safe_rm "$WORK" || true; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 safe_rm "$WORK"
-mkdir -p "$WORK" "$CACHE/debs"
+LOGS="$CACHE/build-logs"   # kept: the last build's, failed or not
+rm -rf "$LOGS"
+mkdir -p "$WORK" "$CACHE/debs" "$LOGS"
 
 log "key $KEY: debootstrap $SUITE (minbase)"
 t=$(date +%s)
 debootstrap --variant=minbase --cache-dir="$CACHE/debs" "$SUITE" "$ROOT" "$MIRROR" \
-    > "$WORK/debootstrap.log" 2>&1 || { tail -30 "$WORK/debootstrap.log" >&2; die "debootstrap failed"; }
+    > "$LOGS/debootstrap.log" 2>&1 || { tail -30 "$LOGS/debootstrap.log" >&2; die "debootstrap failed"; }
 log "debootstrap done in $(( $(date +%s) - t )) s"
 
 chroot_mount() { mount "$@"; MOUNTED+=("${@: -1}"); }
@@ -141,16 +144,17 @@ sed_initramfs() {
     sed -i 's/^MODULES=.*/MODULES=most/' "$ROOT/etc/initramfs-tools/initramfs.conf"
     printf '%s\n' virtio_pci virtio_blk virtio_net ext4 >> "$ROOT/etc/initramfs-tools/modules"
 }
-{
-    in_root apt-get update -q
-    in_root apt-get -y -q dist-upgrade
-    in_root apt-get install -y -q initramfs-tools
-    sed_initramfs
-    # shellcheck disable=SC2086
-    in_root apt-get install -y -q $BASE
-    # shellcheck disable=SC2086
-    in_root apt-get install -y -q $APT
-} > "$WORK/apt.log" 2>&1 || { tail -30 "$WORK/apt.log" >&2; die "apt-get failed"; }
+apt_step() {
+    "$@" >> "$LOGS/apt.log" 2>&1 || { tail -30 "$LOGS/apt.log" >&2; die "failed: ${*:2}"; }
+}
+apt_step in_root apt-get update -q
+apt_step in_root apt-get -y -q dist-upgrade
+apt_step in_root apt-get install -y -q initramfs-tools
+sed_initramfs
+# shellcheck disable=SC2086
+apt_step in_root apt-get install -y -q $BASE
+# shellcheck disable=SC2086
+apt_step in_root apt-get install -y -q $APT
 log "apt-get done in $(( $(date +%s) - t )) s"
 in_root dpkg-query -W -f '${Package}_${Version}_${Architecture}.deb\n' | sed 's/:/%3a/g' \
     > "$WORK/debs.keep"
@@ -162,9 +166,13 @@ log "pip download (the guest's own python and pip, in the chroot)"
 t=$(date +%s)
 mapfile -t DEPS <<<"$PYDEPS"
 mkdir -p "$ROOT/var/cache/acceptrace-wheels"
-in_root python3 -m pip download --quiet --dest /var/cache/acceptrace-wheels \
-    --only-binary=:all: "${DEPS[@]}" pip > "$WORK/pip.log" 2>&1 \
-    || { tail -30 "$WORK/pip.log" >&2; die "pip download failed"; }
+# The host's CA bundle: where the index is reached through a proxy with its own CA,
+# the host trusts it and the fresh root filesystem does not.
+cp "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}" "$ROOT/tmp/host-ca.crt"
+in_root python3 -m pip download --quiet --cert /tmp/host-ca.crt \
+    --dest /var/cache/acceptrace-wheels --only-binary=:all: "${DEPS[@]}" pip \
+    > "$LOGS/pip.log" 2>&1 || { tail -30 "$LOGS/pip.log" >&2; die "pip download failed"; }
+rm -f "$ROOT/tmp/host-ca.crt"
 cat > "$ROOT/etc/pip.conf" <<'EOF'
 # The lab box reaches no package index: the project's dependencies are here.
 [global]
@@ -244,9 +252,6 @@ Vagrant.configure("2") do |config|
     lv.kernel = File.join(__dir__, "vmlinuz")
     lv.initrd = File.join(__dir__, "initrd.img")
     lv.cmd_line = "root=/dev/vda rw console=ttyS0 net.ifnames=0 mitigations=off"
-    if ENV["ACCEPTRACE_LAB_CONSOLE"]
-      lv.serial :type => "file", :source => {:path => ENV["ACCEPTRACE_LAB_CONSOLE"]}
-    end
   end
 end
 EOF
