@@ -119,6 +119,9 @@ def test_exit_code_says_whether_every_cause_was_named(tmp_path, monkeypatch):
     assert lab.run_lab("all", tmp_path, "auto", con, con) == 1   # one did not run
     with pytest.raises(UserError):                                # alone: its own error
         lab.run_lab("workers", tmp_path, "auto", con, con)
+    (tmp_path / "file").touch()
+    with pytest.raises(UserError, match="cannot write there"):    # a bad --out: one line
+        lab.run_lab("workers", tmp_path / "file", "auto", con, con)
 
 
 def test_stale_namespaces_of_a_killed_lab_are_removed(tmp_path, monkeypatch):
@@ -166,3 +169,17 @@ def test_group_wakeups_sums_the_groups_threads(tmp_path):
     proc(11, 10, 3)
     proc(12, 12, 1000)
     assert lab.group_wakeups(10, tmp_path) == 15
+
+
+def test_bad_input_is_one_line(tmp_path):
+    from helpers import run_cli
+
+    for args, want in ((["lab", "run", "nope"], "no lab scenario 'nope'"),
+                       (["lab", "run"], "Missing argument"),
+                       (["lab", "run", "all", "--backend", "ebpf"], "Invalid value")):
+        res = run_cli(*args)
+        assert res.returncode == 2, (args, res.stderr)
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and want in lines[0], (args, res.stderr)
+    res = run_cli("lab", "list")
+    assert res.returncode == 0 and "abort-on-overflow" in res.stdout

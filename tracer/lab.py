@@ -52,7 +52,6 @@ from .words import fmt_count, fmt_us
 
 LAB_PORT = 8000                 # every scenario's server; each namespace has its own
 NS_PREFIX = "atlab-"            # the lab's namespaces: atlab-<scenario>-<phase>-<lab pid>
-DEFAULT_OUT = Path("lab-results")
 # syn-flood: the flood's SYNs come from an address behind a veth (inside the namespace)
 # whose peer has no address: the server's SYN-ACKs leave to a neighbour that does not
 # exist, nobody answers them, and the requests stay in the SYN queue.
@@ -1052,6 +1051,13 @@ def run_lab(name: str, out_root: Path, backend: str, out: Console, err: Console)
     130/143/129 when a signal stopped it (after tearing everything down)."""
     names = scenario_names(name)
     check_tools()
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out_root)
+        probe.close()
+    except OSError as exc:
+        raise UserError(f"--out {out_root}: cannot write there ({exc.strerror or exc})") \
+            from None
     results: list[ScenarioResult] = []
     failed: dict[str, str] = {}
 
