@@ -8,15 +8,21 @@ PYTEST_ARGS ?=
 # Debian/Ubuntu packages: BCC's Python module (for Debian's /usr/bin/python3),
 # a kernel header tree for BCC's compiler, and what the tests and tools use
 # (prometheus: the server and promtool the exporter's tests scrape and check with;
-# prometheus-node-exporter: its textfile collector reads the exporter's textfile).
+# prometheus-node-exporter: its textfile collector reads the exporter's textfile;
+# vagrant, vagrant-libvirt: `vagrant validate` of the lab's VM, tests/test_vagrant.py).
 APT_PACKAGES := python3-bpfcc bpfcc-tools python3-venv python3-pip iproute2 bpftool \
 	gcc libc6-dev make binutils xz-utils procps tmux chromium prometheus prometheus-node-exporter \
-	nginx-light nodejs
+	nginx-light nodejs vagrant vagrant-libvirt
 # The QEMU guest suite (tests/test_vm.py, docs/vm.md): TCG emulator, debootstrap
 # for the guest root filesystem, mkfs.ext4 -d for its image.
 VM_APT_PACKAGES := qemu-system-x86 debootstrap e2fsprogs
+# make test-lab (docs/lab.md): the lab's Vagrant VM booted for real, under libvirt
+# (started by hand inside a network namespace: no systemd needed) with QEMU.
+LAB_APT_PACKAGES := $(VM_APT_PACKAGES) qemu-utils libvirt-daemon-system libvirt-daemon-driver-qemu \
+	libvirt-clients dnsmasq-base rsync vagrant vagrant-libvirt
 
-.PHONY: setup system-packages vm-packages demo test test-host test-unit test-vm lint bench clean
+.PHONY: setup system-packages vm-packages lab-packages demo test test-host test-unit test-vm \
+	test-lab lint bench clean print-apt-packages
 
 setup: system-packages $(STAMP)
 
@@ -57,8 +63,22 @@ vm-packages:
 	  apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
+lab-packages:
+	@[ "$$(id -u)" = 0 ] || { echo "make test-lab: needs root: sudo make test-lab" >&2; exit 1; }
+	@set -e; missing=""; \
+	for p in $(LAB_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -qq; \
+	  apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
 demo: setup
 	$(VENV)/bin/acceptrace demo
+
+# What make setup installs (the lab's local box bakes them in: tests/labvm/build-box.sh).
+print-apt-packages:
+	@echo $(APT_PACKAGES)
 
 # ruff, then mypy over what [tool.mypy] in pyproject.toml lists (tracer/, bench/,
 # the QEMU harness).
@@ -89,6 +109,12 @@ test-unit:
 # 6.1 and 6.12 kernels, once per backend (docs/vm.md).
 test-vm: setup vm-packages
 	$(PY) -m pytest -m vm $(PYTEST_ARGS)
+
+# The lab's Vagrant VM booted for real (a local Debian trixie box, libvirt with QEMU/TCG
+# inside a network namespace) and `acceptrace lab run all` inside it on the fentry
+# backend; not part of make test (docs/lab.md records a run's result and timings).
+test-lab: setup lab-packages
+	tests/labvm/run.sh
 
 bench: setup
 	$(PY) bench/accept_rate.py

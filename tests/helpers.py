@@ -104,3 +104,26 @@ def syn_packet(src: str, dst: str, sport: int, dport: int) -> bytes:
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 0, 0, 0, 64, 6, 0,
                      socket.inet_aton(src), socket.inet_aton(dst))
     return ip + tcp
+
+
+class ScratchNamespace:
+    """``with ScratchNamespace() as name:`` a network namespace of the test's own (loopback
+    up), removed afterwards with every process in it -- also when the test fails."""
+
+    def __init__(self, prefix: str = "at-test") -> None:
+        self.name = f"{prefix}-{os.urandom(4).hex()}"
+
+    def __enter__(self) -> str:
+        subprocess.run(["ip", "netns", "add", self.name], check=True)
+        subprocess.run(["ip", "-n", self.name, "link", "set", "lo", "up"], check=True)
+        return self.name
+
+    def __exit__(self, *exc: object) -> None:
+        pids = subprocess.run(["ip", "netns", "pids", self.name], capture_output=True,
+                              text=True).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), 9)
+            except (ProcessLookupError, ValueError):
+                pass
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)

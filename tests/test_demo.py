@@ -328,6 +328,18 @@ def test_loadgen_counts_exactly_max_requests(http_server, n, concurrency):
     assert s["connect_p50_ms"] <= s["connect_p99_ms"] <= s["connect_max_ms"] <= s["total_max_ms"]
 
 
+def test_loadgen_processes_split_clients_and_merge_figures(http_server):
+    from acceptrace.loadgen import run_load_processes
+
+    port, handler = http_server
+    res = run_load_processes("127.0.0.1", port, processes=3, duration_s=30, concurrency=5,
+                             max_requests=11)
+    # 11 requests over 3 processes (4 + 4 + 3), every one counted once
+    assert (res.attempted, res.completed, res.errors) == (11, 11, {}), res.summary()
+    assert len(res.connect_s) == len(res.total_s) == 11 == handler.hits
+    assert res.summary()["connected"] == 11
+
+
 def test_loadgen_stops_at_duration(http_server):
     port, _ = http_server
     t0 = time.monotonic()

@@ -233,3 +233,111 @@ def test_untracked_accepts_are_said_beside_a_healthy_run():
     assert "evicted" in fs[1].text and "accept_queue timed 100 of 100" in fs[1].text
     run.extra["accept_untracked"] = 0
     assert rules(run) == {"healthy"}
+
+
+# -- the rules the lab's scenarios need (tests/test_lab.py runs them for real) -----------------
+
+def lab_run(**drops: int | None) -> Run:
+    run = base_run(**drops)
+    run.meta.netns = {"inode": 4026532000, "name": "ip netns atlab", "pid": None}
+    return run
+
+
+def test_backlog_clamped_by_somaxconn():
+    from acceptrace.model import Listener
+
+    for clamp in (64, 1024):
+        run = lab_run(listen_overflow=9, syn_dropped=9)
+        run.queues.backlog = run.meta.somaxconn = clamp
+        run.queues.listeners = [Listener("ipv4", "0.0.0.0", 8000, backlog=clamp)]
+        f = {x.rule: x for x in diagnose(run)}["backlog_clamped"]
+        assert f"limit is {clamp}, exactly net.core.somaxconn of the namespace of ip netns " \
+               "atlab" in f.text and "asked for more" in f.text and "9 times" in f.text
+    run.queues.backlog = 512                       # asked for less than somaxconn
+    assert "backlog_clamped" not in rules(run)
+    run.queues.backlog = 1024
+    run.drops["listen_overflow"] = 0               # clamped, but never full: no sentence
+    assert "backlog_clamped" not in rules(run)
+    run.drops["listen_overflow"] = None            # a backend that cannot split overflows:
+    run.kernel_counters["TcpExtListenOverflows"] = 4   # the namespace's counter
+    assert "backlog_clamped" in rules(run)
+    run.meta.somaxconn = None                      # unknown: no guess
+    assert "backlog_clamped" not in rules(run)
+
+
+def test_syn_queue_full_from_the_namespaces_counter():
+    run = lab_run(syn_dropped_synq_full=None, synack_retransmits=322)
+    run.kernel_counters["TcpExtTCPReqQFullDrop"] = 335
+    run.meta.sysctls = {"net.ipv4.tcp_syncookies": 0}
+    run.connections["accepted"] = 0
+    fs = {x.rule: x for x in diagnose(run)}
+    f = fs["syn_queue_full"]
+    assert f.severity == "critical" and "dropped 335 SYNs" in f.text
+    assert "net.ipv4.tcp_syncookies=0" in f.text and "322 SYN-ACK retransmits" in f.text
+    assert "no_traffic" not in fs   # nothing was accepted, and the reason is said
+    assert "synack_retransmits" not in fs   # not "network loss": the flood's sources
+    # fentry/kprobe count it at the kernel's decision: their own rule says it, once
+    run.drops["syn_dropped_synq_full"] = 335
+    assert "syn_queue_full" not in rules(run) and "syn_dropped_synq_full" in rules(run)
+    run.drops["syn_dropped_synq_full"] = None
+    run.kernel_counters["TcpExtTCPReqQFullDrop"] = 0
+    assert "syn_queue_full" not in rules(run)
+
+
+def test_abort_on_overflow_says_resets_instead_of_stalls():
+    run = lab_run(listen_overflow=30, syn_dropped=22, ack_dropped=8)
+    assert "ack_dropped" in rules(run) and "abort_on_overflow" not in rules(run)
+    run.meta.sysctls = {"net.ipv4.tcp_abort_on_overflow": 1}
+    fs = {x.rule: x for x in diagnose(run)}
+    assert "the 8 final ACKs that found the accept queue full were answered with RST" \
+        in fs["abort_on_overflow"].text
+    assert "ack_dropped" not in fs   # its sentence says they stall: not so here
+    run.drops["ack_dropped"] = None  # a backend that cannot tell ACK drops apart
+    text = next(f.text for f in diagnose(run) if f.rule == "abort_on_overflow")
+    assert "cannot count them" in text
+    run.drops.update(listen_overflow=5, syn_dropped=5, ack_dropped=0)
+    assert "abort_on_overflow" not in rules(run)   # set, but no final ACK found it full
+
+
+def test_event_loop_busy_without_overflow():
+    run = with_stage(lab_run(), "accept_queue", 49_000)
+    f = {x.rule: x for x in diagnose(run)}["event_loop_busy"]
+    assert "never overflowed (backlog 2048" in f.text and "49.0 ms or more in the accept" \
+        in f.text and "process pool" in f.text
+    assert "event_loop_busy" not in rules(with_stage(lab_run(), "accept_queue", 5_000))
+    assert "event_loop_busy" in rules(with_stage(lab_run(), "accept_to_read", 12_000))
+    # a wait the older rules already name (p99 over their thresholds): said once, by them
+    slow = rules(with_stage(lab_run(), "accept_queue", 150_000))
+    assert "accept_queue_slow" in slow and "event_loop_busy" not in slow
+    # an overflow is the other rules' story
+    over = with_stage(lab_run(listen_overflow=3, syn_dropped=3), "accept_queue", 49_000)
+    assert "event_loop_busy" not in rules(over)
+    # overflows unknown (no split, no namespace counter): no claim of "never overflowed"
+    unknown = with_stage(lab_run(listen_overflow=None), "accept_queue", 49_000)
+    assert "event_loop_busy" not in rules(unknown)
+    few = with_stage(lab_run(), "accept_queue", 49_000)
+    few.connections["accepted"] = 5
+    assert "event_loop_busy" not in rules(few)
+
+
+def test_workers_uneven_beyond_chance():
+    from acceptrace.model import Listener
+
+    def split(*counts: int, listeners: int = 1) -> Run:
+        run = lab_run()
+        run.processes = [ProcessCount(i + 1, "python", c) for i, c in enumerate(counts)]
+        run.queues.listeners = [Listener("ipv4", "0.0.0.0", 8000, backlog=2048, inode=i)
+                                for i in range(listeners)]
+        return run
+
+    shared = {f.rule: f for f in diagnose(split(551, 397, 394, 231))}
+    assert "workers_uneven" in shared and "workers_unbalanced" not in shared
+    assert "551, 397, 394, 231" in shared["workers_uneven"].text
+    assert "thundering herd" in shared["workers_uneven"].text
+    assert "workers_uneven" not in rules(split(633, 610, 591, 590))     # as even as chance
+    assert "workers_uneven" not in rules(split(6, 2, 1, 1))             # too few to tell
+    assert rules(split(900, 100)) >= {"workers_unbalanced"}             # said once
+    assert "workers_uneven" not in rules(split(900, 100))
+    reuse = next(f for f in diagnose(split(551, 397, 394, 231, listeners=4))
+                 if f.rule == "workers_uneven")
+    assert "SO_REUSEPORT socket (4 listeners)" in reuse.text

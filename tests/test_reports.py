@@ -280,3 +280,135 @@ def test_views_name_the_server_and_the_response(run):
     # a report written before servers were recognised: no server anywhere, no error
     old = Run.from_json(run.to_json())
     assert old.server() is None and "server " not in to_text(render_report(old), 200)[:80]
+
+
+# -- the picture a report opens with: where a p50 and a p99 connection spent its time --------
+
+def fixed_run(run: Run) -> Run:
+    """The fixture "after a fix": every stage (dispatch ones too) a known, short time."""
+    from acceptrace.hist import Histogram
+
+    after = copy.deepcopy(run)
+    for stage, us in (("handshake", 30), ("accept_queue", 2_000), ("accept_to_read", 500),
+                      ("read_to_dispatch", 50), ("dispatch_to_response", 20_000)):
+        h = Histogram.empty("us")
+        for _ in range(200):
+            h.add(us)
+        after.stages[stage] = h
+    return after
+
+
+FLOW_RECT = re.compile(r'<rect class="seg" x="([\d.]+)" y="(\d+)" width="([\d.]+)"[^>]*'
+                       r'data-run="([^"]+)" data-q="(p\d+)" data-stage="(\w+)" data-us="([\d.]+)"')
+
+
+def flow_rects(html: str) -> list[tuple[float, int, float, str, str, str, float]]:
+    return [(float(x), int(y), float(w), r, q, s, float(us))
+            for x, y, w, r, q, s, us in FLOW_RECT.findall(html)]
+
+
+def one_scale(rects: list[tuple[float, int, float, str, str, str, float]]) -> bool:
+    """Pixels per µs the same for every segment wide enough to tell (widths are written
+    to 0.01 px)."""
+    ratios = [w / us for _x, _y, w, _r, _q, _s, us in rects if w >= 5]
+    return bool(ratios) and max(ratios) <= min(ratios) * 1.01
+
+
+def test_html_opens_with_the_flow_bars(run):
+    from acceptrace.html import FLOW
+
+    html = render_html(run)
+    assert html.index('data-plot="flow"') < html.index("<h2>Diagnosis</h2>")
+    rects = flow_rects(html)
+    order = [s for s, _l, _c in FLOW]
+    for q in ("p50", "p99"):
+        row = [r for r in rects if r[4] == q]
+        assert [r[5] for r in row] == [s for s in order if run.stages.get(s) is not None
+                                      and run.stages[s].count]   # flow order, measured ones
+        for (x, _y, w, *_rest), nxt in zip(row, row[1:]):
+            assert nxt[0] == pytest.approx(x + w, abs=0.02)       # stacked end to end
+        assert one_scale(row)                                     # one time scale per bar
+        h = run.stages[row[1][5]]
+        assert row[1][6] == pytest.approx(h.percentile(0.5 if q == "p50" else 0.99), abs=0.1)
+
+
+def test_html_compare_bars_one_above_the_other(run):
+    from acceptrace.html import render_html_compare
+
+    after = fixed_run(run)
+    html = render_html_compare(run, after, ("before", "after"))
+    rects = flow_rects(html)
+    for q in ("p50", "p99"):
+        b = [r for r in rects if r[4] == q and r[3] == "before"]
+        a = [r for r in rects if r[4] == q and r[3] == "after"]
+        assert b and a and b[0][1] < a[0][1]                      # before above after
+        assert one_scale(b + a)   # the two bars of a quantile: widths proportional to time
+    assert [r[5] for r in rects if r[3] == "after" and r[4] == "p50"] == [
+        "handshake", "accept_queue", "accept_to_read", "read_to_dispatch",
+        "dispatch_to_response"]
+    assert "Content-Security-Policy" in html and "<script" not in html
+
+
+def test_flow_bars_are_painted_in_chromium(run, tmp_path):
+    """Headless Chromium draws the comparison: each bar's segments in their colours,
+    where the SVG puts them (to a pixel or two), the "before" bars above the "after"."""
+    from acceptrace.html import FLOW, render_html_compare
+    from PIL import Image
+
+    after = fixed_run(run)
+    html = render_html_compare(run, after, ("before", "after"))
+    page = tmp_path / "compare.html"
+    page.write_text(html)
+    shot = tmp_path / "flow.png"
+    trap = TrapProxy()
+    try:
+        chromium(f"--user-data-dir={tmp_path / 'p'}", "--window-size=1100,560",
+                 "--force-device-scale-factor=1", f"--screenshot={shot}", page.as_uri(),
+                 proxy=trap.sock.getsockname()[1])
+    finally:
+        trap.close()
+    img = Image.open(shot).convert("RGB")
+    px = img.load()
+    width, height = img.size
+    colour = {s: tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for s, _l, c in FLOW}
+
+    def extent(rgb: tuple[int, ...]) -> dict[int, tuple[int, int]]:
+        """y -> (first x, last x) of the pixels of exactly this colour on that row."""
+        rows: dict[int, tuple[int, int]] = {}
+        for y in range(height):
+            xs = [x for x in range(width) if px[x, y] == rgb]
+            if xs:
+                rows[y] = (xs[0], xs[-1])
+        return rows
+
+    svg_left = None
+    offsets: list[tuple[int, int]] = []   # (y in the SVG, top of the painted band)
+    for x0, y0, w, name, q, stage, _us in flow_rects(html):
+        if w < 4:
+            continue   # a sliver: antialiased, no pixel need be exactly its colour
+        rows = extent(colour[stage])
+        assert rows, f"{stage} ({name} {q}) not painted"
+        if svg_left is None:
+            # the SVG's left edge on the page, from the first wide segment
+            svg_left = rows[min(rows)][0] - round(x0)
+        lo, hi = svg_left + x0, svg_left + x0 + w
+        band = [y for y, (a, b) in rows.items() if abs(a - lo) <= 2 and abs(b + 1 - hi) <= 2]
+        # the segment is painted at its x and width, its full height, one band of rows
+        # (a segment of the same colour and x-range in another bar is another band)
+        bands = [[band[0]]] if band else []
+        for y in band[1:]:
+            if y == bands[-1][-1] + 1:
+                bands[-1].append(y)
+            else:
+                bands.append([y])
+        assert any(len(bd) >= 24 for bd in bands), (name, q, stage, lo, hi, bands)
+        tops = [bd[0] for bd in bands if len(bd) >= 24]
+        # of the bands that fit, the one where this bar's row is (the offset of the
+        # first one painted fixes where the SVG is)
+        top = min(tops, key=lambda t: abs((t - y0) - (offsets[0][1] - offsets[0][0]))
+                  if offsets else 0)
+        offsets.append((y0, top))
+    # every bar is painted where the SVG put it: one vertical offset for all, so the
+    # "before" bars (smaller y in the SVG) are above the "after" ones on the screen
+    assert len({top - y0 for y0, top in offsets}) <= 2, offsets
+    assert len({y0 for y0, _t in offsets}) == 4   # four bars: 2 runs x p50, p99

@@ -112,6 +112,10 @@ def make_session(monkeypatch, backend, drops: list[int],
             return 4096
 
         @staticmethod
+        def sysctls() -> dict[str, int]:
+            return {"net.ipv4.tcp_abort_on_overflow": 0}
+
+        @staticmethod
         def read_together(port):
             return fake_listener_drops(port), FakeNetns.netstat()
 
@@ -279,6 +283,9 @@ class FakeNs:
 
     def somaxconn(self):
         return 4096
+
+    def sysctls(self):
+        return {}
 
     def read_together(self, port):
         return self.listener_drops(port), self.netstat()

@@ -151,10 +151,12 @@ def demo(duration: float, json_path: Path | None) -> None:
 
     out, err = _consoles()
     seconds = _positive("--duration", duration) or 15.0
+    tui = sys.stdout.isatty() and sys.stdin.isatty()   # a terminal: the live dashboard
 
-    def trace_demo(port: int, on_started: Callable[[], None]) -> object:
-        return trace(TraceOptions(port=port, duration_s=seconds, json_path=json_path), out, err,
-                     on_started=on_started)
+    def trace_demo(port: int, on_started: Callable[[], None],
+                   before_summary: Callable[[object], None]) -> object:
+        return trace(TraceOptions(port=port, duration_s=seconds, json_path=json_path, tui=tui),
+                     out, err, on_started=on_started, before_summary=before_summary)
 
     run_demo(duration_s=seconds, err=err, trace=trace_demo)
 
@@ -225,6 +227,44 @@ def export(ports: tuple[str, ...], listen: str | None, textfile: Path | None, in
                                        per_octave=int(per_octave)), err)
 
 
+@cli.group()
+def lab() -> None:
+    """Each failure mode of the accept path, reproduced in a network namespace of its own:
+    the symptom clients see, the cause acceptrace names, the fix, before and after.
+
+    \b
+      sudo acceptrace lab list
+      sudo acceptrace lab run accept-overflow
+      sudo acceptrace lab run all
+    """
+
+
+@lab.command("list")
+def lab_list() -> None:
+    """The scenarios: symptom, cause, fix."""
+    from .lab import render_list  # noqa: PLC0415
+
+    out, _ = _consoles()
+    out.print(render_list())
+
+
+@lab.command("run")
+@click.argument("name", metavar="NAME|all")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("lab-results"), show_default=True,
+              help="Write NAME/run.json, fixed.json, report.html and lab.json here.")
+@click.option("--backend", "-b", default="auto", show_default=True, metavar="NAME",
+              type=click.Choice(["auto", "fentry", "kprobe", "tracepoint"]),
+              help="How acceptrace hooks the kernel (as for a trace).")
+def lab_run(name: str, out_dir: Path, backend: str) -> None:
+    """Run scenario NAME (or all): set up, load, trace, diagnose; then the fix, the same
+    again, and the comparison. Exit code 1 if an expected cause was not named."""
+    from .lab import run_lab  # noqa: PLC0415
+
+    out, err = _consoles()
+    sys.exit(run_lab(name, out_dir, backend, out, err))
+
+
 def _read_run(path: Path):  # noqa: ANN202 - Run, imported lazily
     from .model import Run  # noqa: PLC0415
 
@@ -240,7 +280,8 @@ def _read_run(path: Path):  # noqa: ANN202 - Run, imported lazily
 @click.argument("runs", nargs=-1, required=True,
                 type=click.Path(dir_okay=False, path_type=Path), metavar="RUN.json [AFTER.json]")
 @click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path),
-              metavar="FILE", help="Write a self-contained HTML report (one run).")
+              metavar="FILE", help="Write a self-contained HTML report (of two runs: the "
+                                   "comparison).")
 @click.option("--port", "-p", "port", metavar="PORT",
               help="Only this listener of a run of several (its own figures).")
 @click.option("--namespace", "namespace", metavar="NAME",
@@ -268,13 +309,13 @@ def report(runs: tuple[Path, ...], html_path: Path | None, port: str | None,
         loaded = picked
     out, err = _consoles()
     if html_path is not None:
-        if len(loaded) != 1:
-            raise UserError("--html renders one run")
-        from .html import render_html  # noqa: PLC0415
+        from .html import render_html, render_html_compare  # noqa: PLC0415
         from .model import write_text_atomic  # noqa: PLC0415
 
+        page = (render_html(loaded[0]) if len(loaded) == 1 else
+                render_html_compare(loaded[0], loaded[1], (runs[0].name, runs[1].name)))
         try:
-            write_text_atomic(html_path, render_html(loaded[0]))
+            write_text_atomic(html_path, page)
         except OSError as exc:
             raise UserError(f"cannot write {html_path}: {exc.strerror or exc}") from exc
         err.print(f"acceptrace: HTML report written to {html_path}")

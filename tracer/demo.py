@@ -196,10 +196,13 @@ class ServerProcess:
 
 
 def run_demo(*, duration_s: float, err: Console,
-             trace: Callable[[int, Callable[[], None]], object]) -> None:
+             trace: Callable[[int, Callable[[], None], Callable[[object], None]], object]
+             ) -> None:
     """Trace the demo target under load: the accept queue overflows within seconds.
 
-    ``trace(port, on_started)`` runs the tracer (the CLI hands in runner.trace)."""
+    ``trace(port, on_started, before_summary)`` runs the tracer (the CLI hands in
+    runner.trace): ``on_started`` starts the load; ``before_summary`` says what its
+    clients saw, before the run's summary and diagnosis (the last word)."""
     from .selection import require_root  # noqa: PLC0415
 
     require_root()
@@ -229,21 +232,27 @@ def run_demo(*, duration_s: float, err: Console,
             start_new_session=True,
         )
 
+    def finish_load(_run: object = None) -> None:
+        nonlocal load
+        if load is None:
+            return
+        proc, load = load, None
+        try:
+            stdout, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, _ = proc.communicate()
+        _print_load(stdout, err)
+
     with server:
         try:
             server.wait_listening()
         except ServerStartError as exc:
             raise UserError(f"the demo server did not start: {exc}") from exc
         try:
-            trace(port, start_load)
+            trace(port, start_load, finish_load)
         finally:
-            if load is not None:
-                try:
-                    stdout, _ = load.communicate(timeout=30)
-                except subprocess.TimeoutExpired:
-                    load.kill()
-                    stdout, _ = load.communicate()
-                _print_load(stdout, err)
+            finish_load()   # the trace failed before its summary
 
 
 def _print_load(stdout: str, err: Console) -> None:

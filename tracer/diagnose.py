@@ -235,8 +235,10 @@ def diagnose(run: Run) -> list[Finding]:
             f"{others:,} belong to other listeners of the namespace — run acceptrace without "
             "--port to see which."))
 
+    out.extend(lab_rules(run, out))
+
     accepted = run.connections.get("accepted") or 0
-    if accepted == 0 and not overflow:
+    if accepted == 0 and not overflow and not any(f.severity == "critical" for f in out):
         out.append(Finding(
             "no_traffic", "info",
             "no connection was accepted on this port during the run: is the port right, "
@@ -259,3 +261,168 @@ def diagnose(run: Run) -> list[Finding]:
             + (f" (accept_queue timed {timed.count:,} of {accepted:,})" if timed is not None
                else "") + "."))
     return out
+
+
+# -- Rules the lab's scenarios need (tracer/lab.py, docs/lab.md) ------------------------------
+# Each in its own function; lab_rules() gathers them after the rules above.
+
+LOOP_WAIT_US = 10_000     # a median wait this long before accept() or the first read
+UNEVEN_RATIO = 1.5        # busiest / least busy process, for an uneven split
+UNEVEN_MIN_PER_PROCESS = 50
+
+
+def _overflows(run: Run) -> int | None:
+    """Listen overflows of this run: its own count, else (a backend that cannot split
+    them) the namespace's counter when the run has one."""
+    over = run.drops.get("listen_overflow")
+    if over is not None:
+        return over
+    return run.kernel_counters.get("TcpExtListenOverflows")
+
+
+def rule_backlog_clamped(run: Run) -> Finding | None:
+    """The backlog equals the namespace's somaxconn: listen() was very likely clamped."""
+    backlog, somaxconn, over = run.queues.backlog, run.meta.somaxconn, _overflows(run)
+    if not over or backlog is None or somaxconn is None or backlog != somaxconn:
+        return None
+    return Finding(
+        "backlog_clamped", "warning",
+        f"the accept queue's limit is {backlog}, exactly net.core.somaxconn of the "
+        f"namespace{_namespace(run)}: the kernel clamps listen(backlog) to somaxconn without "
+        "a word, so the server most likely asked for more (uvicorn and gunicorn ask for "
+        "2048) and got "
+        f"{somaxconn}; it overflowed {over:,} times. Raise net.core.somaxconn in that "
+        "namespace (sysctl -w net.core.somaxconn=4096; a container: docker run --sysctl, a "
+        "pod's securityContext.sysctls) — then the server gets the queue it asks for.")
+
+
+def rule_syn_queue_full(run: Run) -> Finding | None:
+    """SYN-queue-full drops a backend cannot count itself: the namespace's counter."""
+    if run.drops.get("syn_dropped_synq_full") is not None or run.meta.netns is None \
+            or run.meta.all_namespaces:
+        return None
+    n = run.kernel_counters.get("TcpExtTCPReqQFullDrop")
+    if not n:
+        return None
+    cookies = run.meta.sysctls.get("net.ipv4.tcp_syncookies")
+    rtx = run.drops.get("synack_retransmits")
+    return Finding(
+        "syn_queue_full", "critical",
+        f"the namespace{_namespace(run)} dropped {n:,} SYNs because a SYN queue was full "
+        "and syncookies were not used (TcpExtTCPReqQFullDrop"
+        + (f"; net.ipv4.tcp_syncookies={cookies}" if cookies is not None else "")
+        + "): a SYN flood, or handshakes that never complete, hold the queue; every new "
+        "client's SYN is dropped, so its connect() times out. Turn syncookies on "
+        "(net.ipv4.tcp_syncookies=1, the default): past a full SYN queue the kernel then "
+        "answers with a cookie and keeps no state."
+        + (f" The {rtx:,} SYN-ACK retransmits are the server resending to the SYNs' "
+           "sources, which never answer." if rtx else "")
+        + " (This backend cannot tell which listener dropped them: the counter is the "
+        "namespace's.)")
+
+
+def rule_abort_on_overflow(run: Run) -> Finding | None:
+    """Resets, not stalls: tcp_abort_on_overflow=1 when final ACKs found the queue full."""
+    if run.meta.sysctls.get("net.ipv4.tcp_abort_on_overflow") != 1:
+        return None
+    ack = run.drops.get("ack_dropped")
+    over = _overflows(run)
+    if ack == 0 or (ack is None and not over):
+        return None
+    what = (f"the {ack:,} final ACKs that found the accept queue full were" if ack
+            else "final ACKs that found the accept queue full (this backend cannot count "
+                 "them apart from the overflows) were")
+    return Finding(
+        "abort_on_overflow", "critical",
+        f"net.ipv4.tcp_abort_on_overflow=1 in the namespace{_namespace(run)}: {what} "
+        "answered with RST — those clients had connected and see 'connection reset by "
+        "peer' on their first request. The resets are the accept queue overflowing: fix "
+        "that (see the overflow above); setting it back to 0 only turns the resets into "
+        "stalled handshakes that the kernel retries.")
+
+
+LOOP_RULES = ("accept_queue_slow", "accept_to_read_slow")  # they name the busy loop too
+
+
+def rule_event_loop_busy(run: Run, out: list[Finding]) -> Finding | None:
+    """No overflow, yet half the connections wait for the server: its event loop is busy.
+    (A wait in the tail only is accept_queue_slow's or accept_to_read_slow's: when
+    either said it, this one stays quiet.)"""
+    over = _overflows(run)
+    accepted = run.connections.get("accepted") or 0
+    if over is None or over > 0 or accepted < 20 or any(f.rule in LOOP_RULES for f in out):
+        return None
+    aq50, ar50 = _p(run, "accept_queue", 0.5), _p(run, "accept_to_read", 0.5)
+    ar99 = _p(run, "accept_to_read", 0.99)
+    if max(aq50 or 0, ar50 or 0) < LOOP_WAIT_US:
+        return None
+    depth = run.queues.accept_queue_depth
+    deepest = (f", deepest {depth.max:.0f}" if depth is not None and depth.max is not None
+               else "")
+    resp99 = _p(run, "dispatch_to_response", 0.99)
+    waits = [f"{fmt_us(v)} or more {where}" for v, where in (
+        (aq50, "in the accept queue (before accept())"),
+        (ar50, "from accept() to their first read")) if v is not None and v >= LOOP_WAIT_US]
+    waited = f"half the connections waited {' and '.join(waits)}"
+    return Finding(
+        "event_loop_busy", "warning",
+        "the event loop is busy: the accept queue never overflowed (backlog "
+        f"{run.queues.backlog}{deepest}), yet {waited} (accept queue p50 "
+        f"{fmt_us(aq50)}, p99 {fmt_us(_p(run, 'accept_queue', 0.99))}; accept() → first read "
+        f"p50 {fmt_us(ar50)}, p99 {fmt_us(ar99)}). "
+        "The kernel's queues are not the problem: the server gets to "
+        "accept() and to reading late because its loop is running other code — a "
+        "CPU-bound or blocking handler"
+        + (f" (dispatch → response p99 {fmt_us(resp99)})" if resp99 is not None else "")
+        + ". Move CPU-bound work off the loop (run_in_executor with a process pool), "
+        "make blocking calls async, or add workers.")
+
+
+def _chi2_critical(df: int) -> float:
+    """The chi-square value a fair split exceeds with probability 0.001 (Wilson-Hilferty)."""
+    z = 3.09
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def rule_workers_uneven(run: Run, out: list[Finding]) -> Finding | None:
+    """An uneven split of accepts over the processes, beyond chance; the herd if shared."""
+    counts = sorted((p.accepted for p in run.processes if p.accepted > 0), reverse=True)
+    n = len(counts)
+    if n < 2 or any(f.rule == "workers_unbalanced" for f in out):
+        return None
+    total = sum(counts)
+    if total < UNEVEN_MIN_PER_PROCESS * n:
+        return None
+    mean = total / n
+    chi2 = sum((c - mean) ** 2 / mean for c in counts)
+    if chi2 < _chi2_critical(n - 1) or counts[0] < UNEVEN_RATIO * counts[-1]:
+        return None
+    shared = len(run.queues.listeners) == 1
+    why = ("they share one listening socket (one accept queue): every connection wakes "
+           "every worker — the thundering herd — and whichever runs first takes it. "
+           "SO_REUSEPORT (gunicorn --reuse-port) gives each worker a socket and a queue of "
+           "its own; the kernel spreads connections over them by hash and wakes one worker."
+           if shared else
+           f"each has its own SO_REUSEPORT socket ({len(run.queues.listeners)} listeners): "
+           "the kernel hashes clients' addresses and ports over them, so few distinct "
+           "clients, or sockets opened and closed during the run, make the split uneven.")
+    return Finding(
+        "workers_uneven", "info",
+        f"accepts split unevenly over {n} processes: {', '.join(f'{c:,}' for c in counts)} "
+        f"(an even split is {mean:,.0f} each; far beyond chance): {why}")
+
+
+def lab_rules(run: Run, out: list[Finding]) -> list[Finding]:
+    """The rules above that fire, in this order.  With tcp_abort_on_overflow=1 the
+    final ACKs dropped were reset, not left to stall: ack_dropped's sentence, which
+    says they stall, is then left out of ``out``; so is synack_retransmits' (lost
+    final ACKs, network loss) beside syn_queue_full, which says whom they went to."""
+    found = [f for f in (rule_backlog_clamped(run), rule_syn_queue_full(run),
+                         rule_abort_on_overflow(run), rule_event_loop_busy(run, out),
+                         rule_workers_uneven(run, out)) if f is not None]
+    if any(f.rule == "abort_on_overflow" for f in found):
+        out[:] = [f for f in out if f.rule != "ack_dropped"]
+    if any(f.rule == "syn_queue_full" for f in found):
+        # its sentence says whom the SYN-ACKs went to; "network loss" would mislead
+        out[:] = [f for f in out if f.rule != "synack_retransmits"]
+    return found

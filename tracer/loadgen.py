@@ -20,8 +20,10 @@ import argparse
 import asyncio
 import json
 import math
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 ERROR_KINDS = ("refused", "reset", "timeout", "http", "other")
@@ -42,6 +44,17 @@ class LoadResult:
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
+    def merge(self, other: LoadResult) -> None:
+        """Add another process's clients (their figures run side by side)."""
+        self.attempted += other.attempted
+        self.completed += other.completed
+        for k, v in other.errors.items():
+            self.errors[k] = self.errors.get(k, 0) + v
+        self.connect_timeouts += other.connect_timeouts
+        self.connect_s += other.connect_s
+        self.total_s += other.total_s
+        self.duration_s = max(self.duration_s, other.duration_s)
+
     @staticmethod
     def percentile(values: list[float], q: float) -> float | None:
         """Nearest-rank percentile (``q`` in 0..1) of ``values``, None if empty."""
@@ -57,6 +70,7 @@ class LoadResult:
             "completed": self.completed,
             "errors": dict(sorted(self.errors.items())),
             "connect_timeouts": self.connect_timeouts,
+            "connected": len(self.connect_s),   # connect() returned: the handshake completed
             "duration_s": round(self.duration_s, 3),
             "requests_per_s": round(self.completed / self.duration_s, 1)
             if self.duration_s > 0 else None,
@@ -120,8 +134,10 @@ async def run_load_async(
     connect_timeout_s: float = 10.0,
     timeout_s: float = 10.0,
     max_requests: int | None = None,
+    pause_s: float = 0.0,
 ) -> LoadResult:
-    """``concurrency`` clients, each one request at a time, each on a new connection."""
+    """``concurrency`` clients, each one request at a time, each on a new connection,
+    ``pause_s`` between one response and its next request."""
     res = LoadResult()
     request = (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
                "Connection: close\r\n\r\n").encode()
@@ -136,7 +152,11 @@ async def run_load_async(
         return True
 
     async def client() -> None:
+        first = True
         while take():
+            if pause_s > 0 and not first:
+                await asyncio.sleep(pause_s)
+            first = False
             await _one(host, port, request, connect_timeout_s, timeout_s, res)
 
     t0 = time.monotonic()
@@ -155,12 +175,51 @@ def run_load(
     connect_timeout_s: float = 10.0,
     timeout_s: float = 10.0,
     max_requests: int | None = None,
+    pause_s: float = 0.0,
 ) -> LoadResult:
     """Blocking wrapper of :func:`run_load_async` (runs its own event loop)."""
     return asyncio.run(run_load_async(
         host, port, duration_s=duration_s, concurrency=concurrency, path=path,
         connect_timeout_s=connect_timeout_s, timeout_s=timeout_s, max_requests=max_requests,
+        pause_s=pause_s,
     ))
+
+
+def run_load_processes(
+    host: str,
+    port: int,
+    *,
+    processes: int,
+    duration_s: float,
+    concurrency: int,
+    path: str = "/",
+    connect_timeout_s: float = 10.0,
+    timeout_s: float = 10.0,
+    max_requests: int | None = None,
+    pause_s: float = 0.0,
+) -> LoadResult:
+    """:func:`run_load` in ``processes`` processes at once (``concurrency`` clients and
+    ``max_requests`` split between them), merged: handshakes then happen on several CPUs
+    at the same time, as they do with real clients (from one thread, loopback handshakes
+    run one after another inside the sending CPU's softirq)."""
+    if processes <= 1:
+        return run_load(host, port, duration_s=duration_s, concurrency=concurrency, path=path,
+                        connect_timeout_s=connect_timeout_s, timeout_s=timeout_s,
+                        max_requests=max_requests, pause_s=pause_s)
+    per = [concurrency // processes + (1 if i < concurrency % processes else 0)
+           for i in range(processes)]
+    caps = [None if max_requests is None else
+            max_requests // processes + (1 if i < max_requests % processes else 0)
+            for i in range(processes)]
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as ex:
+        futs = [ex.submit(run_load, host, port, duration_s=duration_s, concurrency=c,
+                          path=path, connect_timeout_s=connect_timeout_s,
+                          timeout_s=timeout_s, max_requests=m, pause_s=pause_s)
+                for c, m in zip(per, caps) if c > 0]
+        res = LoadResult()
+        for f in futs:
+            res.merge(f.result())
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,10 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-requests", type=int)
     ap.add_argument("--connect-timeout", type=float, default=10.0)
     ap.add_argument("--timeout", type=float, default=10.0, help="response timeout")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="split the clients over this many processes (default 1)")
+    ap.add_argument("--pause", type=float, default=0.0,
+                    help="seconds each client waits between a response and its next request")
     a = ap.parse_args(argv)
-    res = run_load(a.host, a.port, duration_s=a.duration, concurrency=a.concurrency,
-                   path=a.path, connect_timeout_s=a.connect_timeout, timeout_s=a.timeout,
-                   max_requests=a.max_requests)
+    res = run_load_processes(a.host, a.port, processes=a.processes, duration_s=a.duration,
+                             concurrency=a.concurrency, path=a.path,
+                             connect_timeout_s=a.connect_timeout, timeout_s=a.timeout,
+                             max_requests=a.max_requests, pause_s=a.pause)
     print(json.dumps(res.summary()))
     return 0
 

@@ -184,6 +184,8 @@ _CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "list[dict]": lambda v, w: [_netns(x, f"{w}[]") or {} for x in _items(v, w)],
     "dict | None": _netns,
     "dict[str, dict[str, Any]]": _interval_stages,
+    "dict[str, int]": lambda v, w: {_text(k, w): _count(x, f"{w}.{k}")
+                                    for k, x in _object(v, w).items()},
 }
 
 
@@ -219,6 +221,9 @@ class Meta:
     hooks: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     somaxconn: int | None = None  # net.core.somaxconn of the traced namespace
+    # that namespace's net.ipv4.tcp_abort_on_overflow, tcp_syncookies, tcp_max_syn_backlog
+    # as of the run's start ({} over several namespaces, or from an older acceptrace)
+    sysctls: dict[str, int] = field(default_factory=dict)
     # the traced network namespace: {"inode", "name", "pid"}; its kernel figures are these
     # (null at the top of a run over several namespaces: each target names its own)
     netns: dict | None = None

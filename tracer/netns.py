@@ -138,6 +138,10 @@ class NetNamespace:
     def somaxconn(self) -> int | None:
         return self.call(procnet.somaxconn)
 
+    def sysctls(self) -> dict[str, int]:
+        """The namespace's accept-path sysctls (procnet.ACCEPT_SYSCTLS)."""
+        return self.call(procnet.accept_sysctls)
+
     def describe(self) -> dict[str, object]:
         """For meta.netns: which namespace the figures are from."""
         return {"inode": self.inode, "name": self.label, "pid": self.pid}

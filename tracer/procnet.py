@@ -69,6 +69,23 @@ def somaxconn(path: Path = Path("/proc/sys/net/core/somaxconn")) -> int | None:
         return None
 
 
+# The network namespace's sysctls that change what the accept path does when a queue is
+# full (the diagnosis names them; meta.sysctls).  net.core.somaxconn has its own field.
+ACCEPT_SYSCTLS = ("net.ipv4.tcp_abort_on_overflow", "net.ipv4.tcp_syncookies",
+                  "net.ipv4.tcp_max_syn_backlog")
+
+
+def accept_sysctls(root: Path = Path("/proc/sys")) -> dict[str, int]:
+    """ACCEPT_SYSCTLS of the reading thread's network namespace; unreadable ones left out."""
+    out: dict[str, int] = {}
+    for name in ACCEPT_SYSCTLS:
+        try:
+            out[name] = int((root / name.replace(".", "/")).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
 # --- /proc/net/tcp{,6} ------------------------------------------------------------------------
 
 def _parse_hex_addr(hexaddr: str, family: str) -> str:

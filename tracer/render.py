@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Collection
 from datetime import datetime, timedelta
 
 from rich.console import Console, Group, RenderableType
@@ -245,7 +246,9 @@ def render_programs(cost: Cost) -> RenderableType:
     return t
 
 
-def render_summary(run: Run) -> RenderableType:
+def render_summary(run: Run, skip_notes: Collection[str] = ()) -> RenderableType:
+    """The end of a run (and the top of a report); ``skip_notes``: notes already printed
+    (at the start of a trace), not said twice."""
     m = run.meta
     c = run.connections
     server = run.server() if len(run.targets) <= 1 else None
@@ -283,7 +286,8 @@ def render_summary(run: Run) -> RenderableType:
     if run.slowest:
         parts.append(_slowest_table(run))
     for note in m.notes:
-        parts.append(Text(f"note: {note}", style="dim"))
+        if note not in skip_notes:
+            parts.append(Text(f"note: {note}", style="dim"))
     if run.cost is not None:
         parts.append(render_cost(run.cost))
     return Group(*parts)
@@ -318,6 +322,11 @@ def render_interval_line(run: Run, interval: Interval, label: bool = False) -> s
             f"{short} p50 {fmt_compact_us(st.get('p50'))} p99 {fmt_compact_us(st.get('p99'))}"
         )
     return "  ".join(parts)
+
+
+def render_end(run: Run, skip_notes: Collection[str] = ()) -> RenderableType:
+    """What a trace prints when it ends: the summary, then the diagnosis last."""
+    return Group(render_summary(run, skip_notes), render_diagnosis(run))
 
 
 def render_text(run: Run, width: int = 100) -> str:

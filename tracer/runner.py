@@ -31,7 +31,7 @@ from . import nsname, procnet, selection
 from .errors import UserError
 from .model import Interval, Run, write_text_atomic
 from .netns import NamespaceFinder, NetNamespace, open_netns
-from .render import render_interval_line, render_summary
+from .render import render_end, render_interval_line
 from .session import Session
 
 if TYPE_CHECKING:  # the exporter's imports are made by export() only: a trace starts quicker
@@ -221,8 +221,11 @@ def trace(
     *,
     on_started: Callable[[], None] | None = None,
     stop: StopFlag | None = None,
+    before_summary: Callable[[Run], None] | None = None,
 ) -> Run:
-    """Trace until --duration, a signal, or `stop`; always returns (and writes) the run."""
+    """Trace until --duration, a signal, or `stop`; always returns (and writes) the run.
+    It ends by printing the summary and, last, the diagnosis; ``before_summary(run)`` is
+    called just before (the demo's load generator says what its clients saw)."""
     clock = StartClock()
     if opts.all_namespaces and (opts.pid is not None or opts.netns is not None):
         raise UserError("--all-namespaces traces every namespace: leave out --pid and --netns")
@@ -230,7 +233,7 @@ def trace(
     ns = open_netns(pid=opts.pid, path=opts.netns)
     finder = NamespaceFinder(ns) if opts.all_namespaces else None
     try:
-        return _trace(opts, out, err, prep, ns, finder, clock, on_started, stop)
+        return _trace(opts, out, err, prep, ns, finder, clock, on_started, stop, before_summary)
     finally:
         if finder is not None:
             finder.close()
@@ -261,6 +264,7 @@ def _trace(
     clock: StartClock,
     on_started: Callable[[], None] | None,
     stop: StopFlag | None,
+    before_summary: Callable[[Run], None] | None = None,
 ) -> Run:
     clock.step("prepare")
     if prep.tracefs_mounted:
@@ -295,8 +299,10 @@ def _trace(
         slots=_slots(opts, len(spaces)),
     )
     clock.step("load")
+    printed: set[str] = set()   # notes said on the way: the summary does not repeat them
     for note in backend.notes:
         err.print(f"acceptrace: note: {note}", style="dim")
+        printed.add(note)
     stop = stop or StopFlag()
     session = Session(backend, None, opts.interval_s, slowest_n=opts.slowest_n,
                       ports=ports, namespaces=spaces,
@@ -313,6 +319,7 @@ def _trace(
             # Attach the dispatch uprobes before saying we are tracing.
             for msg in session.scan_servers():
                 err.print(f"acceptrace: {msg}")
+                printed.add(msg)
             clock.step("servers")
             err.print(f"acceptrace: {clock.line()}", style="dim")
             what = (f"port {ports[0]}" if len(ports) == 1 else
@@ -328,7 +335,7 @@ def _trace(
             if opts.tui:
                 _live_loop(session, opts, out, stop)
             else:
-                _loop(session, opts, out, err, stop, listening)
+                _loop(session, opts, out, err, stop, listening, printed)
             run = session.finish()
         finally:
             if run is None:
@@ -342,9 +349,11 @@ def _trace(
             backend.close()
         if opts.json_path:
             write_report(run, opts.json_path)
-    out.print(render_summary(run))
     if opts.json_path:
         err.print(f"acceptrace: report written to {opts.json_path}")
+    if before_summary is not None:
+        before_summary(run)
+    out.print(render_end(run, printed))
     return run
 
 
@@ -441,13 +450,17 @@ def _loop(
     err: Console,
     stop: StopFlag,
     listening: bool,
+    printed: set[str] | None = None,
 ) -> None:
-    """One plain line per interval (no terminal, or --no-tui)."""
+    """One plain line per interval (no terminal, or --no-tui); the messages said are
+    added to ``printed``."""
     seen = {"listening": listening}
 
     def on_tick(iv: Interval, msgs: list[str]) -> None:
         for msg in msgs:
             err.print(f"acceptrace: {msg}")
+            if printed is not None:
+                printed.add(msg)
         if not seen["listening"] and not session.all_listeners and session.listening():
             seen["listening"] = True
             err.print("acceptrace: a listener appeared on port "

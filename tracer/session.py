@@ -201,6 +201,7 @@ class _NsState:
     before: dict[str, int] = field(default_factory=dict)
     after: dict[str, int] = field(default_factory=dict)
     somaxconn: int | None = None
+    sysctls: dict[str, int] = field(default_factory=dict)  # as of its first read
     listeners: dict[int, procnet.ListenerStats] = field(default_factory=dict)
     gone: bool = False     # released (--all-namespaces: nothing holds it any more)
 
@@ -337,6 +338,7 @@ class Session:
                     st = self.spaces[ns.inode] = _NsState(ns)
                     st.before = st.after = ns.netstat()
                     st.somaxconn = ns.somaxconn()
+                    st.sysctls = ns.sysctls()
 
         before = len(self.targets)
         for st in self.spaces.values():
@@ -359,6 +361,7 @@ class Session:
         for st in self.spaces.values():
             st.before = st.after = st.netns.netstat()
             st.somaxconn = st.netns.somaxconn()
+            st.sysctls = st.netns.sysctls()
             self._read_listeners(st)
         self._discover()
         for t in self.targets.values():
@@ -610,6 +613,7 @@ class Session:
         m.notes = list(self.backend.notes) + list(self.notes)
         if st is not None:
             m.somaxconn = st.somaxconn
+            m.sysctls = dict(st.sysctls)
             m.netns = st.netns.describe()
         m.ports = list(self.ports)
         m.all_listeners = self.all_listeners
@@ -727,6 +731,7 @@ class Session:
                     totals[k] = totals.get(k, 0) + v
             run.kernel_counters = totals
             run.meta.somaxconn = None
+            run.meta.sysctls = {}
         elif st0 is not None:
             run.kernel_counters = procnet.counter_deltas(st0.before, st0.after, KERNEL_COUNTERS)
         run.intervals = list(self.intervals)

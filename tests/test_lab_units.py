@@ -1,0 +1,185 @@
+"""The lab's pure parts (no root): the scenarios' table, the verdicts, the exit code,
+the spoofed SYN, what a killed lab left behind.  tests/test_lab.py runs it for real."""
+
+from __future__ import annotations
+
+import copy
+import socket
+import struct
+from pathlib import Path
+
+import pytest
+from acceptrace import lab
+from acceptrace.diagnose import diagnose
+from acceptrace.errors import UserError
+from acceptrace.lab import SCENARIOS, PhaseResult, ScenarioResult
+from acceptrace.model import Run
+from acceptrace.render import to_text
+from rich.console import Console
+
+FIXTURE = Path(__file__).parent / "fixtures" / "run-demo-overflow.json"
+
+
+def test_every_scenario_is_listed_with_symptom_cause_fix():
+    text = to_text(lab.render_list(), 200)
+    assert set(SCENARIOS) == {"accept-overflow", "syn-flood", "somaxconn-clamp",
+                              "event-loop-busy", "abort-on-overflow", "workers"}
+    for sc in SCENARIOS.values():
+        assert sc.name in text
+        assert sc.symptom and sc.cause and sc.fix and sc.expect
+        # each phase is its own namespace's: a server, a load, what differs
+        assert sc.before.what != sc.fixed.what
+
+
+def test_scenario_names():
+    assert lab.scenario_names("all") == list(SCENARIOS)
+    assert lab.scenario_names("syn-flood") == ["syn-flood"]
+    with pytest.raises(UserError, match="no lab scenario 'nope': one of accept-overflow"):
+        lab.scenario_names("nope")
+
+
+def test_server_and_load_command_lines():
+    assert lab.Server(backlog=8).argv(8000)[2:4] == ["uvicorn", "acceptrace.demo_app:app"]
+    assert "--backlog" in lab.Server(backlog=8).argv(8000)
+    g = lab.Server(workers=4, gunicorn=True, reuse_port=True).argv(8000)
+    assert g[2] == "gunicorn" and "--reuse-port" in g and g[g.index("--workers") + 1] == "4"
+    load = lab.Load("/slow?ms=20", concurrency=32, processes=2, max_requests=9)
+    argv = load.argv(8000)
+    assert argv[argv.index("--processes") + 1] == "2" and "--max-requests" in argv
+    assert load.describe() == "32 clients from 2 processes, GET /slow?ms=20, 9 requests"
+    assert load.longest_s == load.duration_s + load.connect_timeout_s + load.timeout_s
+
+
+def test_syn_packet_is_a_valid_syn():
+    pkt = lab.syn_packet("198.18.0.99", "198.18.0.1", 40000, 8000)
+    ip, tcp = pkt[:20], pkt[20:]
+    assert ip[0] == 0x45 and ip[9] == socket.IPPROTO_TCP
+    assert socket.inet_ntoa(ip[12:16]) == "198.18.0.99"
+    sport, dport, _seq, ack, off, flags = struct.unpack("!HHIIBB", tcp[:14])
+    assert (sport, dport, ack, off >> 4, flags) == (40000, 8000, 0, 6, 0x02)
+    # the TCP checksum over the pseudo-header comes out as 0 when checked
+    pseudo = ip[12:20] + struct.pack("!BBH", 0, 6, len(tcp))
+    assert lab._checksum(pseudo + tcp) == 0
+
+
+def phase(label: str, run: Run, client: dict | None = None) -> PhaseResult:
+    c = {"attempted": 10, "completed": 10, "errors": {}, "connect_timeouts": 0,
+         "connected": 10, "slow_connects_1s": 0, "connect_p50_ms": 1.0, "connect_p99_ms": 2.0,
+         "connect_max_ms": 3.0, "total_p50_ms": 5.0, "total_p99_ms": 9.0,
+         **(client or {})}
+    sc = SCENARIOS["accept-overflow"]
+    return PhaseResult(label=label, phase=sc.before if label == "before" else sc.fixed,
+                       namespace=f"atlab-x-{label}-1", run=run, client=c,
+                       netstat=dict.fromkeys(lab.NETSTAT_KEYS, 0), sysctls={},
+                       findings=diagnose(run))
+
+
+def results(tmp_path: Path) -> tuple[ScenarioResult, ScenarioResult]:
+    over = Run.read(FIXTURE)            # overflowed: accept_queue_overflow is named
+    calm = copy.deepcopy(over)
+    calm.drops = dict.fromkeys(calm.drops, 0)
+    sc = SCENARIOS["accept-overflow"]
+    good = ScenarioResult(sc, phase("before", over, {"slow_connects_1s": 7}),
+                          phase("fixed", calm), tmp_path / "good")
+    bad = ScenarioResult(SCENARIOS["syn-flood"], phase("before", over), phase("fixed", calm),
+                         tmp_path / "bad")
+    return good, bad
+
+
+def test_verdicts(tmp_path):
+    good, bad = results(tmp_path)
+    assert good.ok and good.named == ["accept_queue_overflow"] and good.seen
+    assert not bad.ok and bad.named == []      # a flood's cause was not named
+    text = to_text(lab.render_result(good), 160)
+    assert "the expected cause was named [accept_queue_overflow]" in text
+    assert "requests ok / sent" in text and "ListenOverflows" in text
+    table = to_text(lab.render_all([good, bad], {"workers": "the server did not start"}), 200)
+    rows = {ln.split("│")[1].strip(): ln for ln in table.splitlines() if ln.count("│") > 3}
+    assert "yes" in rows["accept-overflow"].split("│")[-2]
+    assert "NO" in rows["syn-flood"] and "NO" in rows["workers"]
+    assert "did not run: the server did not start" in table
+
+
+def test_exit_code_says_whether_every_cause_was_named(tmp_path, monkeypatch):
+    good, bad = results(tmp_path)
+    monkeypatch.setattr(lab, "check_tools", lambda: None)
+    monkeypatch.setattr(lab, "remove_stale_namespaces", lambda: [])
+    con = Console(file=open("/dev/null", "w"), width=120)  # noqa: SIM115
+    monkeypatch.setattr(lab, "run_scenario", lambda sc, *a, **k: good)
+    assert lab.run_lab("accept-overflow", tmp_path, "auto", con, con) == 0
+    monkeypatch.setattr(lab, "run_scenario", lambda sc, *a, **k: bad)
+    assert lab.run_lab("syn-flood", tmp_path, "auto", con, con) == 1
+
+    def fails(sc: lab.Scenario, *a: object, **k: object) -> ScenarioResult:
+        if sc.name == "workers":
+            raise UserError("the lab's server exited (1)")
+        return good
+
+    monkeypatch.setattr(lab, "run_scenario", fails)
+    assert lab.run_lab("all", tmp_path, "auto", con, con) == 1   # one did not run
+    with pytest.raises(UserError):                                # alone: its own error
+        lab.run_lab("workers", tmp_path, "auto", con, con)
+    (tmp_path / "file").touch()
+    with pytest.raises(UserError, match="cannot write there"):    # a bad --out: one line
+        lab.run_lab("workers", tmp_path / "file", "auto", con, con)
+
+
+def test_stale_namespaces_of_a_killed_lab_are_removed(tmp_path, monkeypatch):
+    import os
+
+    killed: list[str] = []
+    monkeypatch.setattr(lab, "_kill_namespace", killed.append)
+    for name in ("atlab-syn-flood-before-999999999", f"atlab-workers-fixed-{os.getpid()}",
+                 "at-test-12345678", "atlab-odd"):
+        (tmp_path / name).touch()
+    assert lab.remove_stale_namespaces(tmp_path) == ["atlab-syn-flood-before-999999999"]
+    assert killed == ["atlab-syn-flood-before-999999999"]   # a live lab's is left alone
+
+
+def test_signals_are_raised_after_teardown(monkeypatch):
+    import signal
+
+    with pytest.raises(lab.LabInterrupted), lab.interruptible() as state:
+        with lab.shielded():
+            state(signal.SIGTERM, None)           # arrives during teardown: kept
+            assert state.pending
+        # ... and raised as soon as teardown ends
+        pytest.fail("not raised")
+    assert state.signum == signal.SIGTERM
+    with pytest.raises(lab.LabInterrupted), lab.interruptible() as state:
+        state(signal.SIGINT, None)
+    with lab.interruptible() as state, pytest.raises(lab.LabInterrupted) as exc:
+        with lab.shielded():
+            state(signal.SIGHUP, None)
+            state(signal.SIGTERM, None)           # a second one is ignored
+    assert exc.value.signum == signal.SIGHUP
+
+
+def test_group_wakeups_sums_the_groups_threads(tmp_path):
+    def proc(pid: int, pgrp: int, *switches: int) -> None:
+        d = tmp_path / str(pid)
+        (d / "task").mkdir(parents=True)
+        (d / "stat").write_text(f"{pid} (py thon) S 1 {pgrp} {pgrp} 0 -1\n")
+        for i, n in enumerate(switches):
+            t = d / "task" / str(pid + i)
+            t.mkdir()
+            t.joinpath("status").write_text(f"Name:\tx\nvoluntary_ctxt_switches:\t{n}\n"
+                                            "nonvoluntary_ctxt_switches:\t99\n")
+    proc(10, 10, 5, 7)
+    proc(11, 10, 3)
+    proc(12, 12, 1000)
+    assert lab.group_wakeups(10, tmp_path) == 15
+
+
+def test_bad_input_is_one_line(tmp_path):
+    from helpers import run_cli
+
+    for args, want in ((["lab", "run", "nope"], "no lab scenario 'nope'"),
+                       (["lab", "run"], "Missing argument"),
+                       (["lab", "run", "all", "--backend", "ebpf"], "Invalid value")):
+        res = run_cli(*args)
+        assert res.returncode == 2, (args, res.stderr)
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and want in lines[0], (args, res.stderr)
+    res = run_cli("lab", "list")
+    assert res.returncode == 0 and "abort-on-overflow" in res.stdout
