@@ -129,7 +129,9 @@ enum at_counter_id {
 	                            * kprobe or tracepoint BPF program (AT_KSYM_*)      */
 	AT_C_PACKETS_UNSEEN = 21,  /* TCP packets to the port received in such a NET_RX softirq
 	                            * (kprobe-fed drop counters only) */
-	AT_C_COUNT = 22,
+	AT_C_CREATED = 22,         /* children made for a traced listener (LISTEN -> SYN_RECV
+	                            * of the clone): the kernel's TcpPassiveOpens */
+	AT_C_COUNT = 23,
 };
 
 /* Per-connection state, keyed by the child struct sock * (LRU hash). */

@@ -474,6 +474,20 @@ static __always_inline void on_maybe_close(const void *sk, int newstate)
 	on_close(sk);
 }
 
+/* A child made for a traced listener: inet_csk_clone_lock() fires LISTEN ->
+ * SYN_RECV on the clone (the listener's port and namespace, its state not yet
+ * stored), the moment tcp_create_openreq_child() counts TcpPassiveOpens.  Not
+ * every child is queued: one whose request another CPU's child took first
+ * (two final ACKs at once; inet_csk_complete_hashdance(), own_req false) is
+ * freed, and the kernel's counter still has it -- connections.created does
+ * too, so created - queued is exactly those. */
+static __always_inline void on_maybe_child(const void *sk, int oldstate, int newstate)
+{
+	if (oldstate != AT_TCP_LISTEN || newstate != AT_TCP_SYN_RECV)
+		return;
+	count(sk_target(sk, -1), AT_C_CREATED); /* count() ignores AT_NO_SLOT */
+}
+
 #include "blind.bpf.h"
 
 #endif /* AT_COMMON_BPF_H */

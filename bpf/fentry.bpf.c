@@ -111,9 +111,9 @@ RAW_TRACEPOINT_PROBE(sock_send_length)
 #endif
 
 #if AT_HOOK_INET_SOCK_SET_STATE == AT_ATTACH_RAW_TRACEPOINT
-/* Only the close of a child matters here (the queue insert is a function hook). */
+/* A child made, or closed (the queue insert is a function hook). */
 RAW_TRACEPOINT_PROBE(inet_sock_set_state)
-{ return on_child_close((const void *)ctx->args[0], (int)ctx->args[2]); }
+{ return on_child_state((const void *)ctx->args[0], (int)ctx->args[1], (int)ctx->args[2]); }
 #endif
 
 #if AT_HOOK_TCP_RETRANSMIT_SYNACK == AT_ATTACH_RAW_TRACEPOINT

@@ -352,9 +352,10 @@ static __always_inline void on_queue_done(const void *lsk, const void *child, co
 		hist_add(slot, AT_H_HANDSHAKE, c->queued_ns - c->syn_ok_ns, 1000);
 }
 
-/* sock:inet_sock_set_state: a child of a traced listener closed. */
-static __always_inline int on_child_close(const void *sk, int newstate)
+/* sock:inet_sock_set_state: a child of a traced listener made, or closed. */
+static __always_inline int on_child_state(const void *sk, int oldstate, int newstate)
 {
+	on_maybe_child(sk, oldstate, newstate);
 	on_maybe_close(sk, newstate);
 	return 0;
 }

@@ -102,6 +102,7 @@ static __always_inline int on_state_change(const void *sk, int oldstate, int new
 		on_maybe_close(sk, newstate);
 		return 0;
 	}
+	on_maybe_child(sk, oldstate, newstate);
 	/* The states first (no memory read), then the port: ours are the server side. */
 	if (oldstate != AT_TCP_SYN_RECV || newstate != AT_TCP_ESTABLISHED)
 		return 0;

@@ -24,7 +24,13 @@ from pathlib import Path
 import pytest
 from acceptrace import lab
 from acceptrace.lab import SCENARIOS, PhaseResult, ScenarioResult
-from conftest import assert_listen_overflow, exact_drops_expected, requested_backend, scaled
+from conftest import (
+    assert_count,
+    assert_listen_overflow,
+    exact_drops_expected,
+    requested_backend,
+    scaled,
+)
 
 pytestmark = pytest.mark.root
 
@@ -56,6 +62,8 @@ def check_consistent(p: PhaseResult) -> None:
     # A child is queued for every passive open, but for one that lost its request to a
     # second CPU (a final ACK and its retransmit at once): counted, freed, never queued.
     assert opens - 2 <= queued <= opens, (p.label, queued, opens)
+    # ... and the tracer counts those too: every child made, exactly the kernel's figure
+    assert_count(r, "created", opens)
     assert sum(pc["accepted"] for pc in r["processes"]) == accepted
     # Every request a client completed went through a connection the kernel queued,
     # and every such connection had a client whose connect() returned.

@@ -15,7 +15,7 @@ import time
 
 import pytest
 from acceptrace.demo import free_port
-from conftest import assert_listen_overflow, scaled, wait_until
+from conftest import assert_count, assert_listen_overflow, scaled, wait_until
 from test_netns import CLIENTS, SERVER, in_ns, network_namespace, ns_netstat
 
 pytestmark = pytest.mark.root
@@ -166,7 +166,12 @@ def test_every_listener_ranked_and_a_new_one_picked_up(tracer):
     assert new["connections"]["accepted"] == n_late
     assert new["extra"]["first_seen_s"] > 0
     opens = after["TcpPassiveOpens"] - before["TcpPassiveOpens"]
-    assert run["connections"]["accepted"] == opens == n_hot + 4 * n_cool + n_late
+    assert run["connections"]["accepted"] == n_hot + 4 * n_cool + n_late
+    # Every child the kernel made, as its TcpPassiveOpens counts them: one more than
+    # accepted when a final ACK and its retransmit (the overflow makes clients resend)
+    # each made a child on two CPUs and the loser was freed unqueued (CI: 46 for 45).
+    assert_count(run, "created", opens)
+    assert opens >= run["connections"]["accepted"]
     # the summary's listener table names the overflowing one first
     table = t.stdout[t.stdout.index("listeners, worst first"):t.stdout.index("totals over")]
     rows = [ln for ln in table.splitlines()[3:] if ln.strip()]

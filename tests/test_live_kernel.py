@@ -63,8 +63,10 @@ def test_delayed_accept_known_answer(tracer):
     assert aq["count"] == n
     delay_us = delay * 1e6
     # p50 is an upper bound (bucket hi): at least DELAY, at most one bucket (+ slack
-    # for the select() wake-up) above it.
-    assert delay_us <= aq["p50"] <= delay_us * (1 + BUCKET) + 2000, aq
+    # for the select() wake-up and the sleep's overshoot: 2 ms on a quiet host, more
+    # under TCG -- CI's 6.1 guest, time scale 17, once had a median of 53-55 ms).
+    slack_us = scaled(0.002) * 1e6
+    assert delay_us <= aq["p50"] <= delay_us * (1 + BUCKET) + slack_us, aq
     assert aq["min"] >= delay_us
     hs = run["stages"]["handshake"]
     assert hs["count"] == n

@@ -53,6 +53,7 @@ COUNTER_NAMES: dict[int, str] = {
     L.C_ACCEPT_EARLY: "accept_early",
     L.C_SOFTIRQ_BUSY: "softirqs_busy",
     L.C_PACKETS_UNSEEN: "packets_unseen",
+    L.C_CREATED: "created",
 }
 HIST_NAMES: dict[int, tuple[str, str, int]] = {
     L.H_HANDSHAKE: ("handshake", "us", 1000),

@@ -176,8 +176,8 @@ CATALOGUE: tuple[Hook, ...] = (
          counters=("queued", "syn_timed", "syncookies"),
          why="children queued on a listener (Linux 6.3+)"),
     Hook("inet_sock_set_state", "inet_sock_set_state", "raw_tracepoint", _ALL,
-         min_args=3, required=_ALL,
-         why="connections closing (and, tracepoint backend, children established)"),
+         min_args=3, required=_ALL, counters=("created",),
+         why="children made, connections closing (tracepoint backend: established)"),
     # -- syscall tracepoints (perf events: per-syscall events are not raw tracepoints) --
     Hook("sys_exit_accept4", "syscalls:sys_exit_accept4", "tracepoint", ("tracepoint",),
          fields=("ret",), required=("tracepoint",), counters=("accepted",),

@@ -49,7 +49,7 @@ US = 1e-6
 
 # connections_total{event}: the JSON's connections, and the queued ones that came
 # through a syncookie (drops.syncookies in the JSON)
-CONNECTION_EVENTS = ("syn", "queued", "accepted", "read", "dispatched", "syn_retried")
+CONNECTION_EVENTS = ("syn", "created", "queued", "accepted", "read", "dispatched", "syn_retried")
 # drops_total{reason}: the JSON's drop reasons that do not overlap, so the sum over
 # reason is every listen drop; listen_overflow = syn_dropped + ack_dropped.
 DROP_REASONS = ("syn_dropped", "ack_dropped", "syn_dropped_synq_full", "listen_drops_other")

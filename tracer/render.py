@@ -258,7 +258,7 @@ def render_summary(run: Run, skip_notes: Collection[str] = ()) -> RenderableType
         + (f"  server {fmt_server(server.server, server.worker_class)}" if server else "")
         + f"  backend {m.backend}  {m.duration_s:.1f} s  kernel {m.kernel}",
     )
-    keys = ("syn", "queued", "accepted", "read") + (
+    keys = ("syn", "created", "queued", "accepted", "read") + (
         ("responded",) if c.get("responded") is not None else ())
     counts = Text(
         "connections: "

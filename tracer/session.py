@@ -634,6 +634,9 @@ class Session:
         run.meta = self._meta(t.port, st)
         run.connections = {
             "syn": c.get("syn_timed", 0),
+            # children the kernel made (its TcpPassiveOpens, for this listener): queued
+            # ones, and those freed when another CPU's child took their request first
+            "created": c.get("created", 0),
             "queued": c.get("queued", 0),
             "accepted": c.get("accepted", 0),
             "read": c.get("read", 0),
