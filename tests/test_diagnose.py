@@ -258,6 +258,15 @@ def test_backlog_clamped_by_somaxconn():
     run.queues.backlog = 1024
     run.drops["listen_overflow"] = 0               # clamped, but never full: no sentence
     assert "backlog_clamped" not in rules(run)
+    from acceptrace.hist import Histogram
+
+    run.queues.accept_queue_depth = Histogram.empty("connections")
+    run.queues.accept_queue_depth.add(900)         # less than 90 % full: still none
+    assert "backlog_clamped" not in rules(run)
+    run.queues.accept_queue_depth.add(1000)        # filled to 1000 of 1024: said
+    f = {x.rule: x for x in diagnose(run)}["backlog_clamped"]
+    assert "filled to 1,000 of its 1,024 places" in f.text and "overflowed" not in f.text
+    run.queues.accept_queue_depth = None
     run.drops["listen_overflow"] = None            # a backend that cannot split overflows:
     run.kernel_counters["TcpExtListenOverflows"] = 4   # the namespace's counter
     assert "backlog_clamped" in rules(run)

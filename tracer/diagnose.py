@@ -281,9 +281,20 @@ def _overflows(run: Run) -> int | None:
 
 
 def rule_backlog_clamped(run: Run) -> Finding | None:
-    """The backlog equals the namespace's somaxconn: listen() was very likely clamped."""
+    """The backlog equals the namespace's somaxconn: listen() was very likely clamped --
+    said when that queue overflowed, or filled to 90 % of its places (a slower client
+    side, e.g. an emulated machine, fills a clamped queue without overflowing it)."""
     backlog, somaxconn, over = run.queues.backlog, run.meta.somaxconn, _overflows(run)
-    if not over or backlog is None or somaxconn is None or backlog != somaxconn:
+    if backlog is None or somaxconn is None or backlog != somaxconn:
+        return None
+    depth = run.queues.accept_queue_depth
+    peak = int(depth.max) if depth is not None and depth.max is not None else None
+    if over:
+        outcome = f"it overflowed {over:,} times"
+    elif over is not None and peak is not None and backlog and peak >= 0.9 * backlog:
+        outcome = (f"it filled to {peak:,} of its {backlog:,} places (no overflow yet: the "
+                   "next burst overflows it)")
+    else:
         return None
     return Finding(
         "backlog_clamped", "warning",
@@ -291,7 +302,7 @@ def rule_backlog_clamped(run: Run) -> Finding | None:
         f"namespace{_namespace(run)}: the kernel clamps listen(backlog) to somaxconn without "
         "a word, so the server most likely asked for more (uvicorn and gunicorn ask for "
         "2048) and got "
-        f"{somaxconn}; it overflowed {over:,} times. Raise net.core.somaxconn in that "
+        f"{somaxconn}; {outcome}. Raise net.core.somaxconn in that "
         "namespace (sysctl -w net.core.somaxconn=4096; a container: docker run --sysctl, a "
         "pod's securityContext.sysctls) — then the server gets the queue it asks for.")
 
