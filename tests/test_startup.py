@@ -235,3 +235,19 @@ def test_a_guest_that_died_booting_is_told_from_one_that_failed_later(tmp_path):
     assert not run._died_booting(tmp_path)
     console.unlink()
     assert not run._died_booting(tmp_path)
+
+
+def test_a_locked_up_guest_kernel_is_quoted(tmp_path):
+    """A backend that timed out because the guest kernel locked up says so (CI's 6.1
+    guest: both vCPUs stuck for 514 s while fentry programs were detached)."""
+    run = _load("run")
+    console = tmp_path / "console.log"
+    console.write_text("acceptrace-vm: 6.1: bcc: 0.26.0\n"
+                       "[  778.52] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n"
+                       "[  805.33] watchdog: BUG: soft lockup - CPU#0 stuck for 45s! "
+                       "[python3:407]\n")
+    said = run.kernel_complaints(console)
+    assert "detected stalls" in said and "soft lockup - CPU#0" in said
+    console.write_text("acceptrace-vm: 6.1: bcc: 0.26.0\nall quiet\n")
+    assert run.kernel_complaints(console) == ""
+    assert run.kernel_complaints(tmp_path / "none.log") == ""

@@ -162,8 +162,10 @@ def test_guest_suite(vm_guest, kernel, backend):
         warnings.warn(f"{where}: {len(skipped)} guest test(s) skipped: "
                       + "; ".join(f"{c.name} ({c.message})" for c in skipped), stacklevel=1)
     bad = br.by_outcome("failed", "error")
-    timed_out = (f"timed out after {br.timeout} s (time scale {br.scale}); the guest's "
-                 f"pytest was interrupted, its summary:\n" + vmrun.tail(br.log, 40)
+    complaints = vmrun.kernel_complaints(res.console) if br.rc == 124 else ""
+    timed_out = (f"timed out after {br.timeout} s (time scale {br.scale})"
+                 + (f"; the guest kernel said: {complaints}" if complaints else "")
+                 + "; the guest's pytest was interrupted, its summary:\n" + vmrun.tail(br.log, 40)
                  if br.rc == 124 else "")
     if bad:
         pytest.fail(f"{where}: {len(bad)} guest test(s) failed (log: {br.log}):\n"
