@@ -62,12 +62,15 @@ COUNTERS = {"queued": L.C_QUEUED, "accepted": L.C_ACCEPTED, "read": L.C_READ,
             "accept_untracked": L.C_ACCEPT_UNTRACKED, "dispatched": L.C_DISPATCHED}
 
 # Paced clients: each process opens connections at its share of the rate until its
-# deadline, then prints {"ok": n, "errors": {...}}.
+# deadline, then prints {"ok": n, "errors": {...}, "syn_retransmits": n}: the SYNs its
+# connections had to send again (tcp_info.tcpi_total_retrans read as soon as connect()
+# returns, before any data: the namespace's TCPSynRetrans counts them beside the server's
+# SYN-ACK retransmits).
 CLIENT = r"""
-import json, socket, sys, time
+import json, socket, struct, sys, time
 port, rate, seconds = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
 req = b"GET / HTTP/1.1\r\nHost: soak\r\nConnection: close\r\n\r\n"
-ok, errors = 0, {}
+ok, errors, syn_rtx = 0, {}, 0
 t0 = time.monotonic(); end = t0 + seconds; k = 0
 while True:
     due = t0 + k / rate
@@ -81,6 +84,8 @@ while True:
     k += 1
     try:
         s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        syn_rtx += struct.unpack_from("I", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104),
+                                      100)[0]   # tcpi_total_retrans
         s.sendall(req)
         while s.recv(65536):
             pass
@@ -88,7 +93,7 @@ while True:
         ok += 1
     except OSError as e:
         errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
-print(json.dumps({"ok": ok, "errors": errors}), flush=True)
+print(json.dumps({"ok": ok, "errors": errors, "syn_retransmits": syn_rtx}), flush=True)
 """
 
 # A listener that never accepts: its accept queue stays empty (no handshake completes),
@@ -432,6 +437,8 @@ class Soak:
 
         sections = run.get("targets") or [run]
         synack = sum(s["drops"]["synack_retransmits"] for s in sections)
+        client_syn_rtx = sum(c.get("syn_retransmits", 0) for c in clients)
+        client_errors = sum(sum(c.get("errors", {}).values()) for c in clients)
         checks: dict[str, Any] = {
             "exit_code": rc,
             "lost_events": run["drops"]["lost_events"],
@@ -442,10 +449,12 @@ class Soak:
             "listen_overflow": [run["drops"]["listen_overflow"],
                                 kernel["TcpExtListenOverflows"],
                                 short_by("listen_overflow", "ack_dropped_acceptq_full")],
-            # SYN-ACK retransmits; the namespace's TCPSynRetrans also counts clients'
-            # SYN retransmits, which only a dropped SYN causes (ListenOverflows 0)
-            "synack_retransmits": [synack, kernel["TcpExtTCPSynRetrans"],
-                                   short_by("synack_retransmits")],
+            # SYN-ACK retransmits: the namespace's TCPSynRetrans less the clients' own SYN
+            # retransmits (a dropped SYN, or a SYN-ACK later than 1 s on a busy machine);
+            # a connect that failed could not be asked: up to 3 each (1, 3, 7 s in 10 s)
+            "synack_retransmits": [synack, kernel["TcpExtTCPSynRetrans"] - client_syn_rtx,
+                                   short_by("synack_retransmits") + 3 * client_errors],
+            "client_syn_retransmits": client_syn_rtx,
             "rss_growth_kib": (rss[-1] - base) if rss else None,
             "rss_kib": [min(rss, default=0), max(rss, default=0)],
             "maps_max": {name: max(s["maps"].get(name, {}).get("entries", 0) for s in secs)
@@ -485,7 +494,8 @@ def summary(v: dict[str, Any]) -> str:
         f"{v['args']['synq_minutes']} min SYN queue at {v['args']['synq_rate']} SYN/s; "
         + ("OK" if v["ok"] else "FAILED"),
         f"  clients: {sum(x.get('ok', 0) for x in v['clients'])} connections answered, errors "
-        f"{[x.get('errors') for x in v['clients']]}; SYNs sent {v['syns_sent']}, "
+        f"{[x.get('errors') for x in v['clients']]}, their SYNs sent again "
+        f"{c.get('client_syn_retransmits')}; SYNs sent {v['syns_sent']}, "
         f"{v['syn_queue_at_end_of_flood']} in the SYN queue at the end of the flood",
         f"  RSS {c['rss_kib'][0] / 1024:.1f}..{c['rss_kib'][1] / 1024:.1f} MiB, "
         f"grew {c['rss_growth_kib']} KiB after the first sample; lost events {c['lost_events']}",

@@ -129,8 +129,12 @@ def test_syn_flood(tmp_path):
     assert f.netstat["TcpExtTCPReqQFullDrop"] == 0
     assert f.netstat["TcpExtSyncookiesSent"] >= f.flood_sent - synq
     assert f.client["connect_timeouts"] == 0 and f.client["completed"] > 0
-    # each connection that came by cookie is one the kernel validated
-    assert f.run.drops["syncookies"] == f.netstat["TcpExtSyncookiesRecv"] > 0
+    # each connection that came by cookie is one the kernel validated -- but for the
+    # tracepoint backend's queue_missed children (known from their state change only,
+    # their origin unseen: CI beside a CPU hog, 5459 for 5460 with one missed)
+    recv, missed = f.netstat["TcpExtSyncookiesRecv"], f.run.extra["queue_missed"]
+    assert recv > 0
+    assert recv - missed <= f.run.drops["syncookies"] <= recv, (recv, missed)
 
 
 def test_somaxconn_clamp(tmp_path):
