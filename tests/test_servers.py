@@ -303,7 +303,9 @@ def test_read_to_response_known_delay(tracer, tmp_path, server):
 def test_uvicorn_response_is_dispatch_plus_its_two_parts(tracer):
     """The server-agnostic stage beside uvicorn's dispatch stages: for every connection
     read_to_response = read_to_dispatch + dispatch_to_response (the same three kernel
-    times), so their sums agree to rounding and their p50s within a bucket."""
+    times), so their sums agree to rounding, and each slowest connection's parts add up.
+    (Not the p50s: a median of sums is not the sum of medians -- a busy TCG guest had
+    47.1 ms against 43.4 ms.)"""
     from acceptrace.demo import ServerProcess
 
     n, port = 16, free_port()
@@ -342,9 +344,6 @@ def test_uvicorn_response_is_dispatch_plus_its_two_parts(tracer):
     parts = st["read_to_dispatch"]["sum"] + st["dispatch_to_response"]["sum"]
     assert abs(st["read_to_response"]["sum"] - parts) <= 0.01 * n, (st["read_to_response"],
                                                                      parts)
-    a, b = st["read_to_response"]["p50"], st["read_to_dispatch"]["p50"] + \
-        st["dispatch_to_response"]["p50"]
-    assert abs(a - b) <= a / 16 + st["read_to_dispatch"]["p50"], (a, b)
     assert run["slowest"]
     for s in run["slowest"]:
         assert abs(s["read_to_response_us"] - s["read_to_dispatch_us"]
