@@ -9,6 +9,7 @@ connections and each listener's figures can be held against them exactly.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -46,6 +47,28 @@ def start(argv: list[str]) -> subprocess.Popen[str]:
     p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None and p.stdout.readline().strip() == "ready"
     return p
+
+
+def distinct_ports(n: int) -> list[int]:
+    """n ports the kernel handed out, all different (each socket held until the last is
+    bound: free_port() twice may give the same port twice)."""
+    held = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            held.append(s)
+        return [int(s.getsockname()[1]) for s in held]
+    finally:
+        for s in held:
+            s.close()
+
+
+def ns_listening(ns: str) -> set[int]:
+    """The TCP ports listening in namespace ns, as ss shows them."""
+    out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Hltn"], capture_output=True,
+                         text=True).stdout
+    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
 
 
 def stop_all(procs: list[subprocess.Popen[str]]) -> None:
@@ -104,8 +127,7 @@ def test_two_ports_one_run_each_counts_its_own(tracer):
 def test_every_listener_ranked_and_a_new_one_picked_up(tracer):
     """No --port: five listeners, one of them overflowing, come out with the
     overflowing one first; a listener started mid-run is traced from then on."""
-    ports = [free_port() for _ in range(5)]
-    late = free_port()
+    *ports, late = distinct_ports(6)
     hot = ports[2]
     n_hot, n_cool, n_late = 24, 4, 5
     with network_namespace() as ns:
@@ -114,10 +136,13 @@ def test_every_listener_ranked_and_a_new_one_picked_up(tracer):
         # the overflowing one: backlog 2, accepts nothing until told
         procs.append(start(in_ns(ns, sys.executable, "-c", SERVER, str(hot), "2")))
         try:
+            listening = ns_listening(ns)
+            assert listening == set(ports), (listening, ports)
             t = tracer(None, "--netns", ns).start()
             before = ns_netstat(ns)
             try:
-                assert "tracing every TCP listener (5 now)" in t.stderr, t.stderr
+                assert "tracing every TCP listener (5 now)" in t.stderr, (
+                    t.stderr, ns_listening(ns), ports)
                 for p in ports:
                     if p != hot:
                         clients(ns, p, n_cool)
