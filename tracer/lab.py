@@ -48,6 +48,7 @@ from .diagnose import Finding, diagnose
 from .errors import UserError
 from .model import Run, write_text_atomic
 from .netns import NetNamespace, open_netns
+from .stale import pid_alive
 from .words import fmt_count, fmt_us
 
 LAB_PORT = 8000                 # every scenario's server; each namespace has its own
@@ -388,16 +389,6 @@ def _ip(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return res
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _kill_namespace(name: str) -> None:
     """Kill every process in namespace ``name`` and delete it (errors ignored)."""
     pids = _ip("netns", "pids", name, check=False).stdout.split()
@@ -419,7 +410,7 @@ def remove_stale_namespaces(netns_dir: Path = Path("/run/netns")) -> list[str]:
         return []
     for name in names:
         pid_s = name.rsplit("-", 1)[-1]
-        if pid_s.isdigit() and not _pid_alive(int(pid_s)):
+        if pid_s.isdigit() and not pid_alive(int(pid_s)):
             _kill_namespace(name)
             gone.append(name)
     return gone
