@@ -20,7 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from acceptrace.demo import free_port
+from acceptrace.demo import ServerProcess, free_port
+from acceptrace.netns import open_netns
 from acceptrace.procnet import parse_netstat
 from conftest import assert_count, assert_listen_overflow, scaled, wait_until
 from helpers import run_cli
@@ -70,6 +71,19 @@ def network_namespace() -> Iterator[str]:
             except (ProcessLookupError, ValueError):
                 pass
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def wait_listening(ns: str, port: int, srv: ServerProcess) -> None:
+    """Until srv listens on port inside namespace ns (it must not exit meanwhile)."""
+    inside = open_netns(path=ns)
+    try:
+        end = time.monotonic() + scaled(30)
+        while not inside.listening_sockets(port):
+            assert time.monotonic() < end and srv.proc is not None \
+                and srv.proc.poll() is None, srv.stderr_text()
+            time.sleep(0.05)
+    finally:
+        inside.close()
 
 
 def in_ns(name: str, *argv: str) -> list[str]:
@@ -180,24 +194,13 @@ def test_uvicorn_in_a_namespace_with_its_own_mounts_by_pid(tracer):
     """`ip netns exec` gives uvicorn its own network and mount namespaces (a
     container's, in miniature): --pid finds its listener, its kernel stages, and
     its httptools through /proc/PID/root for the dispatch uprobe."""
-    from acceptrace.demo import ServerProcess
-    from acceptrace.netns import open_netns
-
     n, port = 20, free_port()
     with network_namespace() as ns:
         srv = ServerProcess(port=port, backlog=128, env={"ACCEPTRACE_DEMO_BLOCK_MS": "0"})
         srv.argv = in_ns(ns, "unshare", "--mount", "--propagation", "private", *srv.argv)
         with srv:
             pid = srv.pid
-            inside = open_netns(path=ns)
-            try:
-                end = time.monotonic() + scaled(30)
-                while not inside.listening_sockets(port):
-                    assert time.monotonic() < end and srv.proc is not None \
-                        and srv.proc.poll() is None, srv.stderr_text()
-                    time.sleep(0.1)
-            finally:
-                inside.close()
+            wait_listening(ns, port, srv)
             assert os.stat(f"/proc/{pid}/ns/mnt").st_ino != os.stat("/proc/self/ns/mnt").st_ino
             time.sleep(0.3)
             t = tracer(port, "--pid", str(pid)).start()

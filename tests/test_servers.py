@@ -34,7 +34,7 @@ from acceptrace.model import Run
 from acceptrace.netns import open_netns
 from acceptrace.servers import identify, pids_with_sockets
 from conftest import assert_listen_overflow, assert_stage_counts, scaled, wait_until
-from test_netns import in_ns, network_namespace, ns_netstat
+from test_netns import in_ns, network_namespace, ns_netstat, wait_listening
 
 pytestmark = pytest.mark.root
 
@@ -313,15 +313,7 @@ def test_uvicorn_response_is_dispatch_plus_its_two_parts(tracer):
         srv = ServerProcess(port=port, backlog=128, env={"ACCEPTRACE_DEMO_BLOCK_MS": "0"})
         srv.argv = in_ns(ns, *srv.argv)
         with srv:
-            inside = open_netns(path=ns)
-            try:
-                end = time.monotonic() + scaled(30)
-                while not inside.listening_sockets(port):
-                    assert time.monotonic() < end and srv.proc is not None \
-                        and srv.proc.poll() is None, srv.stderr_text()
-                    time.sleep(0.05)
-            finally:
-                inside.close()
+            wait_listening(ns, port, srv)
             time.sleep(0.3)
             t = tracer(port, "--netns", f"/run/netns/{ns}").start()
             try:
