@@ -347,6 +347,17 @@ def test_workers_uneven_beyond_chance():
     assert "workers_uneven" not in rules(split(6, 2, 1, 1))             # too few to tell
     assert rules(split(900, 100)) >= {"workers_unbalanced"}             # said once
     assert "workers_uneven" not in rules(split(900, 100))
+    # an even split on one shared socket: the herd is said on its own, and the run is still
+    # healthy; an uneven one says it once (workers_uneven); one socket per worker: nothing
+    even = {f.rule: f for f in diagnose(split(633, 610, 591, 590))}
+    assert set(even) == {"shared_accept_queue", "healthy"}
+    assert "4 processes accept from one listening socket" in even["shared_accept_queue"].text
+    assert "633, 610, 591, 590" in even["shared_accept_queue"].text
+    assert "shared_accept_queue" not in shared
+    assert "shared_accept_queue" not in rules(split(900, 100))
+    assert "shared_accept_queue" not in rules(split(633, 610, 591, 590, listeners=4))
+    assert "shared_accept_queue" not in rules(split(633))                # one process
+    assert "shared_accept_queue" in rules(split(3, 2, 2, 2))             # few, still shared
     reuse = next(f for f in diagnose(split(551, 397, 394, 231, listeners=4))
                  if f.rule == "workers_uneven")
     assert "SO_REUSEPORT socket (4 listeners)" in reuse.text

@@ -171,6 +171,33 @@ def test_group_wakeups_sums_the_groups_threads(tmp_path):
     assert lab.group_wakeups(10, tmp_path) == 15
 
 
+def test_a_sized_load_fits_the_servers_speed():
+    light = SCENARIOS["workers"].before.load
+    assert light.sized >= 4 * 50      # enough accepts for workers_uneven to judge 4 workers
+    # a fast server: the load as written (5 ms apart, 4 s)
+    assert lab.size_load(light, 0.0015) == lab.replace(light, pause_s=0.005, duration_s=4.0)
+    # an emulated one, 60 ms a request: 120 ms apart, long enough for the connections
+    slow = lab.size_load(light, 0.060)
+    assert slow.pause_s == pytest.approx(0.120)
+    assert slow.duration_s == pytest.approx(light.sized * 0.180, abs=0.1)
+    # bounded, and a load that is not sized is left alone
+    assert lab.size_load(light, 5.0).duration_s == lab.SIZED_MAX_S
+    assert lab.size_load(lab.BURST, 5.0) is lab.BURST
+
+
+def test_wakeups_per_connection_are_the_loads_own():
+    run = Run.new(port=8000, backend="fentry")
+    res = PhaseResult("before", SCENARIOS["workers"].before, "ns", run, client={},
+                      netstat={"TcpPassiveOpens": 200}, sysctls={}, wakeups=900,
+                      idle_wakeups_per_s=12.0)
+    assert res.wakeups_per_connection == 4.5
+    assert SCENARIOS["workers"].seen(res)
+    res.wakeups = 300
+    assert not SCENARIOS["workers"].seen(res)
+    res.netstat = {}
+    assert res.wakeups_per_connection is None
+
+
 def test_bad_input_is_one_line(tmp_path):
     from helpers import run_cli
 

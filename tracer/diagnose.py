@@ -243,7 +243,7 @@ def diagnose(run: Run) -> list[Finding]:
             "no_traffic", "info",
             "no connection was accepted on this port during the run: is the port right, "
             "and did traffic arrive?"))
-    if not out:
+    if all(f.rule in ADVISORY for f in out):
         out.append(Finding(
             "healthy", "info",
             f"no accept-path problem seen: {accepted:,} connections, no overflow, "
@@ -269,6 +269,8 @@ def diagnose(run: Run) -> list[Finding]:
 LOOP_WAIT_US = 10_000     # a median wait this long before accept() or the first read
 UNEVEN_RATIO = 1.5        # busiest / least busy process, for an uneven split
 UNEVEN_MIN_PER_PROCESS = 50
+# Findings about the server's set-up, not a problem seen: beside them a run is still healthy.
+ADVISORY = frozenset({"shared_accept_queue"})
 
 
 def _overflows(run: Run) -> int | None:
@@ -423,6 +425,25 @@ def rule_workers_uneven(run: Run, out: list[Finding]) -> Finding | None:
         f"(an even split is {mean:,.0f} each; far beyond chance): {why}")
 
 
+def rule_shared_accept_queue(run: Run, out: list[Finding]) -> Finding | None:
+    """Several processes accept from one listening socket, the split as even as chance:
+    the herd is there even when the split does not show it (an uneven split is said by
+    workers_uneven / workers_unbalanced, which explain the herd themselves)."""
+    counts = sorted((p.accepted for p in run.processes if p.accepted > 0), reverse=True)
+    if len(counts) < 2 or len(run.queues.listeners) != 1:
+        return None
+    if any(f.rule in ("workers_uneven", "workers_unbalanced") for f in out):
+        return None
+    return Finding(
+        "shared_accept_queue", "info",
+        f"{len(counts)} processes accept from one listening socket (one accept queue; "
+        f"accepts {', '.join(f'{c:,}' for c in counts)}): asyncio and uvloop wait for it with "
+        "epoll, which wakes every one of them for each connection — the thundering herd — "
+        "and the first to run takes it. SO_REUSEPORT (gunicorn --reuse-port) gives each "
+        "worker a socket and a queue of its own and wakes one; the price is that a "
+        "connection hashed to a busy worker waits even while another is idle.")
+
+
 def lab_rules(run: Run, out: list[Finding]) -> list[Finding]:
     """The rules above that fire, in this order.  With tcp_abort_on_overflow=1 the
     final ACKs dropped were reset, not left to stall: ack_dropped's sentence, which
@@ -431,6 +452,8 @@ def lab_rules(run: Run, out: list[Finding]) -> list[Finding]:
     found = [f for f in (rule_backlog_clamped(run), rule_syn_queue_full(run),
                          rule_abort_on_overflow(run), rule_event_loop_busy(run, out),
                          rule_workers_uneven(run, out)) if f is not None]
+    herd = rule_shared_accept_queue(run, out + found)
+    found += [herd] if herd is not None else []
     if any(f.rule == "abort_on_overflow" for f in found):
         out[:] = [f for f in out if f.rule != "ack_dropped"]
     if any(f.rule == "syn_queue_full" for f in found):

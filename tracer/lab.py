@@ -65,6 +65,10 @@ NETSTAT_KEYS = (
     "TcpPassiveOpens", "TcpExtEmbryonicRsts", "TcpOutRsts", "TcpExtTCPSynRetrans",
 )
 BACKGROUND_LEAD_S = 0.5
+PROBE_REQUESTS = 20             # a sized load: requests timed first, one at a time
+SIZED_MAX_S = 180.0             # ... and its longest run
+IDLE_S = (2.0, 10.0)            # the server's idle wakeups: counted this long (a quarter of
+                                # the load's duration, within these bounds) before the load
 # settle(): the counters that must have stopped moving before the tracer stops
 SETTLE_KEYS = ("TcpExtListenOverflows", "TcpExtListenDrops", "TcpExtTCPReqQFullDrop",
                "TcpExtSyncookiesSent", "TcpExtSyncookiesRecv", "TcpPassiveOpens")
@@ -115,6 +119,8 @@ class Load:
     max_requests: int | None = None
     processes: int = 1           # clients split over this many processes (CPUs)
     pause_s: float = 0.0         # each client's pause between a response and its next request
+    sized: int = 0               # > 0: pause and duration fitted to the server's speed for
+                                 # about this many connections (size_load)
 
     def argv(self, port: int) -> list[str]:
         argv = [sys.executable, "-m", "acceptrace.loadgen", "--host", "127.0.0.1",
@@ -139,6 +145,22 @@ class Load:
         return self.duration_s + self.connect_timeout_s + self.timeout_s
 
 
+def size_load(load: Load, request_s: float) -> Load:
+    """``load`` fitted to a server that answers one request in ``request_s`` (its median,
+    measured before the run): each client pauses twice that between requests, so every
+    worker is idle again when the next connection comes, and the load lasts long enough
+    for ``load.sized`` connections -- at least its own duration, at most SIZED_MAX_S.
+    On a fast machine nothing changes; an emulated one (TCG) answers 40 times slower, and
+    a fixed load would leave the workers busy and its connections too few to tell a split
+    from chance."""
+    if load.sized <= 0:
+        return load
+    pause = max(load.pause_s, 2 * request_s)
+    per_connection = (request_s + pause) / max(1, load.concurrency)
+    duration = min(SIZED_MAX_S, max(load.duration_s, load.sized * per_connection))
+    return replace(load, pause_s=round(pause, 4), duration_s=round(duration, 1))
+
+
 @dataclass(frozen=True)
 class Phase:
     what: str                    # one line: what is different in this phase
@@ -147,6 +169,7 @@ class Phase:
     sysctls: tuple[tuple[str, int], ...] = ()
     flood: int = 0               # raw SYNs sent to the server before the load
     background: Load | None = None  # other clients at the same time (not in the figures)
+    wakeups: bool = False        # count the server's wakeups (less its idle rate) over the load
 
 
 @dataclass(frozen=True)
@@ -190,7 +213,7 @@ BURST = Load("/slow?ms=20", concurrency=160, max_requests=160, duration_s=10)
 CPU_MS = 50
 # Light load: every worker idle when a connection comes (a busy one would leave it to the
 # others, and the split would even out).
-LIGHT = Load("/health", concurrency=1, pause_s=0.005)
+LIGHT = Load("/health", concurrency=1, pause_s=0.005, sized=240)
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario(
@@ -299,10 +322,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
         fix="one SO_REUSEPORT socket per worker (gunicorn --reuse-port): the kernel "
             "spreads connections over the workers' own queues and wakes one worker",
         before=Phase("gunicorn, 4 uvicorn workers on one shared socket",
-                     Server(workers=4, gunicorn=True), LIGHT),
+                     Server(workers=4, gunicorn=True), LIGHT, wakeups=True),
         fixed=Phase("gunicorn --reuse-port: 4 workers, 4 sockets on one port",
-                    Server(workers=4, gunicorn=True, reuse_port=True), LIGHT),
-        expect=("workers_uneven", "workers_unbalanced"),
+                    Server(workers=4, gunicorn=True, reuse_port=True), LIGHT, wakeups=True),
+        expect=("workers_uneven", "workers_unbalanced", "shared_accept_queue"),
         seen=lambda p: (p.wakeups_per_connection or 0) >= 3,
         seen_words="≥ 3 worker wakeups per connection (the kernel's count of the workers' "
                    "sleeps)",
@@ -730,6 +753,28 @@ def group_wakeups(pgid: int, proc: Path = Path("/proc")) -> int:
     return total
 
 
+def idle_wakeups(pgid: int, load_s: float) -> float:
+    """The server's wakeups per second while no client comes (its own timers: gunicorn's
+    heartbeat, the event loop's), counted over a quarter of the load's duration within
+    IDLE_S: the share of the load's wakeups that is not the load's."""
+    spell = min(IDLE_S[1], max(IDLE_S[0], load_s / 4))
+    n = group_wakeups(pgid)
+    time.sleep(spell)
+    return (group_wakeups(pgid) - n) / spell
+
+
+def probe_request_s(lns: LabNamespace, load: Load, port: int) -> float:
+    """The median time of PROBE_REQUESTS requests of ``load``'s path, one at a time."""
+    probe = Load(load.path, concurrency=1, max_requests=PROBE_REQUESTS, duration_s=120,
+                 timeout_s=30)
+    out = LoadProcess(lns, probe, port).result()
+    p50 = out.get("total_p50_ms")
+    if not isinstance(p50, (int, float)) or out.get("completed", 0) < PROBE_REQUESTS // 2:
+        raise UserError(f"the server answered too few of {PROBE_REQUESTS} timing requests: "
+                        f"{out}")
+    return float(p50) / 1000
+
+
 def settle(lns: LabNamespace, port: int, quiet_s: float = 0.6, timeout: float = 15.0) -> None:
     """Until the accept path is quiet: the namespace's counters have not moved for
     ``quiet_s`` and nothing waits in the port's accept queues (so every connection the
@@ -763,7 +808,10 @@ class PhaseResult:
     findings: list[Finding] = field(default_factory=list)
     command: str = ""
     background: dict[str, Any] | None = None  # the background clients' summary
-    wakeups: int | None = None   # the server's processes: sleeps woken, over the load
+    wakeups: int | None = None   # the server's processes: sleeps woken over the load, less
+                                 # the idle rate (idle_wakeups_per_s) over as long
+    idle_wakeups_per_s: float | None = None
+    load: Load | None = None     # the load as run (a sized one fitted to the server)
 
     @property
     def rules(self) -> list[str]:
@@ -813,18 +861,28 @@ def run_phase(sc: Scenario, label: str, phase: Phase, out_dir: Path, backend: st
             + (", " + ", ".join(f"{k}={v}" for k, v in sysctls.items()) if sysctls else ""))
         with LabServer(lns, phase.server, LAB_PORT) as srv:
             srv.wait_ready()
+            load = phase.load
+            if load.sized:
+                request_s = probe_request_s(lns, load, LAB_PORT)
+                load = size_load(load, request_s)
+                say(f"{label}: the server answers in {fmt_us(request_s * 1e6)} (median of "
+                    f"{PROBE_REQUESTS}): the load is sized to that")
             with TracerProcess(name, LAB_PORT, json_path, backend,
                                out_dir / f"{json_path.stem}.log") as tracer:
                 tracer.wait_tracing()
                 before = lns.netstat()
                 sent = lns.flood(LAB_PORT, phase.flood) if phase.flood else 0
-                say(f"{label}: load: {phase.load.describe()}"
+                say(f"{label}: load: {load.describe()}"
                     + (f", after {sent} spoofed SYNs" if sent else "")
                     + (f"; meanwhile {phase.background.describe()}"
                        if phase.background else ""))
                 assert srv.proc is not None
+                idle_rate = (idle_wakeups(srv.proc.pid, load.duration_s) if phase.wakeups
+                             else None)
                 woken = group_wakeups(srv.proc.pid)
-                client, background = run_loads(lns, phase.load, phase.background, LAB_PORT)
+                t0 = time.monotonic()
+                client, background = run_loads(lns, load, phase.background, LAB_PORT)
+                elapsed = time.monotonic() - t0
                 woken = group_wakeups(srv.proc.pid) - woken
                 settle(lns, LAB_PORT)
                 after = lns.netstat()
@@ -840,7 +898,9 @@ def run_phase(sc: Scenario, label: str, phase: Phase, out_dir: Path, backend: st
         label=label, phase=phase, namespace=name, run=run, client=client,
         netstat=procnet.counter_deltas(before, after, NETSTAT_KEYS), sysctls=sysctls,
         flood_sent=sent, findings=diagnose(run), command=tracer.command(),
-        background=background, wakeups=woken)
+        background=background,
+        wakeups=(None if idle_rate is None else max(0, round(woken - idle_rate * elapsed))),
+        idle_wakeups_per_s=idle_rate, load=load)
 
 
 def run_scenario(sc: Scenario, out_root: Path, backend: str = "auto",
@@ -862,9 +922,10 @@ def write_results(res: ScenarioResult) -> None:
 
     def phase(p: PhaseResult) -> dict[str, Any]:
         return {"what": p.phase.what, "server": p.phase.server.describe(),
-                "load": p.phase.load.describe(), "namespace": p.namespace,
+                "load": (p.load or p.phase.load).describe(), "namespace": p.namespace,
                 "sysctls": p.sysctls, "flood_sent": p.flood_sent, "client": p.client,
                 "background": p.background, "server_wakeups": p.wakeups,
+                "server_idle_wakeups_per_s": p.idle_wakeups_per_s,
                 "netstat": p.netstat, "rules": p.rules, "tracer": p.command}
 
     lab = {"scenario": sc.name, "symptom": sc.symptom, "cause": sc.cause, "fix": sc.fix,
@@ -921,7 +982,7 @@ def render_result(res: ScenarioResult) -> RenderableType:
 
     section("clients")
     row("server", lambda p: p.phase.server.describe())
-    row("load", lambda p: p.phase.load.describe()
+    row("load", lambda p: (p.load or p.phase.load).describe()
         + (f" + {p.flood_sent} spoofed SYNs" if p.flood_sent else ""))
     row("requests ok / sent", lambda p: f"{p.client['completed']:,} / {p.client['attempted']:,}")
     row("connect timeouts", lambda p: f"{p.client['connect_timeouts']:,}")
@@ -965,7 +1026,8 @@ def render_result(res: ScenarioResult) -> RenderableType:
     row("PassiveOpens / OutRsts", lambda p: f"{_kernel(p, 'TcpPassiveOpens')} / "
         f"{_kernel(p, 'TcpOutRsts')}")
     row("server wakeups per connection", lambda p: "n/a" if p.wakeups_per_connection is None
-        else f"{p.wakeups_per_connection:.1f} ({p.wakeups:,} sleeps ended)")
+        else f"{p.wakeups_per_connection:.1f} ({p.wakeups:,} sleeps ended, less "
+        f"{p.idle_wakeups_per_s or 0:.0f}/s idle)")
     verdict = Text.assemble(
         ("✔ the expected cause was named" if res.ok else "✘ the expected cause was NOT named",
          "bold green" if res.ok else "bold red"),
