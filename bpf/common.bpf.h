@@ -340,8 +340,16 @@ static __always_inline void on_read(const void *sk, long ret)
 		return;
 #if AT_DISPATCH
 	{
+		/* The thread's entry is written in place: an update of an existing key
+		 * still takes a new element and frees the old (~400 ns a read here,
+		 * against ~150 ns for lookup and store; bench/prog_cost.py). */
 		u32 tid = (u32)bpf_get_current_pid_tgid();
-		last_read.update(&tid, &key);
+		u64 *last = last_read.lookup(&tid);
+
+		if (last)
+			*last = key;
+		else
+			last_read.update(&tid, &key);
 	}
 #endif
 	c = conns.lookup(&key);
