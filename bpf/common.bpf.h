@@ -120,44 +120,57 @@ static __always_inline u32 sk_netns(const void *sk)
 	return inum;
 }
 
-/* The target slot of a socket whose (namespace, local port) is a traced
- * listener's; AT_NO_SLOT for every other socket. */
-static __always_inline u32 sk_slot(const void *sk)
+/*
+ * The first bytes of struct sock_common: both IPv4 addresses, both ports, the
+ * family and the state, in one bpf_probe_read_kernel() where they lie within
+ * AT_SKC_HEAD_LEN bytes (always so far; tracer/kernel.py SPANS), else field by
+ * field.  A read costs 30-60 ns here, as much as an empty program's whole run
+ * (docs/performance.md): the filters read this once.
+ */
+struct at_skc {
+	u8 daddr[4];     /* skc_daddr: the peer's IPv4 address */
+	u8 rcv_saddr[4]; /* skc_rcv_saddr: the local IPv4 address */
+	u16 dport_be;    /* skc_dport: the peer's port, network order */
+	u16 num;         /* skc_num: the local port, host order */
+	u16 family;
+	u8 state;
+};
+
+static __always_inline void skc_read(const void *sk, struct at_skc *h)
+{
+#if AT_SKC_HEAD_LEN
+	u8 b[AT_SKC_HEAD_LEN];
+
+	bpf_probe_read_kernel(b, sizeof(b), sk + AT_SKC_HEAD_START); /* zeroed if it fails */
+	__builtin_memcpy(h->daddr, b + (AT_OFF_SK_DADDR - AT_SKC_HEAD_START), 4);
+	__builtin_memcpy(h->rcv_saddr, b + (AT_OFF_SK_RCV_SADDR - AT_SKC_HEAD_START), 4);
+	__builtin_memcpy(&h->dport_be, b + (AT_OFF_SK_DPORT - AT_SKC_HEAD_START), 2);
+	__builtin_memcpy(&h->num, b + (AT_OFF_SK_NUM - AT_SKC_HEAD_START), 2);
+	__builtin_memcpy(&h->family, b + (AT_OFF_SK_FAMILY - AT_SKC_HEAD_START), 2);
+	h->state = b[AT_OFF_SK_STATE - AT_SKC_HEAD_START];
+#else
+	READ_KERN(h->daddr, sk + AT_OFF_SK_DADDR);
+	READ_KERN(h->rcv_saddr, sk + AT_OFF_SK_RCV_SADDR);
+	READ_KERN(h->dport_be, sk + AT_OFF_SK_DPORT);
+	READ_KERN(h->num, sk + AT_OFF_SK_NUM);
+	READ_KERN(h->family, sk + AT_OFF_SK_FAMILY);
+	READ_KERN(h->state, sk + AT_OFF_SK_STATE);
+#endif
+}
+
+/* The target slot of a socket on local port `num` whose (namespace, port) is a
+ * traced listener's; AT_NO_SLOT for every other socket. */
+static __always_inline u32 sk_slot_port(const void *sk, u16 num)
 {
 	struct at_target t = {};
-	u16 num = 0;
 	u32 *slot;
 
-	READ_KERN(num, sk + AT_OFF_SK_NUM);
 	if (!port_watched(num))
 		return AT_NO_SLOT;
 	t.netns = sk_netns(sk);
 	t.port = num;
 	slot = targets.lookup(&t);
 	return slot ? *slot : AT_NO_SLOT;
-}
-
-/* The target slot of a TCP socket of a traced listener in the expected state
- * (-1: any state); AT_NO_SLOT if it is not one. */
-static __always_inline u32 sk_target(const void *sk, int state)
-{
-	u16 family = 0;
-	u8 st = 0;
-	u32 slot = sk_slot(sk);
-
-	if (slot == AT_NO_SLOT)
-		return AT_NO_SLOT;
-	READ_KERN(family, sk + AT_OFF_SK_FAMILY);
-	if (family != AT_AF_INET && family != AT_AF_INET6)
-		return AT_NO_SLOT;
-	if (!sk_protocol_is_tcp(sk))
-		return AT_NO_SLOT;
-	if (state >= 0) {
-		READ_KERN(st, sk + AT_OFF_SK_STATE);
-		if (st != state)
-			return AT_NO_SLOT;
-	}
-	return slot;
 }
 
 /* The local port of a socket (host order). */
@@ -169,19 +182,46 @@ static __always_inline u16 sk_port(const void *sk)
 	return num;
 }
 
-/* Fill the 4-tuple of a child socket from its sock_common. */
-static __always_inline void conn_tuple_from_sk(struct at_conn *c, const void *sk)
+static __always_inline u32 sk_slot(const void *sk)
 {
-	u16 family = 0, dport_be = 0;
+	return sk_slot_port(sk, sk_port(sk));
+}
 
-	READ_KERN(family, sk + AT_OFF_SK_FAMILY);
-	READ_KERN(dport_be, sk + AT_OFF_SK_DPORT);
-	c->family = family;
-	c->sport = (u16)((dport_be >> 8) | (dport_be << 8)); /* the client's port */
-	c->dport = sk_port(sk);
-	if (family == AT_AF_INET) {
-		bpf_probe_read_kernel(c->saddr, 4, sk + AT_OFF_SK_DADDR);
-		bpf_probe_read_kernel(c->daddr, 4, sk + AT_OFF_SK_RCV_SADDR);
+/* The target slot of a TCP socket of a traced listener in the expected state
+ * (-1: any state), `h` being its skc_read(); AT_NO_SLOT if it is not one. */
+static __always_inline u32 skc_target(const void *sk, const struct at_skc *h, int state)
+{
+	u32 slot = sk_slot_port(sk, h->num);
+
+	if (slot == AT_NO_SLOT)
+		return AT_NO_SLOT;
+	if (h->family != AT_AF_INET && h->family != AT_AF_INET6)
+		return AT_NO_SLOT;
+	if (!sk_protocol_is_tcp(sk))
+		return AT_NO_SLOT;
+	if (state >= 0 && h->state != state)
+		return AT_NO_SLOT;
+	return slot;
+}
+
+static __always_inline u32 sk_target(const void *sk, int state)
+{
+	struct at_skc h;
+
+	skc_read(sk, &h);
+	return skc_target(sk, &h, state);
+}
+
+/* Fill the 4-tuple of a child socket from its sock_common (`h`: its skc_read()). */
+static __always_inline void conn_tuple_from_skc(struct at_conn *c, const void *sk,
+						const struct at_skc *h)
+{
+	c->family = h->family;
+	c->sport = (u16)((h->dport_be >> 8) | (h->dport_be << 8)); /* the client's port */
+	c->dport = h->num;
+	if (h->family == AT_AF_INET) {
+		__builtin_memcpy(c->saddr, h->daddr, 4);
+		__builtin_memcpy(c->daddr, h->rcv_saddr, 4);
 	}
 #if AT_HAVE_IPV6
 	else {
@@ -189,6 +229,14 @@ static __always_inline void conn_tuple_from_sk(struct at_conn *c, const void *sk
 		bpf_probe_read_kernel(c->daddr, 16, sk + AT_OFF_SK_V6_RCV_SADDR);
 	}
 #endif
+}
+
+static __always_inline void conn_tuple_from_sk(struct at_conn *c, const void *sk)
+{
+	struct at_skc h;
+
+	skc_read(sk, &h);
+	conn_tuple_from_skc(c, sk, &h);
 }
 
 /* Send a finished connection to userspace if it is among the slowest. */

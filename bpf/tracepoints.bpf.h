@@ -25,16 +25,18 @@ static __always_inline int on_data_ready(const void *lsk)
 {
 	const void *req = NULL, *child = NULL;
 	u64 now, key, snt_us = 0;
-	u8 retrans = 0, state = 0;
+	u8 retrans = 0;
 	struct at_conn *c, zero = {};
+	struct at_skc h;
 	u32 slot;
 
 	/* It fires for every socket that receives data: the state first (one read
-	 * rejects the connections), then the port and namespace. */
-	READ_KERN(state, lsk + AT_OFF_SK_STATE);
-	if (state != AT_TCP_LISTEN)
+	 * rejects the connections, and has the port and family too), then the
+	 * namespace. */
+	skc_read(lsk, &h);
+	if (h.state != AT_TCP_LISTEN)
 		return 0;
-	slot = sk_target(lsk, -1);
+	slot = skc_target(lsk, &h, -1);
 	if (slot == AT_NO_SLOT)
 		return 0;
 	now = bpf_ktime_get_ns();
@@ -96,6 +98,7 @@ static __always_inline int on_state_change(const void *sk, int oldstate, int new
 {
 	u64 key = (u64)sk;
 	struct at_conn *c, zero = {};
+	struct at_skc h;
 	u32 slot;
 
 	if (newstate == AT_TCP_CLOSE) {
@@ -106,7 +109,8 @@ static __always_inline int on_state_change(const void *sk, int oldstate, int new
 	/* The states first (no memory read), then the port: ours are the server side. */
 	if (oldstate != AT_TCP_SYN_RECV || newstate != AT_TCP_ESTABLISHED)
 		return 0;
-	slot = sk_target(sk, -1);
+	skc_read(sk, &h);
+	slot = skc_target(sk, &h, -1);
 	if (slot == AT_NO_SLOT)
 		return 0;
 	c = conns.lookup(&key);
@@ -115,7 +119,7 @@ static __always_inline int on_state_change(const void *sk, int oldstate, int new
 	zero.queued_ns = bpf_ktime_get_ns();
 	zero.slot = slot;
 	zero.syncookie = 0;
-	conn_tuple_from_sk(&zero, sk);
+	conn_tuple_from_skc(&zero, sk, &h);
 	conns.update(&key, &zero);
 	return 0;
 }
