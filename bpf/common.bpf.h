@@ -283,14 +283,13 @@ static __always_inline u64 sk_inode(const void *sk)
 }
 
 /* The listener's last depth, for the per-listener view. */
-static __always_inline void listener_seen(const void *lsk, u32 slot, u64 now, u32 depth)
+static __always_inline void listener_seen(const void *lsk, u32 slot, u64 now, u32 depth,
+					  u32 max_backlog)
 {
 	u64 key = (u64)lsk;
-	u32 max_backlog = 0;
 	u16 family = 0;
 	struct at_listener *l, lzero = {};
 
-	READ_KERN(max_backlog, lsk + AT_OFF_SK_MAX_ACK_BACKLOG);
 	l = listeners.lookup(&key);
 	if (!l) {
 		READ_KERN(family, lsk + AT_OFF_SK_FAMILY);
@@ -312,15 +311,24 @@ static __always_inline void listener_seen(const void *lsk, u32 slot, u64 now, u3
 /* A child was put on the listener's accept queue: the queue depths now. */
 static __always_inline void queue_depths(const void *lsk, u32 slot, u64 now)
 {
-	u32 depth = 0;
+	u32 depth = 0, max_backlog = 0;
 	int qlen = 0;
 
+#if AT_SK_BACKLOGS_LEN
+	u8 b[AT_SK_BACKLOGS_LEN];
+
+	bpf_probe_read_kernel(b, sizeof(b), lsk + AT_SK_BACKLOGS_START);
+	__builtin_memcpy(&depth, b + (AT_OFF_SK_ACK_BACKLOG - AT_SK_BACKLOGS_START), 4);
+	__builtin_memcpy(&max_backlog, b + (AT_OFF_SK_MAX_ACK_BACKLOG - AT_SK_BACKLOGS_START), 4);
+#else
 	READ_KERN(depth, lsk + AT_OFF_SK_ACK_BACKLOG);
+	READ_KERN(max_backlog, lsk + AT_OFF_SK_MAX_ACK_BACKLOG);
+#endif
 	READ_KERN(qlen, lsk + AT_OFF_ICSK_ACCEPTQ_QLEN);
 	count(slot, AT_C_QUEUED);
 	hist_add(slot, AT_H_ACCEPTQ_DEPTH, depth, 1);
 	hist_add(slot, AT_H_SYNQ_DEPTH, qlen > 0 ? (u64)qlen : 0, 1);
-	listener_seen(lsk, slot, now, depth);
+	listener_seen(lsk, slot, now, depth, max_backlog);
 }
 
 /* accept() returned child `sk` of a traced listener, in the accepting task. */

@@ -45,11 +45,25 @@ static __always_inline int on_data_ready(const void *lsk)
 	READ_KERN(req, lsk + AT_OFF_ICSK_ACCEPTQ_TAIL);
 	if (!req)
 		return 0;
+#if AT_REQ_SPAN_LEN
+	{
+		/* child, retransmits and SYN-ACK time in one read (tracer/kernel.py SPANS) */
+		u8 b[AT_REQ_SPAN_LEN];
+
+		bpf_probe_read_kernel(b, sizeof(b), req + AT_REQ_SPAN_START);
+		__builtin_memcpy(&child, b + (AT_OFF_REQ_SK - AT_REQ_SPAN_START), 8);
+		__builtin_memcpy(&snt_us, b + (AT_OFF_TREQ_SNT_SYNACK - AT_REQ_SPAN_START), 8);
+		retrans = b[AT_OFF_REQ_NUM_RETRANS - AT_REQ_SPAN_START];
+	}
+	if (!child)
+		return 0;
+#else
 	READ_KERN(child, req + AT_OFF_REQ_SK);
 	if (!child)
 		return 0;
 	READ_KERN(snt_us, req + AT_OFF_TREQ_SNT_SYNACK);
 	READ_KERN(retrans, req + AT_OFF_REQ_NUM_RETRANS);
+#endif
 
 	key = (u64)child;
 	c = conns.lookup(&key);
@@ -141,11 +155,19 @@ static __always_inline int on_accept_exit(long ret)
 	READ_KERN(fdt, files + AT_OFF_FILES_FDT);
 	if (!fdt)
 		return 0;
+#if AT_FDT_HEAD_LEN
+	{
+		u8 b[AT_FDT_HEAD_LEN];
+
+		bpf_probe_read_kernel(b, sizeof(b), fdt + AT_FDT_HEAD_START);
+		__builtin_memcpy(&max_fds, b + (AT_OFF_FDT_MAX_FDS - AT_FDT_HEAD_START), 4);
+		__builtin_memcpy(&fdarr, b + (AT_OFF_FDT_FD - AT_FDT_HEAD_START), 8);
+	}
+#else
 	READ_KERN(max_fds, fdt + AT_OFF_FDT_MAX_FDS);
-	if ((u64)ret >= max_fds)
-		return 0;
 	READ_KERN(fdarr, fdt + AT_OFF_FDT_FD);
-	if (!fdarr)
+#endif
+	if ((u64)ret >= max_fds || !fdarr)
 		return 0;
 	READ_KERN(file, &fdarr[ret]);
 	if (!file)
