@@ -9,10 +9,11 @@ run_time_ns (BPF_ENABLE_STATS, as acceptrace's `cost` does) before and after,
 and prints per hook: runs per connection and ns per run, median over the
 repeats (min-max), and the BPF time per connection.  It also checks the
 counters the programs kept against the connections made (created, queued,
-accepted, read, responded must each equal the number made).
+accepted, read, responded must each equal the number made; lost events and
+untracked accepts must stay 0).
 
   sudo .venv/bin/python bench/prog_cost.py [--conns 3000] [--repeats 5]
-        [--no-dispatch] [--json out.json]
+        [--no-dispatch] [--empty] [--sample-min-us 1000] [--json out.json]
 
 The tracepoints fire for every socket on the machine: other traffic during a
 repeat raises runs per connection (and is reported, not hidden).
@@ -38,6 +39,7 @@ from acceptrace import netns, selection  # noqa: E402
 from acceptrace.bpfloader import load  # noqa: E402
 
 CHECKED = ("created", "queued", "accepted", "read", "responded")
+ZERO = ("lost_events", "accept_untracked")
 
 
 def client(port: int, n: int, go: EventT, out: mp.Queue) -> None:
@@ -108,6 +110,9 @@ def main() -> int:
     ap.add_argument("--backend", default="tracepoint")
     ap.add_argument("--no-dispatch", action="store_true",
                     help="compile without the dispatch stage (acceptrace --no-dispatch)")
+    ap.add_argument("--sample-min-us", type=int, default=1000,
+                    help="the slot's sampling threshold (acceptrace sets it to the N-th "
+                         "slowest so far; 0 sends every connection to the ring buffer)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--empty", action="store_true",
                     help="also attach an empty program to each hook (the floor: what a run "
@@ -131,18 +136,24 @@ def main() -> int:
             print(f"bench: no BPF statistics: {be.stats_why}", file=sys.stderr)
             return 1
         be.set_targets({(netns.own_inode(), port): 0})
+        be.set_sample_threshold(0, args.sample_min_us * 1000)
         run_conns(port, args.clients, 200)  # warm up (maps, caches)
         for _ in range(args.repeats):
             c0 = be.snapshot(full=True).targets[0].counters
             s0 = {**be.program_stats(), **empty_stats(empty, prep)}
             made, _elapsed = run_conns(port, args.clients, args.conns)
             time.sleep(0.3)  # the last closes
+            be.poll(0)  # drain the ring buffer (the samples themselves are not used)
             s1 = {**be.program_stats(), **empty_stats(empty, prep)}
             c1 = be.snapshot(full=True).targets[0].counters
             for name in CHECKED:
                 got = (c1.get(name) or 0) - (c0.get(name) or 0)
                 if got != made:
                     mismatches.append(f"{name} {got} != {made}")
+            for name in ZERO:
+                got = (c1.get(name) or 0) - (c0.get(name) or 0)
+                if got:
+                    mismatches.append(f"{name} {got} != 0")
             total = 0.0
             for hook, st in s1.items():
                 d = st.minus(s0.get(hook, st.minus(st)))
