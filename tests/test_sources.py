@@ -44,6 +44,7 @@ def variants(facts):
     no_proto["AT_HAVE_SK_PROTOCOL"] = 0
     no_spans = {k: (0 if k.endswith("_LEN") and k.removesuffix("_LEN") in span_names else v)
                 for k, v in facts.defines.items()}
+    no_spans["AT_HAVE_TASK_BTF"] = 0
     base = dataclasses.replace(facts, kprobes=True)
     return [
         ("as here", base, True),
@@ -55,7 +56,7 @@ def variants(facts):
                                             if k != "AT_DROP_REASON_LISTEN_OVERFLOW"}), False),
         ("no IPv6", dataclasses.replace(base, defines=no_v6), False),
         ("no sk_protocol", dataclasses.replace(base, defines=no_proto), False),
-        ("fields read one by one (no contiguous spans)",
+        ("fields read one by one (no contiguous spans, no bpf_get_current_task_btf)",
          dataclasses.replace(base, defines=no_spans), True),
         ("blind-spot counter", dataclasses.replace(base, busy=BUSY, busy_why=None), False),
     ]

@@ -233,6 +233,9 @@ def resolve_offsets(btf: BTF) -> tuple[dict[str, int], list[str]]:
         notes.append(f"BTF {why}: its check is compiled out")
     defines.update({flag: int(ok) for flag, ok in flags.items()})
     defines.update(span_defines(defines))
+    # bpf_get_current_task_btf() (5.11): the accept hook's walk from the task to
+    # its fd table with plain loads (bpf/tracepoints.bpf.h on_accept_exit)
+    defines["AT_HAVE_TASK_BTF"] = int(btf.has_func("bpf_get_current_task_btf"))
     for define, name in ENUMS.items():
         if not btf.has_enum_value(name):
             raise UserError(f"this kernel's BTF has no enum value {name}")
