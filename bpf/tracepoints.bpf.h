@@ -45,25 +45,11 @@ static __always_inline int on_data_ready(const void *lsk)
 	READ_KERN(req, lsk + AT_OFF_ICSK_ACCEPTQ_TAIL);
 	if (!req)
 		return 0;
-#if AT_REQ_SPAN_LEN
-	{
-		/* child, retransmits and SYN-ACK time in one read (tracer/kernel.py SPANS) */
-		u8 b[AT_REQ_SPAN_LEN];
-
-		bpf_probe_read_kernel(b, sizeof(b), req + AT_REQ_SPAN_START);
-		__builtin_memcpy(&child, b + (AT_OFF_REQ_SK - AT_REQ_SPAN_START), 8);
-		__builtin_memcpy(&snt_us, b + (AT_OFF_TREQ_SNT_SYNACK - AT_REQ_SPAN_START), 8);
-		retrans = b[AT_OFF_REQ_NUM_RETRANS - AT_REQ_SPAN_START];
-	}
-	if (!child)
-		return 0;
-#else
 	READ_KERN(child, req + AT_OFF_REQ_SK);
 	if (!child)
 		return 0;
 	READ_KERN(snt_us, req + AT_OFF_TREQ_SNT_SYNACK);
 	READ_KERN(retrans, req + AT_OFF_REQ_NUM_RETRANS);
-#endif
 
 	key = (u64)child;
 	c = conns.lookup(&key);

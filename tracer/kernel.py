@@ -93,10 +93,11 @@ OFFSETS: dict[str, Offset] = {o.define: o for o in OFFSET_TABLE if o.need == "al
 class Span:
     """Fields of one object the C reads with one bpf_probe_read_kernel() instead of
     one each (each read costs 30-60 ns where a whole program costs 60-70 ns:
-    docs/performance.md).  Defines <name>_START (the lowest offset) and <name>_LEN
-    (bytes from there to the end of the last field), LEN 0 when the fields lie
-    further apart than ``limit`` bytes or one is missing: the C then reads them
-    one by one."""
+    docs/performance.md).  Only for fields a few bytes apart: a read's cost grows
+    with its length (126 bytes of a request cost as much as three small reads).
+    Defines <name>_START (the lowest offset) and <name>_LEN (bytes from there to
+    the end of the last field), LEN 0 when the fields lie further apart than
+    ``limit`` bytes or one is missing: the C then reads them one by one."""
 
     name: str
     fields: tuple[str, ...]   # OFFSET_TABLE defines, all of one struct
@@ -109,9 +110,6 @@ SPANS: tuple[Span, ...] = (
                          "AT_OFF_SK_NUM", "AT_OFF_SK_FAMILY", "AT_OFF_SK_STATE"), 32),
     Span("AT_SK_BACKLOGS", ("AT_OFF_SK_ACK_BACKLOG", "AT_OFF_SK_MAX_ACK_BACKLOG"), 16),
     Span("AT_FDT_HEAD", ("AT_OFF_FDT_MAX_FDS", "AT_OFF_FDT_FD"), 16),
-    # the request at the accept-queue tail: its child, retransmits and SYN-ACK time
-    Span("AT_REQ_SPAN", ("AT_OFF_REQ_NUM_RETRANS", "AT_OFF_REQ_SK", "AT_OFF_TREQ_SNT_SYNACK"),
-         160),
 )
 
 
