@@ -17,6 +17,36 @@
 #include "common.bpf.h"
 
 /*
+ * The verdict on the last child cloned on this CPU.  A child's three events
+ * come on one CPU, in one softirq, one after the other: tcp_check_req() ->
+ * tcp_v{4,6}_syn_recv_sock() clones it (LISTEN -> SYN_RECV), then
+ * tcp_child_process() moves it to ESTABLISHED and calls the listener's
+ * sk_data_ready().  The first event decides whether the child is a traced
+ * listener's (namespace, port, family, protocol: three reads and a hash
+ * lookup) and leaves the answer here; the other two take it when the socket
+ * and port match, instead of deciding again.  Anything else (another CPU's
+ * child at the tail, a socket freed and reused) misses, and decides in full.
+ */
+struct at_child_verdict {
+	u64 sk;
+	u32 slot;     /* its target slot, or AT_NO_SLOT */
+	u16 port;     /* its local port (the listener's) */
+	u8 inserted;  /* on_established() made its conns entry, tuple included */
+	u8 pad;
+};
+BPF_PERCPU_ARRAY(child_verdict, struct at_child_verdict, 1);
+
+static __always_inline struct at_child_verdict *verdict_of(const void *sk, u16 port)
+{
+	u32 zero = 0;
+	struct at_child_verdict *v = child_verdict.lookup(&zero);
+
+	if (v && v->sk == (u64)sk && v->port == port)
+		return v;
+	return NULL;
+}
+
+/*
  * A child was queued on a listener: sock_def_readable() on the listener,
  * called by tcp_child_process() (and the fastopen path) right after
  * inet_csk_reqsk_queue_add() put it at the accept-queue tail.
@@ -27,26 +57,37 @@ static __always_inline int on_data_ready(const void *lsk)
 	u64 now, key, snt_us = 0;
 	u8 retrans = 0;
 	struct at_conn *c, zero = {};
+	struct at_child_verdict *v = NULL;
 	struct at_skc h;
 	u32 slot;
+	u8 fresh = 0;
 
 	/* It fires for every socket that receives data: the state first (one read
 	 * rejects the connections, and has the port and family too), then the
-	 * namespace. */
+	 * port, then the namespace -- unless the child at the tail is the one this
+	 * CPU just cloned: then its verdict is the listener's (same namespace and
+	 * port). */
 	skc_read(lsk, &h);
-	if (h.state != AT_TCP_LISTEN)
+	if (h.state != AT_TCP_LISTEN || !port_watched(h.num))
 		return 0;
-	slot = skc_target(lsk, &h, -1);
+	READ_KERN(req, lsk + AT_OFF_ICSK_ACCEPTQ_TAIL);
+	if (req)
+		READ_KERN(child, req + AT_OFF_REQ_SK);
+	if (child)
+		v = verdict_of(child, h.num);
+	if (v) {
+		slot = v->slot;
+		fresh = v->inserted;
+		v->sk = 0; /* used once */
+	} else {
+		slot = skc_target(lsk, &h, -1);
+	}
 	if (slot == AT_NO_SLOT)
 		return 0;
 	now = bpf_ktime_get_ns();
 	queue_depths(lsk, slot, now);
 
-	READ_KERN(req, lsk + AT_OFF_ICSK_ACCEPTQ_TAIL);
-	if (!req)
-		return 0;
-	READ_KERN(child, req + AT_OFF_REQ_SK);
-	if (!child)
+	if (!req || !child)
 		return 0;
 	READ_KERN(snt_us, req + AT_OFF_TREQ_SNT_SYNACK);
 	READ_KERN(retrans, req + AT_OFF_REQ_NUM_RETRANS);
@@ -70,7 +111,8 @@ static __always_inline int on_data_ready(const void *lsk)
 		if (snt_us && snt_us * 1000 <= now)
 			hist_add(slot, AT_H_SYN_TO_ACCEPT, now - snt_us * 1000, 1000);
 	}
-	conn_tuple_from_sk(c, child);
+	if (!fresh || !c->family) /* on_established() has just filled it in */
+		conn_tuple_from_sk(c, child);
 	c->queued_ns = now;
 	c->slot = slot;
 	c->synack_retrans = retrans;
@@ -89,6 +131,9 @@ static __always_inline int on_data_ready(const void *lsk)
 }
 
 /*
+ * LISTEN -> SYN_RECV of a clone: a child made (connections.created), and the
+ * verdict left for its next two events.
+ *
  * SYN_RECV -> ESTABLISHED of a child of the port.  Only a safety net: when
  * two children are queued at once on two CPUs, both sk_data_ready events may
  * see the same tail; the other child is then known from here, with this
@@ -98,19 +143,34 @@ static __always_inline int on_state_change(const void *sk, int oldstate, int new
 {
 	u64 key = (u64)sk;
 	struct at_conn *c, zero = {};
+	struct at_child_verdict *v;
 	struct at_skc h;
-	u32 slot;
+	u32 slot, vk = 0;
 
 	if (newstate == AT_TCP_CLOSE) {
 		on_maybe_close(sk, newstate);
 		return 0;
 	}
-	on_maybe_child(sk, oldstate, newstate);
+	if (oldstate == AT_TCP_LISTEN && newstate == AT_TCP_SYN_RECV) {
+		/* on_maybe_child(), leaving its verdict for the next two events */
+		skc_read(sk, &h);
+		slot = skc_target(sk, &h, -1);
+		count(slot, AT_C_CREATED); /* count() ignores AT_NO_SLOT */
+		v = child_verdict.lookup(&vk);
+		if (v) {
+			v->sk = key;
+			v->slot = slot;
+			v->port = h.num;
+			v->inserted = 0;
+		}
+		return 0;
+	}
 	/* The states first (no memory read), then the port: ours are the server side. */
 	if (oldstate != AT_TCP_SYN_RECV || newstate != AT_TCP_ESTABLISHED)
 		return 0;
 	skc_read(sk, &h);
-	slot = skc_target(sk, &h, -1);
+	v = verdict_of(sk, h.num);
+	slot = v ? v->slot : skc_target(sk, &h, -1);
 	if (slot == AT_NO_SLOT)
 		return 0;
 	c = conns.lookup(&key);
@@ -120,7 +180,8 @@ static __always_inline int on_state_change(const void *sk, int oldstate, int new
 	zero.slot = slot;
 	zero.syncookie = 0;
 	conn_tuple_from_skc(&zero, sk, &h);
-	conns.update(&key, &zero);
+	if (conns.update(&key, &zero) == 0 && v)
+		v->inserted = 1;
 	return 0;
 }
 
