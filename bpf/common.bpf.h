@@ -108,16 +108,29 @@ static __always_inline int port_watched(u16 port)
 	return on && *on;
 }
 
-/* The network namespace of a socket: its inode number, as in /proc/PID/ns/net. */
-static __always_inline u32 sk_netns(const void *sk)
+/* A socket's struct net. */
+static __always_inline const void *sk_net(const void *sk)
 {
 	const void *net = NULL;
-	u32 inum = 0;
 
 	READ_KERN(net, sk + AT_OFF_SK_NET);
+	return net;
+}
+
+/* A namespace's inode number, as in /proc/PID/ns/net. */
+static __always_inline u32 net_inum(const void *net)
+{
+	u32 inum = 0;
+
 	if (net)
 		READ_KERN(inum, net + AT_OFF_NET_NS_INUM);
 	return inum;
+}
+
+/* The network namespace of a socket: its inode number. */
+static __always_inline u32 sk_netns(const void *sk)
+{
+	return net_inum(sk_net(sk));
 }
 
 /*
@@ -160,17 +173,22 @@ static __always_inline void skc_read(const void *sk, struct at_skc *h)
 
 /* The target slot of a socket on local port `num` whose (namespace, port) is a
  * traced listener's; AT_NO_SLOT for every other socket. */
-static __always_inline u32 sk_slot_port(const void *sk, u16 num)
+static __always_inline u32 target_slot(u32 netns, u16 num)
 {
 	struct at_target t = {};
 	u32 *slot;
 
-	if (!port_watched(num))
-		return AT_NO_SLOT;
-	t.netns = sk_netns(sk);
+	t.netns = netns;
 	t.port = num;
 	slot = targets.lookup(&t);
 	return slot ? *slot : AT_NO_SLOT;
+}
+
+static __always_inline u32 sk_slot_port(const void *sk, u16 num)
+{
+	if (!port_watched(num))
+		return AT_NO_SLOT;
+	return target_slot(sk_netns(sk), num);
 }
 
 /* The local port of a socket (host order). */
@@ -187,11 +205,12 @@ static __always_inline u32 sk_slot(const void *sk)
 	return sk_slot_port(sk, sk_port(sk));
 }
 
-/* The target slot of a TCP socket of a traced listener in the expected state
- * (-1: any state), `h` being its skc_read(); AT_NO_SLOT if it is not one. */
-static __always_inline u32 skc_target(const void *sk, const struct at_skc *h, int state)
+/* skc_target() of a socket whose port is watched (port_watched()), `net` being
+ * its sk_net(). */
+static __always_inline u32 skc_target_in(const void *sk, const struct at_skc *h,
+					 const void *net, int state)
 {
-	u32 slot = sk_slot_port(sk, h->num);
+	u32 slot = target_slot(net_inum(net), h->num);
 
 	if (slot == AT_NO_SLOT)
 		return AT_NO_SLOT;
@@ -202,6 +221,15 @@ static __always_inline u32 skc_target(const void *sk, const struct at_skc *h, in
 	if (state >= 0 && h->state != state)
 		return AT_NO_SLOT;
 	return slot;
+}
+
+/* The target slot of a TCP socket of a traced listener in the expected state
+ * (-1: any state), `h` being its skc_read(); AT_NO_SLOT if it is not one. */
+static __always_inline u32 skc_target(const void *sk, const struct at_skc *h, int state)
+{
+	if (!port_watched(h->num))
+		return AT_NO_SLOT;
+	return skc_target_in(sk, h, sk_net(sk), state);
 }
 
 static __always_inline u32 sk_target(const void *sk, int state)

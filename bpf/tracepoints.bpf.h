@@ -22,13 +22,16 @@
  * tcp_v{4,6}_syn_recv_sock() clones it (LISTEN -> SYN_RECV), then
  * tcp_child_process() moves it to ESTABLISHED and calls the listener's
  * sk_data_ready().  The first event decides whether the child is a traced
- * listener's (namespace, port, family, protocol: three reads and a hash
- * lookup) and leaves the answer here; the other two take it when the socket
- * and port match, instead of deciding again.  Anything else (another CPU's
- * child at the tail, a socket freed and reused) misses, and decides in full.
+ * listener's (namespace, port, family, protocol: four reads and a hash
+ * lookup) and leaves the answer here, for a port that is watched; the other
+ * two take it when the socket, its port and its namespace (struct net: one
+ * read) match, instead of deciding again.  Anything else (another CPU's child
+ * at the tail, a socket freed and reused elsewhere) misses, and decides in
+ * full.
  */
 struct at_child_verdict {
 	u64 sk;
+	u64 net;      /* its struct net (the listener's) */
 	u32 slot;     /* its target slot, or AT_NO_SLOT */
 	u16 port;     /* its local port (the listener's) */
 	u8 inserted;  /* on_established() made its conns entry, tuple included */
@@ -36,12 +39,15 @@ struct at_child_verdict {
 };
 BPF_PERCPU_ARRAY(child_verdict, struct at_child_verdict, 1);
 
-static __always_inline struct at_child_verdict *verdict_of(const void *sk, u16 port)
+/* This CPU's verdict if it is on child `sk`, whose port is `port` and whose
+ * namespace is the one of `same_net` (the child, or its listener). */
+static __always_inline struct at_child_verdict *verdict_of(const void *sk, u16 port,
+							   const void *same_net)
 {
 	u32 zero = 0;
 	struct at_child_verdict *v = child_verdict.lookup(&zero);
 
-	if (v && v->sk == (u64)sk && v->port == port)
+	if (v && v->sk == (u64)sk && v->port == port && v->net == (u64)sk_net(same_net))
 		return v;
 	return NULL;
 }
@@ -74,7 +80,7 @@ static __always_inline int on_data_ready(const void *lsk)
 	if (req)
 		READ_KERN(child, req + AT_OFF_REQ_SK);
 	if (child)
-		v = verdict_of(child, h.num);
+		v = verdict_of(child, h.num, lsk);
 	if (v) {
 		slot = v->slot;
 		fresh = v->inserted;
@@ -145,6 +151,7 @@ static __always_inline int on_state_change(const void *sk, int oldstate, int new
 	struct at_conn *c, zero = {};
 	struct at_child_verdict *v;
 	struct at_skc h;
+	const void *net;
 	u32 slot, vk = 0;
 
 	if (newstate == AT_TCP_CLOSE) {
@@ -154,11 +161,15 @@ static __always_inline int on_state_change(const void *sk, int oldstate, int new
 	if (oldstate == AT_TCP_LISTEN && newstate == AT_TCP_SYN_RECV) {
 		/* on_maybe_child(), leaving its verdict for the next two events */
 		skc_read(sk, &h);
-		slot = skc_target(sk, &h, -1);
+		if (!port_watched(h.num))
+			return 0;
+		net = sk_net(sk);
+		slot = skc_target_in(sk, &h, net, -1);
 		count(slot, AT_C_CREATED); /* count() ignores AT_NO_SLOT */
 		v = child_verdict.lookup(&vk);
 		if (v) {
 			v->sk = key;
+			v->net = (u64)net;
 			v->slot = slot;
 			v->port = h.num;
 			v->inserted = 0;
@@ -169,8 +180,10 @@ static __always_inline int on_state_change(const void *sk, int oldstate, int new
 	if (oldstate != AT_TCP_SYN_RECV || newstate != AT_TCP_ESTABLISHED)
 		return 0;
 	skc_read(sk, &h);
-	v = verdict_of(sk, h.num);
-	slot = v ? v->slot : skc_target(sk, &h, -1);
+	if (!port_watched(h.num))
+		return 0;
+	v = verdict_of(sk, h.num, sk);
+	slot = v ? v->slot : skc_target_in(sk, &h, sk_net(sk), -1);
 	if (slot == AT_NO_SLOT)
 		return 0;
 	c = conns.lookup(&key);
