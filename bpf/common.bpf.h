@@ -108,56 +108,87 @@ static __always_inline int port_watched(u16 port)
 	return on && *on;
 }
 
-/* The network namespace of a socket: its inode number, as in /proc/PID/ns/net. */
-static __always_inline u32 sk_netns(const void *sk)
+/* A socket's struct net. */
+static __always_inline const void *sk_net(const void *sk)
 {
 	const void *net = NULL;
-	u32 inum = 0;
 
 	READ_KERN(net, sk + AT_OFF_SK_NET);
+	return net;
+}
+
+/* A namespace's inode number, as in /proc/PID/ns/net. */
+static __always_inline u32 net_inum(const void *net)
+{
+	u32 inum = 0;
+
 	if (net)
 		READ_KERN(inum, net + AT_OFF_NET_NS_INUM);
 	return inum;
 }
 
-/* The target slot of a socket whose (namespace, local port) is a traced
- * listener's; AT_NO_SLOT for every other socket. */
-static __always_inline u32 sk_slot(const void *sk)
+/* The network namespace of a socket: its inode number. */
+static __always_inline u32 sk_netns(const void *sk)
+{
+	return net_inum(sk_net(sk));
+}
+
+/*
+ * The first bytes of struct sock_common: both IPv4 addresses, both ports, the
+ * family and the state, in one bpf_probe_read_kernel() where they lie within
+ * AT_SKC_HEAD_LEN bytes (always so far; tracer/kernel.py SPANS), else field by
+ * field.  A read costs 30-60 ns here, as much as an empty program's whole run
+ * (docs/performance.md): the filters read this once.
+ */
+struct at_skc {
+	u8 daddr[4];     /* skc_daddr: the peer's IPv4 address */
+	u8 rcv_saddr[4]; /* skc_rcv_saddr: the local IPv4 address */
+	u16 dport_be;    /* skc_dport: the peer's port, network order */
+	u16 num;         /* skc_num: the local port, host order */
+	u16 family;
+	u8 state;
+};
+
+static __always_inline void skc_read(const void *sk, struct at_skc *h)
+{
+#if AT_SKC_HEAD_LEN
+	u8 b[AT_SKC_HEAD_LEN];
+
+	bpf_probe_read_kernel(b, sizeof(b), sk + AT_SKC_HEAD_START); /* zeroed if it fails */
+	__builtin_memcpy(h->daddr, b + (AT_OFF_SK_DADDR - AT_SKC_HEAD_START), 4);
+	__builtin_memcpy(h->rcv_saddr, b + (AT_OFF_SK_RCV_SADDR - AT_SKC_HEAD_START), 4);
+	__builtin_memcpy(&h->dport_be, b + (AT_OFF_SK_DPORT - AT_SKC_HEAD_START), 2);
+	__builtin_memcpy(&h->num, b + (AT_OFF_SK_NUM - AT_SKC_HEAD_START), 2);
+	__builtin_memcpy(&h->family, b + (AT_OFF_SK_FAMILY - AT_SKC_HEAD_START), 2);
+	h->state = b[AT_OFF_SK_STATE - AT_SKC_HEAD_START];
+#else
+	READ_KERN(h->daddr, sk + AT_OFF_SK_DADDR);
+	READ_KERN(h->rcv_saddr, sk + AT_OFF_SK_RCV_SADDR);
+	READ_KERN(h->dport_be, sk + AT_OFF_SK_DPORT);
+	READ_KERN(h->num, sk + AT_OFF_SK_NUM);
+	READ_KERN(h->family, sk + AT_OFF_SK_FAMILY);
+	READ_KERN(h->state, sk + AT_OFF_SK_STATE);
+#endif
+}
+
+/* The target slot of a socket on local port `num` whose (namespace, port) is a
+ * traced listener's; AT_NO_SLOT for every other socket. */
+static __always_inline u32 target_slot(u32 netns, u16 num)
 {
 	struct at_target t = {};
-	u16 num = 0;
 	u32 *slot;
 
-	READ_KERN(num, sk + AT_OFF_SK_NUM);
-	if (!port_watched(num))
-		return AT_NO_SLOT;
-	t.netns = sk_netns(sk);
+	t.netns = netns;
 	t.port = num;
 	slot = targets.lookup(&t);
 	return slot ? *slot : AT_NO_SLOT;
 }
 
-/* The target slot of a TCP socket of a traced listener in the expected state
- * (-1: any state); AT_NO_SLOT if it is not one. */
-static __always_inline u32 sk_target(const void *sk, int state)
+static __always_inline u32 sk_slot_port(const void *sk, u16 num)
 {
-	u16 family = 0;
-	u8 st = 0;
-	u32 slot = sk_slot(sk);
-
-	if (slot == AT_NO_SLOT)
+	if (!port_watched(num))
 		return AT_NO_SLOT;
-	READ_KERN(family, sk + AT_OFF_SK_FAMILY);
-	if (family != AT_AF_INET && family != AT_AF_INET6)
-		return AT_NO_SLOT;
-	if (!sk_protocol_is_tcp(sk))
-		return AT_NO_SLOT;
-	if (state >= 0) {
-		READ_KERN(st, sk + AT_OFF_SK_STATE);
-		if (st != state)
-			return AT_NO_SLOT;
-	}
-	return slot;
+	return target_slot(sk_netns(sk), num);
 }
 
 /* The local port of a socket (host order). */
@@ -169,19 +200,56 @@ static __always_inline u16 sk_port(const void *sk)
 	return num;
 }
 
-/* Fill the 4-tuple of a child socket from its sock_common. */
-static __always_inline void conn_tuple_from_sk(struct at_conn *c, const void *sk)
+static __always_inline u32 sk_slot(const void *sk)
 {
-	u16 family = 0, dport_be = 0;
+	return sk_slot_port(sk, sk_port(sk));
+}
 
-	READ_KERN(family, sk + AT_OFF_SK_FAMILY);
-	READ_KERN(dport_be, sk + AT_OFF_SK_DPORT);
-	c->family = family;
-	c->sport = (u16)((dport_be >> 8) | (dport_be << 8)); /* the client's port */
-	c->dport = sk_port(sk);
-	if (family == AT_AF_INET) {
-		bpf_probe_read_kernel(c->saddr, 4, sk + AT_OFF_SK_DADDR);
-		bpf_probe_read_kernel(c->daddr, 4, sk + AT_OFF_SK_RCV_SADDR);
+/* skc_target() of a socket whose port is watched (port_watched()), `net` being
+ * its sk_net(). */
+static __always_inline u32 skc_target_in(const void *sk, const struct at_skc *h,
+					 const void *net, int state)
+{
+	u32 slot = target_slot(net_inum(net), h->num);
+
+	if (slot == AT_NO_SLOT)
+		return AT_NO_SLOT;
+	if (h->family != AT_AF_INET && h->family != AT_AF_INET6)
+		return AT_NO_SLOT;
+	if (!sk_protocol_is_tcp(sk))
+		return AT_NO_SLOT;
+	if (state >= 0 && h->state != state)
+		return AT_NO_SLOT;
+	return slot;
+}
+
+/* The target slot of a TCP socket of a traced listener in the expected state
+ * (-1: any state), `h` being its skc_read(); AT_NO_SLOT if it is not one. */
+static __always_inline u32 skc_target(const void *sk, const struct at_skc *h, int state)
+{
+	if (!port_watched(h->num))
+		return AT_NO_SLOT;
+	return skc_target_in(sk, h, sk_net(sk), state);
+}
+
+static __always_inline u32 sk_target(const void *sk, int state)
+{
+	struct at_skc h;
+
+	skc_read(sk, &h);
+	return skc_target(sk, &h, state);
+}
+
+/* Fill the 4-tuple of a child socket from its sock_common (`h`: its skc_read()). */
+static __always_inline void conn_tuple_from_skc(struct at_conn *c, const void *sk,
+						const struct at_skc *h)
+{
+	c->family = h->family;
+	c->sport = (u16)((h->dport_be >> 8) | (h->dport_be << 8)); /* the client's port */
+	c->dport = h->num;
+	if (h->family == AT_AF_INET) {
+		__builtin_memcpy(c->saddr, h->daddr, 4);
+		__builtin_memcpy(c->daddr, h->rcv_saddr, 4);
 	}
 #if AT_HAVE_IPV6
 	else {
@@ -189,6 +257,14 @@ static __always_inline void conn_tuple_from_sk(struct at_conn *c, const void *sk
 		bpf_probe_read_kernel(c->daddr, 16, sk + AT_OFF_SK_V6_RCV_SADDR);
 	}
 #endif
+}
+
+static __always_inline void conn_tuple_from_sk(struct at_conn *c, const void *sk)
+{
+	struct at_skc h;
+
+	skc_read(sk, &h);
+	conn_tuple_from_skc(c, sk, &h);
 }
 
 /* Send a finished connection to userspace if it is among the slowest. */
@@ -235,14 +311,13 @@ static __always_inline u64 sk_inode(const void *sk)
 }
 
 /* The listener's last depth, for the per-listener view. */
-static __always_inline void listener_seen(const void *lsk, u32 slot, u64 now, u32 depth)
+static __always_inline void listener_seen(const void *lsk, u32 slot, u64 now, u32 depth,
+					  u32 max_backlog)
 {
 	u64 key = (u64)lsk;
-	u32 max_backlog = 0;
 	u16 family = 0;
 	struct at_listener *l, lzero = {};
 
-	READ_KERN(max_backlog, lsk + AT_OFF_SK_MAX_ACK_BACKLOG);
 	l = listeners.lookup(&key);
 	if (!l) {
 		READ_KERN(family, lsk + AT_OFF_SK_FAMILY);
@@ -264,15 +339,24 @@ static __always_inline void listener_seen(const void *lsk, u32 slot, u64 now, u3
 /* A child was put on the listener's accept queue: the queue depths now. */
 static __always_inline void queue_depths(const void *lsk, u32 slot, u64 now)
 {
-	u32 depth = 0;
+	u32 depth = 0, max_backlog = 0;
 	int qlen = 0;
 
+#if AT_SK_BACKLOGS_LEN
+	u8 b[AT_SK_BACKLOGS_LEN];
+
+	bpf_probe_read_kernel(b, sizeof(b), lsk + AT_SK_BACKLOGS_START);
+	__builtin_memcpy(&depth, b + (AT_OFF_SK_ACK_BACKLOG - AT_SK_BACKLOGS_START), 4);
+	__builtin_memcpy(&max_backlog, b + (AT_OFF_SK_MAX_ACK_BACKLOG - AT_SK_BACKLOGS_START), 4);
+#else
 	READ_KERN(depth, lsk + AT_OFF_SK_ACK_BACKLOG);
+	READ_KERN(max_backlog, lsk + AT_OFF_SK_MAX_ACK_BACKLOG);
+#endif
 	READ_KERN(qlen, lsk + AT_OFF_ICSK_ACCEPTQ_QLEN);
 	count(slot, AT_C_QUEUED);
 	hist_add(slot, AT_H_ACCEPTQ_DEPTH, depth, 1);
 	hist_add(slot, AT_H_SYNQ_DEPTH, qlen > 0 ? (u64)qlen : 0, 1);
-	listener_seen(lsk, slot, now, depth);
+	listener_seen(lsk, slot, now, depth, max_backlog);
 }
 
 /* accept() returned child `sk` of a traced listener, in the accepting task. */
@@ -340,8 +424,16 @@ static __always_inline void on_read(const void *sk, long ret)
 		return;
 #if AT_DISPATCH
 	{
+		/* The thread's entry is written in place: an update of an existing key
+		 * still takes a new element and frees the old (~400 ns a read here,
+		 * against ~150 ns for lookup and store; bench/prog_cost.py). */
 		u32 tid = (u32)bpf_get_current_pid_tgid();
-		last_read.update(&tid, &key);
+		u64 *last = last_read.lookup(&tid);
+
+		if (last)
+			*last = key;
+		else
+			last_read.update(&tid, &key);
 	}
 #endif
 	c = conns.lookup(&key);

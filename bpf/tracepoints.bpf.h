@@ -17,6 +17,42 @@
 #include "common.bpf.h"
 
 /*
+ * The verdict on the last child cloned on this CPU.  A child's three events
+ * come on one CPU, in one softirq, one after the other: tcp_check_req() ->
+ * tcp_v{4,6}_syn_recv_sock() clones it (LISTEN -> SYN_RECV), then
+ * tcp_child_process() moves it to ESTABLISHED and calls the listener's
+ * sk_data_ready().  The first event decides whether the child is a traced
+ * listener's (namespace, port, family, protocol: four reads and a hash
+ * lookup) and leaves the answer here, for a port that is watched; the other
+ * two take it when the socket, its port and its namespace (struct net: one
+ * read) match, instead of deciding again.  Anything else (another CPU's child
+ * at the tail, a socket freed and reused elsewhere) misses, and decides in
+ * full.
+ */
+struct at_child_verdict {
+	u64 sk;
+	u64 net;      /* its struct net (the listener's) */
+	u32 slot;     /* its target slot, or AT_NO_SLOT */
+	u16 port;     /* its local port (the listener's) */
+	u8 inserted;  /* on_established() made its conns entry, tuple included */
+	u8 pad;
+};
+BPF_PERCPU_ARRAY(child_verdict, struct at_child_verdict, 1);
+
+/* This CPU's verdict if it is on child `sk`, whose port is `port` and whose
+ * namespace is the one of `same_net` (the child, or its listener). */
+static __always_inline struct at_child_verdict *verdict_of(const void *sk, u16 port,
+							   const void *same_net)
+{
+	u32 zero = 0;
+	struct at_child_verdict *v = child_verdict.lookup(&zero);
+
+	if (v && v->sk == (u64)sk && v->port == port && v->net == (u64)sk_net(same_net))
+		return v;
+	return NULL;
+}
+
+/*
  * A child was queued on a listener: sock_def_readable() on the listener,
  * called by tcp_child_process() (and the fastopen path) right after
  * inet_csk_reqsk_queue_add() put it at the accept-queue tail.
@@ -25,26 +61,39 @@ static __always_inline int on_data_ready(const void *lsk)
 {
 	const void *req = NULL, *child = NULL;
 	u64 now, key, snt_us = 0;
-	u8 retrans = 0, state = 0;
+	u8 retrans = 0;
 	struct at_conn *c, zero = {};
+	struct at_child_verdict *v = NULL;
+	struct at_skc h;
 	u32 slot;
+	u8 fresh = 0;
 
 	/* It fires for every socket that receives data: the state first (one read
-	 * rejects the connections), then the port and namespace. */
-	READ_KERN(state, lsk + AT_OFF_SK_STATE);
-	if (state != AT_TCP_LISTEN)
+	 * rejects the connections, and has the port and family too), then the
+	 * port, then the namespace -- unless the child at the tail is the one this
+	 * CPU just cloned: then its verdict is the listener's (same namespace and
+	 * port). */
+	skc_read(lsk, &h);
+	if (h.state != AT_TCP_LISTEN || !port_watched(h.num))
 		return 0;
-	slot = sk_target(lsk, -1);
+	READ_KERN(req, lsk + AT_OFF_ICSK_ACCEPTQ_TAIL);
+	if (req)
+		READ_KERN(child, req + AT_OFF_REQ_SK);
+	if (child)
+		v = verdict_of(child, h.num, lsk);
+	if (v) {
+		slot = v->slot;
+		fresh = v->inserted;
+		v->sk = 0; /* used once */
+	} else {
+		slot = skc_target(lsk, &h, -1);
+	}
 	if (slot == AT_NO_SLOT)
 		return 0;
 	now = bpf_ktime_get_ns();
 	queue_depths(lsk, slot, now);
 
-	READ_KERN(req, lsk + AT_OFF_ICSK_ACCEPTQ_TAIL);
-	if (!req)
-		return 0;
-	READ_KERN(child, req + AT_OFF_REQ_SK);
-	if (!child)
+	if (!req || !child)
 		return 0;
 	READ_KERN(snt_us, req + AT_OFF_TREQ_SNT_SYNACK);
 	READ_KERN(retrans, req + AT_OFF_REQ_NUM_RETRANS);
@@ -68,7 +117,8 @@ static __always_inline int on_data_ready(const void *lsk)
 		if (snt_us && snt_us * 1000 <= now)
 			hist_add(slot, AT_H_SYN_TO_ACCEPT, now - snt_us * 1000, 1000);
 	}
-	conn_tuple_from_sk(c, child);
+	if (!fresh || !c->family) /* on_established() has just filled it in */
+		conn_tuple_from_sk(c, child);
 	c->queued_ns = now;
 	c->slot = slot;
 	c->synack_retrans = retrans;
@@ -87,6 +137,9 @@ static __always_inline int on_data_ready(const void *lsk)
 }
 
 /*
+ * LISTEN -> SYN_RECV of a clone: a child made (connections.created), and the
+ * verdict left for its next two events.
+ *
  * SYN_RECV -> ESTABLISHED of a child of the port.  Only a safety net: when
  * two children are queued at once on two CPUs, both sk_data_ready events may
  * see the same tail; the other child is then known from here, with this
@@ -96,17 +149,41 @@ static __always_inline int on_state_change(const void *sk, int oldstate, int new
 {
 	u64 key = (u64)sk;
 	struct at_conn *c, zero = {};
-	u32 slot;
+	struct at_child_verdict *v;
+	struct at_skc h;
+	const void *net;
+	u32 slot, vk = 0;
 
 	if (newstate == AT_TCP_CLOSE) {
 		on_maybe_close(sk, newstate);
 		return 0;
 	}
-	on_maybe_child(sk, oldstate, newstate);
+	if (oldstate == AT_TCP_LISTEN && newstate == AT_TCP_SYN_RECV) {
+		/* on_maybe_child(), leaving its verdict for the next two events */
+		skc_read(sk, &h);
+		if (!port_watched(h.num))
+			return 0;
+		net = sk_net(sk);
+		slot = skc_target_in(sk, &h, net, -1);
+		count(slot, AT_C_CREATED); /* count() ignores AT_NO_SLOT */
+		v = child_verdict.lookup(&vk);
+		if (v) {
+			v->sk = key;
+			v->net = (u64)net;
+			v->slot = slot;
+			v->port = h.num;
+			v->inserted = 0;
+		}
+		return 0;
+	}
 	/* The states first (no memory read), then the port: ours are the server side. */
 	if (oldstate != AT_TCP_SYN_RECV || newstate != AT_TCP_ESTABLISHED)
 		return 0;
-	slot = sk_target(sk, -1);
+	skc_read(sk, &h);
+	if (!port_watched(h.num))
+		return 0;
+	v = verdict_of(sk, h.num, sk);
+	slot = v ? v->slot : skc_target_in(sk, &h, sk_net(sk), -1);
 	if (slot == AT_NO_SLOT)
 		return 0;
 	c = conns.lookup(&key);
@@ -115,8 +192,9 @@ static __always_inline int on_state_change(const void *sk, int oldstate, int new
 	zero.queued_ns = bpf_ktime_get_ns();
 	zero.slot = slot;
 	zero.syncookie = 0;
-	conn_tuple_from_sk(&zero, sk);
-	conns.update(&key, &zero);
+	conn_tuple_from_skc(&zero, sk, &h);
+	if (conns.update(&key, &zero) == 0 && v)
+		v->inserted = 1;
 	return 0;
 }
 
@@ -130,6 +208,26 @@ static __always_inline int on_accept_exit(long ret)
 
 	if (ret < 0)
 		return 0;
+#if AT_HAVE_TASK_BTF
+	{
+		/* bpf_get_current_task_btf() (5.11) is a BTF-typed pointer: the verifier
+		 * turns loads through it, and through the struct pointers loaded from it,
+		 * into plain loads guarded by the exception table, a few ns each against
+		 * 30-60 ns for a bpf_probe_read_kernel() call.  task->files,
+		 * files->fdt, fdt->max_fds and fdt->fd are read so; fd[] (a pointer to
+		 * pointers) and what follows are not typed, and stay probe reads. */
+		u64 t = (u64)bpf_get_current_task_btf(), f, d;
+
+		f = *(u64 *)(t + AT_OFF_TASK_FILES);
+		if (!f)
+			return 0;
+		d = *(u64 *)(f + AT_OFF_FILES_FDT);
+		if (!d)
+			return 0;
+		max_fds = *(u32 *)(d + AT_OFF_FDT_MAX_FDS);
+		fdarr = (const void **)*(u64 *)(d + AT_OFF_FDT_FD);
+	}
+#else
 	task = (struct task_struct *)bpf_get_current_task();
 	READ_KERN(files, (void *)task + AT_OFF_TASK_FILES);
 	if (!files)
@@ -137,11 +235,20 @@ static __always_inline int on_accept_exit(long ret)
 	READ_KERN(fdt, files + AT_OFF_FILES_FDT);
 	if (!fdt)
 		return 0;
+#if AT_FDT_HEAD_LEN
+	{
+		u8 b[AT_FDT_HEAD_LEN];
+
+		bpf_probe_read_kernel(b, sizeof(b), fdt + AT_FDT_HEAD_START);
+		__builtin_memcpy(&max_fds, b + (AT_OFF_FDT_MAX_FDS - AT_FDT_HEAD_START), 4);
+		__builtin_memcpy(&fdarr, b + (AT_OFF_FDT_FD - AT_FDT_HEAD_START), 8);
+	}
+#else
 	READ_KERN(max_fds, fdt + AT_OFF_FDT_MAX_FDS);
-	if ((u64)ret >= max_fds)
-		return 0;
 	READ_KERN(fdarr, fdt + AT_OFF_FDT_FD);
-	if (!fdarr)
+#endif
+#endif
+	if ((u64)ret >= max_fds || !fdarr)
 		return 0;
 	READ_KERN(file, &fdarr[ret]);
 	if (!file)

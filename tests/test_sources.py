@@ -32,6 +32,9 @@ def host_facts():
 
 def variants(facts):
     """(label, facts, dispatch): the host's facts, then each thing a kernel may lack."""
+    from acceptrace.kernel import SPANS
+
+    span_names = {sp.name for sp in SPANS}
     raw = dict(facts.raw_tracepoints)
     no_rw = {k: v for k, v in raw.items() if "_length" not in k}
     no_kfree = {k: v for k, v in raw.items() if k != "kfree_skb"}
@@ -39,6 +42,9 @@ def variants(facts):
     no_v6 = {k: v for k, v in no_v6.items() if not k.startswith("AT_OFF_SK_V6")}
     no_proto = {k: v for k, v in facts.defines.items() if k != "AT_OFF_SK_PROTOCOL"}
     no_proto["AT_HAVE_SK_PROTOCOL"] = 0
+    no_spans = {k: (0 if k.endswith("_LEN") and k.removesuffix("_LEN") in span_names else v)
+                for k, v in facts.defines.items()}
+    no_spans["AT_HAVE_TASK_BTF"] = 0
     base = dataclasses.replace(facts, kprobes=True)
     return [
         ("as here", base, True),
@@ -50,6 +56,8 @@ def variants(facts):
                                             if k != "AT_DROP_REASON_LISTEN_OVERFLOW"}), False),
         ("no IPv6", dataclasses.replace(base, defines=no_v6), False),
         ("no sk_protocol", dataclasses.replace(base, defines=no_proto), False),
+        ("fields read one by one (no contiguous spans, no bpf_get_current_task_btf)",
+         dataclasses.replace(base, defines=no_spans), True),
         ("blind-spot counter", dataclasses.replace(base, busy=BUSY, busy_why=None), False),
     ]
 

@@ -87,6 +87,44 @@ OFFSET_TABLE: tuple[Offset, ...] = (
     Offset("AT_OFF_NET_SYNCOOKIES", "net", "ipv4.sysctl_tcp_syncookies", 1, "funcs"),
 )
 OFFSETS: dict[str, Offset] = {o.define: o for o in OFFSET_TABLE if o.need == "all"}
+
+
+@dataclass(frozen=True)
+class Span:
+    """Fields of one object the C reads with one bpf_probe_read_kernel() instead of
+    one each (each read costs 30-60 ns where a whole program costs 60-70 ns:
+    docs/performance.md).  Only for fields a few bytes apart: a read's cost grows
+    with its length (126 bytes of a request cost as much as three small reads).
+    Defines <name>_START (the lowest offset) and <name>_LEN (bytes from there to
+    the end of the last field), LEN 0 when the fields lie further apart than
+    ``limit`` bytes or one is missing: the C then reads them one by one."""
+
+    name: str
+    fields: tuple[str, ...]   # OFFSET_TABLE defines, all of one struct
+    limit: int
+
+
+SPANS: tuple[Span, ...] = (
+    # sock_common's first bytes: both IPv4 addresses, both ports, family, state
+    Span("AT_SKC_HEAD", ("AT_OFF_SK_DADDR", "AT_OFF_SK_RCV_SADDR", "AT_OFF_SK_DPORT",
+                         "AT_OFF_SK_NUM", "AT_OFF_SK_FAMILY", "AT_OFF_SK_STATE"), 32),
+    Span("AT_SK_BACKLOGS", ("AT_OFF_SK_ACK_BACKLOG", "AT_OFF_SK_MAX_ACK_BACKLOG"), 16),
+    Span("AT_FDT_HEAD", ("AT_OFF_FDT_MAX_FDS", "AT_OFF_FDT_FD"), 16),
+)
+
+
+def span_defines(defines: dict[str, int]) -> dict[str, int]:
+    """Each Span's <name>_START and <name>_LEN from the offsets in ``defines``."""
+    sizes = {o.define: o.size for o in OFFSET_TABLE}
+    out: dict[str, int] = {}
+    for sp in SPANS:
+        start, length = 0, 0
+        if all(f in defines for f in sp.fields):
+            start = min(defines[f] for f in sp.fields)
+            end = max(defines[f] + sizes[f] for f in sp.fields)
+            length = end - start if end - start <= sp.limit else 0
+        out[sp.name + "_START"], out[sp.name + "_LEN"] = start, length
+    return out
 ENUMS: dict[str, str] = {
     "AT_TCP_LISTEN": "TCP_LISTEN",
     "AT_TCP_ESTABLISHED": "TCP_ESTABLISHED",
@@ -192,6 +230,10 @@ def resolve_offsets(btf: BTF) -> tuple[dict[str, int], list[str]]:
             raise UserError(f"this kernel's BTF {why}")
         notes.append(f"BTF {why}: its check is compiled out")
     defines.update({flag: int(ok) for flag, ok in flags.items()})
+    defines.update(span_defines(defines))
+    # bpf_get_current_task_btf() (5.11): the accept hook's walk from the task to
+    # its fd table with plain loads (bpf/tracepoints.bpf.h on_accept_exit)
+    defines["AT_HAVE_TASK_BTF"] = int(btf.has_func("bpf_get_current_task_btf"))
     for define, name in ENUMS.items():
         if not btf.has_enum_value(name):
             raise UserError(f"this kernel's BTF has no enum value {name}")
