@@ -22,16 +22,33 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import accept_rate as A  # noqa: E402
-from acceptrace import headers, kernel, procnet, selection  # noqa: E402
+from acceptrace import headers, kernel, netns, selection  # noqa: E402
 from acceptrace.bpfloader import load  # noqa: E402
 
+# Hooks attached together; every other hook of the backend is a group of its own.
 GROUPS = {
-    "syscalls:sys_exit_accept{,4}": ["syscalls:sys_exit_accept4", "syscalls:sys_exit_accept"],
-    "sock:sk_data_ready": ["sock:sk_data_ready"],
-    "sock:sock_recv_length": ["sock:sock_recv_length"],
-    "sock:sock_send_length": ["sock:sock_send_length"],
-    "sock:inet_sock_set_state": ["sock:inet_sock_set_state"],
+    "syscalls:sys_exit_accept{,4}": ["tracepoint:syscalls:sys_exit_accept4",
+                                     "tracepoint:syscalls:sys_exit_accept"],
 }
+
+
+def attach(bpf: object, hook: str) -> None:
+    """Attach one hook of the loaded program (its BCC function by the glue's name)."""
+    kind, _, name = hook.partition(":")
+    if kind == "raw_tracepoint":
+        bpf.attach_raw_tracepoint(tp=name.encode(),  # type: ignore[attr-defined]
+                                  fn_name=f"raw_tracepoint__{name}".encode())
+    else:
+        bpf.attach_tracepoint(tp=name.encode(),  # type: ignore[attr-defined]
+                              fn_name=("tracepoint__" + name.replace(":", "__")).encode())
+
+
+def detach(bpf: object, hook: str) -> None:
+    kind, _, name = hook.partition(":")
+    if kind == "raw_tracepoint":
+        bpf.detach_raw_tracepoint(tp=name.encode())  # type: ignore[attr-defined]
+    else:
+        bpf.detach_tracepoint(tp=name.encode())  # type: ignore[attr-defined]
 
 
 def main() -> int:
@@ -50,26 +67,26 @@ def main() -> int:
     headers.activate(headers.find_header_tree())
     facts, _ = kernel.kernel_facts(kernel.ensure_tracefs()[0])
     be = load(selection.plan_backend("tracepoint", facts, dispatch=False))
-    be.set_targets([(procnet.own_netns(), port)])
-    every = [h.removeprefix("tracepoint:") for h in be.hooks if h.startswith("tracepoint:")]
-    configs = {"none": [], "all": every, **GROUPS}
+    be.set_targets({(netns.own_inode(), port): 0})
+    every = [h for h in be.hooks if h.startswith(("tracepoint:", "raw_tracepoint:"))]
+    grouped = {h for hooks in GROUPS.values() for h in hooks}
+    configs = {"none": [], "all": every,
+               **{k: [h for h in v if h in every] for k, v in GROUPS.items()},
+               **{h: [h] for h in every if h not in grouped}}
 
-    def fn(tp: str) -> bytes:
-        return ("tracepoint__" + tp.replace(":", "__")).encode()
-
-    for tp in every:
-        be.bpf.detach_tracepoint(tp.encode())
+    for hook in every:
+        detach(be.bpf, hook)
     rates: dict[str, list[float]] = {k: [] for k in configs}
     try:
         A.measure(port, args.clients, 1.0)
         for rnd in range(args.rounds):
             order = list(configs) if rnd % 2 == 0 else list(reversed(configs))
             for name in order:
-                for tp in configs[name]:
-                    be.bpf.attach_tracepoint(tp=tp.encode(), fn_name=fn(tp))
+                for hook in configs[name]:
+                    attach(be.bpf, hook)
                 rates[name].append(A.measure(port, args.clients, args.phase)[0])
-                for tp in configs[name]:
-                    be.bpf.detach_tracepoint(tp.encode())
+                for hook in configs[name]:
+                    detach(be.bpf, hook)
     finally:
         be.close()
         srv.terminate()
