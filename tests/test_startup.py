@@ -173,7 +173,13 @@ def test_start_summary_median_and_slowest():
 
 def test_sigint_timeout_keeps_pytest_summary_and_junit(tmp_path):
     """The guest ends a backend's pytest as guest-init.sh does (timeout -s INT):
-    the failure summary and the junit file of the tests that finished survive."""
+    the failure summary and the junit file of the tests that finished survive.
+
+    The timeout is made to expire once the hanging test's faulthandler dump is out
+    (SIGALRM is what timeout(1) expires on), not after a fixed time: a busy machine
+    took most of a fixed 4 s to start pytest, and the hang was cut before its dump."""
+    import signal
+
     if not shutil.which("timeout"):
         pytest.skip("no coreutils timeout")
     (tmp_path / "test_hang.py").write_text(
@@ -182,13 +188,27 @@ def test_sigint_timeout_keeps_pytest_summary_and_junit(tmp_path):
         "def test_hangs():\n"
         "    s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); s.accept()\n")
     junit = tmp_path / "j.xml"
-    proc = subprocess.run(
-        ["timeout", "-s", "INT", "-k", "20", "4", sys.executable, "-m", "pytest",
-         "-p", "no:cacheprovider", "-v", "-rA", "-o", "faulthandler_timeout=2",
-         f"--junitxml={junit}", str(tmp_path / "test_hang.py")],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert proc.returncode == 124, proc.stdout[-2000:]
-    out = proc.stdout + proc.stderr
+    out_f, err_f = tmp_path / "out.txt", tmp_path / "err.txt"
+    with out_f.open("w") as out_w, err_f.open("w") as err_w:
+        proc = subprocess.Popen(
+            ["timeout", "-s", "INT", "-k", "20", "300", sys.executable, "-m", "pytest",
+             "-p", "no:cacheprovider", "-v", "-rA", "-o", "faulthandler_timeout=2",
+             f"--junitxml={junit}", str(tmp_path / "test_hang.py")],
+            stdout=out_w, stderr=err_w, text=True, cwd=tmp_path)
+        try:
+            deadline = time.monotonic() + 120
+            while "Timeout" not in err_f.read_text() + out_f.read_text():
+                assert proc.poll() is None, out_f.read_text()[-2000:]
+                assert time.monotonic() < deadline, "no faulthandler dump in 120 s"
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGALRM)      # the timeout expires now
+            rc = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    out = out_f.read_text() + err_f.read_text()
+    assert rc == 124, out[-2000:]
     assert "KeyboardInterrupt" in out and "short test summary info" in out, out[-2000:]
     assert "Timeout" in out and "test_hangs" in out, out[-2000:]   # faulthandler's dump
     assert "test_done" in junit.read_text()
