@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from acceptrace import bpfstats, kernel
+from acceptrace import bpfstats, kernel, servers
 from acceptrace.demo import free_port
 from test_listeners import ACCEPTOR, clients, start, stop_all
 from test_netns import in_ns, network_namespace
@@ -57,11 +57,9 @@ def stats_holders() -> list[str]:
     """The processes holding a BPF_ENABLE_STATS file descriptor (anon inode "bpf-stats"):
     while one does, the kernel times every BPF program, acceptrace's or not."""
     held = []
-    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+    for pid in servers.pids_holding({"anon_inode:bpf-stats"}):
         try:
-            if any(os.readlink(fd) == "anon_inode:bpf-stats" for fd in fd_dir.iterdir()):
-                comm = (fd_dir.parent / "comm").read_text().strip()
-                held.append(f"{fd_dir.parent.name} ({comm})")
+            held.append(f"{pid} ({Path(f'/proc/{pid}/comm').read_text().strip()})")
         except OSError:
             continue
     return held

@@ -63,9 +63,14 @@ def socket_inodes(port: int) -> set[int]:
 
 def pids_with_sockets(inodes: set[int], proc: Path = Path("/proc")) -> list[int]:
     """Processes holding any of these socket inodes open."""
-    if not inodes:
+    return pids_holding({f"socket:[{i}]" for i in inodes}, proc)
+
+
+def pids_holding(want: set[str], proc: Path = Path("/proc")) -> list[int]:
+    """Processes with a file descriptor whose /proc/PID/fd link is one of ``want``
+    (``socket:[INODE]``, ``anon_inode:bpf-stats``, ...)."""
+    if not want:
         return []
-    want = {f"socket:[{i}]" for i in inodes}
     pids = []
     for d in proc.iterdir():
         if not d.name.isdigit():
