@@ -149,18 +149,23 @@ struct at_skc {
 	u8 state;
 };
 
+/* Field `off` (an AT_OFF_ define) of a span read into `buf` from offset `start`
+ * (tracer/kernel.py SPANS), copied into `dst`, whose size is the field's. */
+#define AT_SPAN_GET(dst, buf, start, off) \
+	__builtin_memcpy(&(dst), (buf) + ((off) - (start)), sizeof(dst))
+
 static __always_inline void skc_read(const void *sk, struct at_skc *h)
 {
 #if AT_SKC_HEAD_LEN
 	u8 b[AT_SKC_HEAD_LEN];
 
 	bpf_probe_read_kernel(b, sizeof(b), sk + AT_SKC_HEAD_START); /* zeroed if it fails */
-	__builtin_memcpy(h->daddr, b + (AT_OFF_SK_DADDR - AT_SKC_HEAD_START), 4);
-	__builtin_memcpy(h->rcv_saddr, b + (AT_OFF_SK_RCV_SADDR - AT_SKC_HEAD_START), 4);
-	__builtin_memcpy(&h->dport_be, b + (AT_OFF_SK_DPORT - AT_SKC_HEAD_START), 2);
-	__builtin_memcpy(&h->num, b + (AT_OFF_SK_NUM - AT_SKC_HEAD_START), 2);
-	__builtin_memcpy(&h->family, b + (AT_OFF_SK_FAMILY - AT_SKC_HEAD_START), 2);
-	h->state = b[AT_OFF_SK_STATE - AT_SKC_HEAD_START];
+	AT_SPAN_GET(h->daddr, b, AT_SKC_HEAD_START, AT_OFF_SK_DADDR);
+	AT_SPAN_GET(h->rcv_saddr, b, AT_SKC_HEAD_START, AT_OFF_SK_RCV_SADDR);
+	AT_SPAN_GET(h->dport_be, b, AT_SKC_HEAD_START, AT_OFF_SK_DPORT);
+	AT_SPAN_GET(h->num, b, AT_SKC_HEAD_START, AT_OFF_SK_NUM);
+	AT_SPAN_GET(h->family, b, AT_SKC_HEAD_START, AT_OFF_SK_FAMILY);
+	AT_SPAN_GET(h->state, b, AT_SKC_HEAD_START, AT_OFF_SK_STATE);
 #else
 	READ_KERN(h->daddr, sk + AT_OFF_SK_DADDR);
 	READ_KERN(h->rcv_saddr, sk + AT_OFF_SK_RCV_SADDR);
@@ -346,8 +351,8 @@ static __always_inline void queue_depths(const void *lsk, u32 slot, u64 now)
 	u8 b[AT_SK_BACKLOGS_LEN];
 
 	bpf_probe_read_kernel(b, sizeof(b), lsk + AT_SK_BACKLOGS_START);
-	__builtin_memcpy(&depth, b + (AT_OFF_SK_ACK_BACKLOG - AT_SK_BACKLOGS_START), 4);
-	__builtin_memcpy(&max_backlog, b + (AT_OFF_SK_MAX_ACK_BACKLOG - AT_SK_BACKLOGS_START), 4);
+	AT_SPAN_GET(depth, b, AT_SK_BACKLOGS_START, AT_OFF_SK_ACK_BACKLOG);
+	AT_SPAN_GET(max_backlog, b, AT_SK_BACKLOGS_START, AT_OFF_SK_MAX_ACK_BACKLOG);
 #else
 	READ_KERN(depth, lsk + AT_OFF_SK_ACK_BACKLOG);
 	READ_KERN(max_backlog, lsk + AT_OFF_SK_MAX_ACK_BACKLOG);

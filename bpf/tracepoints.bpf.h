@@ -240,8 +240,8 @@ static __always_inline int on_accept_exit(long ret)
 		u8 b[AT_FDT_HEAD_LEN];
 
 		bpf_probe_read_kernel(b, sizeof(b), fdt + AT_FDT_HEAD_START);
-		__builtin_memcpy(&max_fds, b + (AT_OFF_FDT_MAX_FDS - AT_FDT_HEAD_START), 4);
-		__builtin_memcpy(&fdarr, b + (AT_OFF_FDT_FD - AT_FDT_HEAD_START), 8);
+		AT_SPAN_GET(max_fds, b, AT_FDT_HEAD_START, AT_OFF_FDT_MAX_FDS);
+		AT_SPAN_GET(fdarr, b, AT_FDT_HEAD_START, AT_OFF_FDT_FD);
 	}
 #else
 	READ_KERN(max_fds, fdt + AT_OFF_FDT_MAX_FDS);
