@@ -448,6 +448,7 @@ class Soak:
         synack = sum(s["drops"]["synack_retransmits"] for s in sections)
         client_syn_rtx = sum(c.get("syn_retransmits", 0) for c in clients)
         client_errors = sum(sum(c.get("errors", {}).values()) for c in clients)
+        synack_kernel = kernel["TcpExtTCPSynRetrans"] - client_syn_rtx
         checks: dict[str, Any] = {
             "exit_code": rc,
             "lost_events": run["drops"]["lost_events"],
@@ -468,9 +469,9 @@ class Soak:
             "synack_retransmits": [synack, hits, short_by("synack_retransmits")],
             "synack_kernel": {
                 "tracepoint_hits": hits,
-                "TCPSynRetrans_less_clients": kernel["TcpExtTCPSynRetrans"] - client_syn_rtx,
+                "TCPSynRetrans_less_clients": synack_kernel,
                 "client_slack": 3 * client_errors,
-                "ahead": kernel["TcpExtTCPSynRetrans"] - client_syn_rtx - hits},
+                "ahead": synack_kernel - hits},
             "client_syn_retransmits": client_syn_rtx,
             "rss_growth_kib": (rss[-1] - base) if rss else None,
             "rss_kib": [min(rss, default=0), max(rss, default=0)],

@@ -42,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from acceptrace import headers, kernel  # noqa: E402
+from acceptrace.procnet import parse_netstat  # noqa: E402
 
 SRC = r"""
 struct ev { u64 ts; u32 netns; u32 cpu; u16 num; u8 state; u8 kind; u8 nret; u8 pad[3]; };
@@ -136,14 +137,8 @@ class TracepointHits:
 
 
 def read_counters(pid: str) -> dict[str, int]:
-    c: dict[str, int] = {}
-    for f in ("netstat", "snmp"):
-        lines = Path(f"/proc/{pid}/net/{f}").read_text().splitlines()
-        for i in range(0, len(lines) - 1, 2):
-            h, v = lines[i].split(), lines[i + 1].split()
-            for k, x in zip(h[1:], v[1:]):
-                c[h[0] + k] = int(x)
-    return c
+    """The counters of the network namespace process ``pid`` is in (nstat's names)."""
+    return parse_netstat(Path(f"/proc/{pid}/net/{f}").read_text() for f in ("netstat", "snmp"))
 
 
 class Sampler(threading.Thread):
@@ -193,7 +188,7 @@ def analyse(events: list[tuple[int, int, int, int, int, int, int]],
     base = rows[0][1]
     gaps, prev, out_rows = [], 0, []
     for i, (t, c) in enumerate(rows):
-        kern = c.get("TcpExt:TCPSynRetrans", 0) - base.get("TcpExt:TCPSynRetrans", 0)
+        kern = c.get("TcpExtTCPSynRetrans", 0) - base.get("TcpExtTCPSynRetrans", 0)
         ahead = kern - bisect.bisect_right(ts, t) - bisect.bisect_right(cts, t)
         out_rows.append(ahead)
         if ahead > prev and ahead > 0 and i > 0:
@@ -211,8 +206,8 @@ def analyse(events: list[tuple[int, int, int, int, int, int, int]],
         prev = max(prev, ahead)
     last = rows[-1][1]
     return {"netns": inum, "tracepoint_hits": len(syn), "client_syn_retransmits": len(client),
-            "TCPSynRetrans": last.get("TcpExt:TCPSynRetrans", 0)
-            - base.get("TcpExt:TCPSynRetrans", 0),
+            "TCPSynRetrans": last.get("TcpExtTCPSynRetrans", 0)
+            - base.get("TcpExtTCPSynRetrans", 0),
             "ahead_at_end": out_rows[-1] if out_rows else None, "gaps": gaps}
 
 
