@@ -126,6 +126,10 @@ class Backend(Protocol):
 
     def snapshot(self) -> KernelSnapshot: ...
 
+    def ack_overflows(self) -> dict[int, int]:
+        """Each used target slot's final-ACK overflows so far (the ``ack_overflow``
+        counter of ``snapshot``, read alone: one map lookup)."""
+
     def poll(self, timeout_ms: int) -> list[ConnRecord]: ...
 
     def in_flight(self) -> list[ConnRecord]:

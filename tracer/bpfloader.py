@@ -380,6 +380,10 @@ class BccBackend:
         return {slot: tuple(flat.get(L.counter_index(slot, cid), 0) for cid in range(L.C_COUNT))
                 for slot in sorted(self._slots_used) + [self.slots]}
 
+    def ack_overflows(self) -> dict[int, int]:
+        rows = self._counter_rows()
+        return {slot: rows[slot][L.C_ACK_OVERFLOW] for slot in sorted(self._slots_used)}
+
     def snapshot(self, full: bool = False) -> KernelSnapshot:
         """The kernel's aggregates now.  A target's histograms are read only when its
         counters moved in this or the previous snapshot (or ``full``): every program
