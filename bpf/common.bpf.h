@@ -571,18 +571,34 @@ static __always_inline void on_maybe_close(const void *sk, int newstate)
 	on_close(sk);
 }
 
-/* A child made for a traced listener: inet_csk_clone_lock() fires LISTEN ->
- * SYN_RECV on the clone (the listener's port and namespace, its state not yet
- * stored), the moment tcp_create_openreq_child() counts TcpPassiveOpens.  Not
- * every child is queued: one whose request another CPU's child took first
- * (two final ACKs at once; inet_csk_complete_hashdance(), own_req false) is
- * freed, and the kernel's counter still has it -- connections.created does
- * too, so created - queued is exactly those. */
+/* A child made for a traced listener (`h`: its skc_read(), its port watched;
+ * `net`: its sk_net()): its target slot, AT_NO_SLOT if it is no target's.
+ * inet_csk_clone_lock() fires LISTEN -> SYN_RECV on the clone (the listener's
+ * port and namespace, its state not yet stored), the moment
+ * tcp_create_openreq_child() counts TcpPassiveOpens.  Not every child is
+ * queued: one whose request another CPU's child took first (two final ACKs at
+ * once; inet_csk_complete_hashdance(), own_req false) is freed, and the
+ * kernel's counter still has it -- connections.created does too, so created -
+ * queued is exactly those. */
+static __always_inline u32 count_child(const void *sk, const struct at_skc *h,
+				       const void *net)
+{
+	u32 slot = skc_target_in(sk, h, net, -1);
+
+	count(slot, AT_C_CREATED); /* count() ignores AT_NO_SLOT */
+	return slot;
+}
+
+/* count_child() of a LISTEN -> SYN_RECV change, if `sk` is of a watched port. */
 static __always_inline void on_maybe_child(const void *sk, int oldstate, int newstate)
 {
+	struct at_skc h;
+
 	if (oldstate != AT_TCP_LISTEN || newstate != AT_TCP_SYN_RECV)
 		return;
-	count(sk_target(sk, -1), AT_C_CREATED); /* count() ignores AT_NO_SLOT */
+	skc_read(sk, &h);
+	if (port_watched(h.num))
+		count_child(sk, &h, sk_net(sk));
 }
 
 #include "blind.bpf.h"

@@ -164,8 +164,7 @@ static __always_inline int on_state_change(const void *sk, int oldstate, int new
 		if (!port_watched(h.num))
 			return 0;
 		net = sk_net(sk);
-		slot = skc_target_in(sk, &h, net, -1);
-		count(slot, AT_C_CREATED); /* count() ignores AT_NO_SLOT */
+		slot = count_child(sk, &h, net);
 		v = child_verdict.lookup(&vk);
 		if (v) {
 			v->sk = key;
