@@ -55,35 +55,33 @@ static __always_inline struct at_child_verdict *verdict_of(const void *sk, u16 p
 /*
  * A child was queued on a listener: sock_def_readable() on the listener,
  * called by tcp_child_process() (and the fastopen path) right after
- * inet_csk_reqsk_queue_add() put it at the accept-queue tail.
+ * inet_csk_reqsk_queue_add() put it at the accept-queue tail -- on the CPU
+ * that cloned it, in the same softirq, so this CPU's verdict names it.
  */
 static __always_inline int on_data_ready(const void *lsk)
 {
 	const void *req = NULL, *child = NULL;
-	u64 now, key, snt_us = 0;
+	u64 now, key, snt_us = 0, mine = 0;
 	u8 retrans = 0;
 	struct at_conn *c, zero = {};
-	struct at_child_verdict *v = NULL;
+	struct at_child_verdict *v;
 	struct at_skc h;
-	u32 slot;
+	u32 slot, vk = 0;
 	u8 fresh = 0;
 
 	/* It fires for every socket that receives data: the state first (one read
 	 * rejects the connections, and has the port and family too), then the
-	 * port, then the namespace -- unless the child at the tail is the one this
-	 * CPU just cloned: then its verdict is the listener's (same namespace and
-	 * port). */
+	 * port, then the namespace -- unless this CPU has just cloned a child of
+	 * the same port and namespace: that child is the one queued, and its
+	 * verdict is the listener's. */
 	skc_read(lsk, &h);
 	if (h.state != AT_TCP_LISTEN || !port_watched(h.num))
 		return 0;
-	READ_KERN(req, lsk + AT_OFF_ICSK_ACCEPTQ_TAIL);
-	if (req)
-		READ_KERN(child, req + AT_OFF_REQ_SK);
-	if (child)
-		v = verdict_of(child, h.num, lsk);
-	if (v) {
+	v = child_verdict.lookup(&vk);
+	if (v && v->sk && v->port == h.num && v->net == (u64)sk_net(lsk)) {
 		slot = v->slot;
 		fresh = v->inserted;
+		mine = v->sk;
 		v->sk = 0; /* used once */
 	} else {
 		slot = skc_target(lsk, &h, -1);
@@ -93,7 +91,16 @@ static __always_inline int on_data_ready(const void *lsk)
 	now = bpf_ktime_get_ns();
 	queue_depths(lsk, slot, now);
 
+	READ_KERN(req, lsk + AT_OFF_ICSK_ACCEPTQ_TAIL);
+	if (req)
+		READ_KERN(child, req + AT_OFF_REQ_SK);
 	if (!req || !child)
+		return 0;
+	/* Another CPU queued its child after this CPU's, before this event read the
+	 * tail: that child is the other CPU's event's to time (timing it here too
+	 * would count it twice), and this CPU's own is known from its state change
+	 * (on_state_change(): extra.queue_missed). */
+	if (mine && mine != (u64)child)
 		return 0;
 	READ_KERN(snt_us, req + AT_OFF_TREQ_SNT_SYNACK);
 	READ_KERN(retrans, req + AT_OFF_REQ_NUM_RETRANS);
