@@ -116,18 +116,23 @@ RAW_TRACEPOINT_PROBE(tcp_retransmit_synack)
 """
 
 
+def load(src: str, offsets: tuple[str, ...], extra: tuple[str, ...] = ()) -> Any:
+    """``src`` compiled and loaded by BCC, each of ``offsets`` from this kernel's BTF as a
+    -D define, as acceptrace's own programs get them."""
+    from bcc import BPF  # noqa: PLC0415 -- root and BCC only here
+
+    offs, _ = kernel.resolve_offsets(kernel.load_btf())
+    headers.activate(headers.find_header_tree())
+    return BPF(text=src.encode(), cflags=[f"-D{k}={offs[k]}" for k in offsets] + list(extra))
+
+
 class TracepointHits:
     """How often tcp:tcp_retransmit_synack fired for a listener of one network namespace:
     a count that shares no code with acceptrace's, for the soak to hold it against."""
 
     def __init__(self, netns_inum: int) -> None:
-        from bcc import BPF  # noqa: PLC0415 -- root and BCC only here
-
-        offs, _ = kernel.resolve_offsets(kernel.load_btf())
-        headers.activate(headers.find_header_tree())
-        self.bpf = BPF(text=COUNT_SRC.encode(), cflags=[
-            f"-D{k}={offs[k]}" for k in ("AT_OFF_SK_NET", "AT_OFF_NET_NS_INUM")]
-            + [f"-DAT_NETNS_INUM={int(netns_inum)}"])
+        self.bpf = load(COUNT_SRC, ("AT_OFF_SK_NET", "AT_OFF_NET_NS_INUM"),
+                        (f"-DAT_NETNS_INUM={int(netns_inum)}",))
 
     def count(self) -> int:
         return int(sum(self.bpf["hits"][ct.c_int(0)]))
@@ -219,11 +224,7 @@ def main() -> int:
         "--minutes", "2", "--synq-minutes", "1", "--rate", "500", "--synq-rate", "200",
         "--sample-s", "30"])
     a = ap.parse_args()
-    from bcc import BPF  # noqa: PLC0415 -- root and BCC only past argument parsing
-
-    offs, _ = kernel.resolve_offsets(kernel.load_btf())
-    headers.activate(headers.find_header_tree())
-    b = BPF(text=SRC.encode(), cflags=[f"-D{k}={offs[k]}" for k in OFFSETS])
+    b = load(SRC, OFFSETS)
     events: list[tuple[int, int, int, int, int, int, int]] = []
 
     def on_ev(_c: Any, data: Any, _s: int) -> None:
@@ -232,6 +233,7 @@ def main() -> int:
 
     b["evs"].open_ring_buffer(on_ev)
     results = []
+    full_before = 0
     for run in range(a.runs):
         events.clear()
         sampler = Sampler()
@@ -245,14 +247,16 @@ def main() -> int:
         sampler.stop.set()
         sampler.join()
         v = json.loads(soak_json.read_text())
-        ours = v["checks"]["synack_retransmits"]
+        ours = v["checks"]["synack_retransmits"][0]
+        kernel_figure = v["checks"]["synack_kernel"]["TCPSynRetrans_less_clients"]
         per_ns = [analyse(events, rows, inum) for inum, rows in sampler.rows.items() if rows]
-        full = sum(b["hits"][ct.c_int(3)])
-        r = {"run": run, "acceptrace": ours[0], "kernel_less_clients": ours[1],
-             "ring_buffer_full": full, "namespaces": per_ns}
+        full_now = int(sum(b["hits"][ct.c_int(3)]))  # since the program was loaded
+        r = {"run": run, "acceptrace": ours, "kernel_less_clients": kernel_figure,
+             "ring_buffer_full": full_now - full_before, "namespaces": per_ns}
+        full_before = full_now
         results.append(r)
         for ns in per_ns:
-            print(f"run {run}: acceptrace {ours[0]}, tracepoint hits {ns['tracepoint_hits']}, "
+            print(f"run {run}: acceptrace {ours}, tracepoint hits {ns['tracepoint_hits']}, "
                   f"TCPSynRetrans {ns['TCPSynRetrans']} (clients' SYN retransmits "
                   f"{ns['client_syn_retransmits']}), counter ahead at the end by "
                   f"{ns['ahead_at_end']}", flush=True)
