@@ -488,7 +488,14 @@ static __always_inline void on_send(const void *sk, long ret)
 #endif
 }
 
-/* The connection closed: send it if it is among the slowest, and forget it. */
+/* The connection closed: send it if it is among the slowest, and forget it.
+ * A child not accepted yet is kept: one reset by its client while it waits
+ * in the accept queue goes to CLOSE there, and accept() still returns it
+ * (forgotten here, it would be counted accept_untracked, its queue time
+ * lost).  The state change cannot tell it from a child the kernel frees with
+ * its listener (inet_child_forget() closes it the same way), so those stay
+ * until the LRU map evicts them: bounded, and never counted (only an
+ * accepted connection's missing entry is). */
 static __always_inline void on_close(const void *sk)
 {
 	u64 key = (u64)sk;
