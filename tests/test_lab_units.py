@@ -185,6 +185,25 @@ def test_a_sized_load_fits_the_servers_speed():
     assert lab.size_load(lab.BURST, 5.0) is lab.BURST
 
 
+def test_a_slow_machine_stretches_the_handlers_not_the_kernels_timers():
+    # this host (1.2-1.4 ms), even a busy one, is not stretched; an emulated CPU is
+    assert lab.stretch_factor(0.0013) == 1.0
+    assert lab.stretch_factor(0.0055) == 1.0          # < SLOW_MACHINE times the reference
+    assert lab.stretch_factor(0.0179) == pytest.approx(0.0179 / lab.REFERENCE_REQUEST_S, 0.01)
+    assert lab.stretch_factor(5.0) == lab.MAX_STRETCH
+    blocking = lab.BLOCKING
+    assert lab.stretch_load(blocking, 1.0) is blocking
+    slow = lab.stretch_load(blocking, 12.0)
+    assert slow.path == "/slow?ms=240"
+    assert (slow.duration_s, slow.connect_timeout_s, slow.concurrency) == (
+        blocking.duration_s, blocking.connect_timeout_s, blocking.concurrency)
+    assert slow.timeout_s == blocking.timeout_s * lab.MAX_TIMEOUT_STRETCH
+    assert lab.stretch_path("/cpu?ms=50&x=1", 3.0) == "/cpu?ms=150&x=1"
+    assert lab.stretch_path("/health", 3.0) == "/health"
+    light = SCENARIOS["workers"].before.load
+    assert lab.stretch_load(light, 12.0) is light      # sized to the server already
+
+
 def test_wakeups_per_connection_are_the_loads_own():
     run = Run.new(port=8000, backend="fentry")
     res = PhaseResult("before", SCENARIOS["workers"].before, "ns", run, client={},

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import socket
@@ -65,10 +66,20 @@ NETSTAT_KEYS = (
     "TcpPassiveOpens", "TcpExtEmbryonicRsts", "TcpOutRsts", "TcpExtTCPSynRetrans",
 )
 BACKGROUND_LEAD_S = 0.5
-PROBE_REQUESTS = 20             # a sized load: requests timed first, one at a time
+PROBE_REQUESTS = 20             # requests timed first, one at a time (the machine's speed)
 SIZED_MAX_S = 180.0             # ... and its longest run
 IDLE_S = (2.0, 10.0)            # the server's idle wakeups: counted this long (a quarter of
                                 # the load's duration, within these bounds) before the load
+# A machine much slower than a real one (an emulated CPU: QEMU's TCG runs a guest 10-40
+# times slower) gets the scenarios in the same proportions: the handlers' waits and CPU
+# work, the clients' pauses and request timeouts are stretched by how much slower than
+# REFERENCE_REQUEST_S it answers GET /health (stretch_factor).  On the emulated CPU the
+# clients are slowed as much as the server; a 20 ms handler is then short beside the
+# clients' own work, and the queue the scenario is about never fills (docs/lab.md).
+REFERENCE_REQUEST_S = 0.0015    # GET /health on a new connection: 1.2-1.4 ms on a 2-core VM
+SLOW_MACHINE = 4.0              # a factor below this is a busy machine, not a slow one: 1
+MAX_STRETCH = 40.0
+MAX_TIMEOUT_STRETCH = 4.0       # request timeouts: a client waits longer, not without end
 # settle(): the counters that must have stopped moving before the tracer stops
 SETTLE_KEYS = ("TcpExtListenOverflows", "TcpExtListenDrops", "TcpExtTCPReqQFullDrop",
                "TcpExtSyncookiesSent", "TcpExtSyncookiesRecv", "TcpPassiveOpens")
@@ -122,13 +133,14 @@ class Load:
     sized: int = 0               # > 0: pause and duration fitted to the server's speed for
                                  # about this many connections (size_load)
 
-    def argv(self, port: int) -> list[str]:
+    def argv(self, port: int, hold: bool = False) -> list[str]:
         argv = [sys.executable, "-m", "acceptrace.loadgen", "--host", "127.0.0.1",
                 "--port", str(port), "--path", self.path, "--duration", f"{self.duration_s:g}",
                 "--concurrency", str(self.concurrency),
                 "--connect-timeout", f"{self.connect_timeout_s:g}",
                 "--timeout", f"{self.timeout_s:g}", "--processes", str(self.processes),
                 "--pause", f"{self.pause_s:g}"]
+        argv += ["--hold"] if hold else []
         return argv + (["--max-requests", str(self.max_requests)] if self.max_requests else [])
 
     def describe(self) -> str:
@@ -143,6 +155,39 @@ class Load:
     def longest_s(self) -> float:
         """The load generator's own bound on its run time."""
         return self.duration_s + self.connect_timeout_s + self.timeout_s
+
+
+def stretch_factor(request_s: float) -> float:
+    """How much slower than a real machine the server answers GET /health
+    (``request_s``, its median): 1.0 unless it is at least SLOW_MACHINE times."""
+    f = request_s / REFERENCE_REQUEST_S
+    return 1.0 if f < SLOW_MACHINE else round(min(MAX_STRETCH, f), 1)
+
+
+def stretch_path(path: str, f: float) -> str:
+    """``path`` with its handler time (``ms=``) ``f`` times as long."""
+    base, sep, query = path.partition("?")
+    if not sep or f == 1.0:
+        return path
+    args = []
+    for arg in query.split("&"):
+        key, eq, value = arg.partition("=")
+        if key == "ms" and eq:
+            value = f"{float(value) * f:g}"
+        args.append(key + eq + value)
+    return f"{base}?{'&'.join(args)}"
+
+
+def stretch_load(load: Load, f: float) -> Load:
+    """``load`` for a machine ``f`` times slower (stretch_factor): its handlers' times
+    and its clients' pauses ``f`` times, its request timeout up to MAX_TIMEOUT_STRETCH
+    times as long.  Its duration and connect timeout stay: the kernel's SYN retransmits
+    (1 s, 3 s) do not slow down with the CPU.  A sized load is fitted to the server
+    already (size_load)."""
+    if f == 1.0 or load.sized:
+        return load
+    return replace(load, path=stretch_path(load.path, f), pause_s=round(load.pause_s * f, 4),
+                   timeout_s=round(load.timeout_s * min(f, MAX_TIMEOUT_STRETCH), 1))
 
 
 def size_load(load: Load, request_s: float) -> Load:
@@ -211,6 +256,9 @@ AWAITING = Load("/async?ms=20", concurrency=32, processes=2)
 # for the queue's few free places.
 BURST = Load("/slow?ms=20", concurrency=160, max_requests=160, duration_s=10)
 CPU_MS = 50
+# syn-flood's clients: one attempt each (3.5 s: their SYN and its retransmits at 1 s and
+# 3 s), all over before the flood's requests leave the SYN queue, 7 s after it (run_phase).
+FLOODED = Load("/async?ms=1", concurrency=8, duration_s=3.0)
 # Light load: every worker idle when a connection comes (a busy one would leave it to the
 # others, and the split would even out).
 LIGHT = Load("/health", concurrency=1, pause_s=0.005, sized=240)
@@ -242,10 +290,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
         fix="net.ipv4.tcp_syncookies=1: past a full SYN queue the kernel answers with a "
             "cookie and keeps no state",
         before=Phase("tcp_syncookies=0; 400 spoofed SYNs fill the SYN queue first",
-                     Server(backlog=128), Load("/async?ms=1", concurrency=8),
+                     Server(backlog=128), FLOODED,
                      _sys(syncookies=0, max_syn_backlog=4096), flood=400),
         fixed=Phase("tcp_syncookies=1; the same flood",
-                    Server(backlog=128), Load("/async?ms=1", concurrency=8),
+                    Server(backlog=128), FLOODED,
                     _sys(syncookies=1, max_syn_backlog=4096), flood=400),
         expect=("syn_dropped_synq_full", "syn_queue_full"),
         seen=_waited,
@@ -287,7 +335,7 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
                     Load("/health", concurrency=4),
                     background=Load(f"/cpu-offload?ms={CPU_MS}", concurrency=2)),
         expect=("event_loop_busy", "accept_to_read_slow", "accept_queue_slow"),
-        seen=lambda p: float(p.client.get("total_p99_ms") or 0) >= CPU_MS / 2,
+        seen=lambda p: float(p.client.get("total_p99_ms") or 0) >= CPU_MS * p.stretch / 2,
         seen_words=f"/health p99 ≥ {CPU_MS // 2} ms",
     ),
     Scenario(
@@ -692,11 +740,36 @@ class TracerProcess:
 class LoadProcess:
     """The load generator inside the namespace, in its own process group."""
 
-    def __init__(self, lns: LabNamespace, load: Load, port: int) -> None:
+    def __init__(self, lns: LabNamespace, load: Load, port: int, hold: bool = False) -> None:
         self.load = load
         self.proc = subprocess.Popen(
-            lns.exec_argv(load.argv(port)), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            lns.exec_argv(load.argv(port, hold)),
+            stdin=subprocess.PIPE if hold else subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Until a held load generator has started (its 'ready' line on stderr), read
+        byte by byte so that the rest of stderr stays for result()."""
+        assert self.proc.stderr is not None
+        fd, line, end = self.proc.stderr.fileno(), b"", time.monotonic() + timeout
+        while not line.endswith(b"\n"):
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], min(left, 0.5))[0]:
+                if left <= 0 or self.proc.poll() is not None:
+                    raise UserError("the load generator did not start: "
+                                    + line.decode(errors="replace"))
+                continue
+            byte = os.read(fd, 1)
+            if not byte:
+                raise UserError("the load generator exited before it started: "
+                                + line.decode(errors="replace"))
+            line += byte
+
+    def go(self) -> None:
+        """Let a held load generator start its clients."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
 
     def result(self) -> dict[str, Any]:
         """Its JSON summary, once it ended (it bounds its own run time)."""
@@ -717,15 +790,23 @@ class LoadProcess:
             _stop_group(self.proc, signal.SIGKILL, 1)
 
 
-def run_loads(lns: LabNamespace, load: Load, background: Load | None,
-              port: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The phase's clients (and, at the same time, its background clients); both summaries."""
+def run_loads(lns: LabNamespace, load: Load, background: Load | None, port: int,
+              before_first: Callable[[], None] | None = None,
+              ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The phase's clients (and, at the same time, its background clients); both summaries.
+    ``before_first`` runs once the clients' process has started, right before their
+    first request (a slow machine takes seconds to start a Python process)."""
     procs: list[LoadProcess] = []
     try:
         if background is not None:
             procs.append(LoadProcess(lns, background, port))
             time.sleep(BACKGROUND_LEAD_S)   # the server busy before the measured clients come
-        procs.append(LoadProcess(lns, load, port))
+        main = LoadProcess(lns, load, port, hold=before_first is not None)
+        procs.append(main)
+        if before_first is not None:
+            main.wait_ready()
+            before_first()
+            main.go()
         results = [p.result() for p in reversed(procs)]
     finally:
         for p in procs:
@@ -812,6 +893,8 @@ class PhaseResult:
                                  # the idle rate (idle_wakeups_per_s) over as long
     idle_wakeups_per_s: float | None = None
     load: Load | None = None     # the load as run (a sized one fitted to the server)
+    background_load: Load | None = None  # the background load as run
+    stretch: float = 1.0         # how much slower than a real machine (stretch_factor)
 
     @property
     def rules(self) -> list[str]:
@@ -861,9 +944,18 @@ def run_phase(sc: Scenario, label: str, phase: Phase, out_dir: Path, backend: st
             + (", " + ", ".join(f"{k}={v}" for k, v in sysctls.items()) if sysctls else ""))
         with LabServer(lns, phase.server, LAB_PORT) as srv:
             srv.wait_ready()
-            load = phase.load
+            health_s = probe_request_s(lns, Load("/health", concurrency=1), LAB_PORT)
+            stretch = stretch_factor(health_s)
+            load = stretch_load(phase.load, stretch)
+            background = (None if phase.background is None
+                          else stretch_load(phase.background, stretch))
+            if stretch != 1.0:
+                say(f"{label}: the server answers GET /health in {fmt_us(health_s * 1e6)} "
+                    f"(median of {PROBE_REQUESTS}), {stretch:g} times as long as on a real "
+                    "machine: handler times, pauses and timeouts are stretched as much")
             if load.sized:
-                request_s = probe_request_s(lns, load, LAB_PORT)
+                request_s = (health_s if load.path == "/health"
+                             else probe_request_s(lns, load, LAB_PORT))
                 load = size_load(load, request_s)
                 say(f"{label}: the server answers in {fmt_us(request_s * 1e6)} (median of "
                     f"{PROBE_REQUESTS}): the load is sized to that")
@@ -871,17 +963,25 @@ def run_phase(sc: Scenario, label: str, phase: Phase, out_dir: Path, backend: st
                                out_dir / f"{json_path.stem}.log") as tracer:
                 tracer.wait_tracing()
                 before = lns.netstat()
-                sent = lns.flood(LAB_PORT, phase.flood) if phase.flood else 0
+                sent = 0
+
+                def flood() -> None:
+                    # The flood's requests leave the SYN queue after their second SYN-ACK
+                    # retransmit (7 s: a queue this full keeps 2 retries, inet_csk
+                    # reqsk_timer_handler): the clients' SYNs must come right after it.
+                    nonlocal sent
+                    sent = lns.flood(LAB_PORT, phase.flood)
+
                 say(f"{label}: load: {load.describe()}"
-                    + (f", after {sent} spoofed SYNs" if sent else "")
-                    + (f"; meanwhile {phase.background.describe()}"
-                       if phase.background else ""))
+                    + (f", right after {phase.flood} spoofed SYNs" if phase.flood else "")
+                    + (f"; meanwhile {background.describe()}" if background else ""))
                 assert srv.proc is not None
                 idle_rate = (idle_wakeups(srv.proc.pid, load.duration_s) if phase.wakeups
                              else None)
                 woken = group_wakeups(srv.proc.pid)
                 t0 = time.monotonic()
-                client, background = run_loads(lns, load, phase.background, LAB_PORT)
+                client, bg_client = run_loads(lns, load, background, LAB_PORT,
+                                              flood if phase.flood else None)
                 elapsed = time.monotonic() - t0
                 woken = group_wakeups(srv.proc.pid) - woken
                 settle(lns, LAB_PORT)
@@ -898,7 +998,7 @@ def run_phase(sc: Scenario, label: str, phase: Phase, out_dir: Path, backend: st
         label=label, phase=phase, namespace=name, run=run, client=client,
         netstat=procnet.counter_deltas(before, after, NETSTAT_KEYS), sysctls=sysctls,
         flood_sent=sent, findings=diagnose(run), command=tracer.command(),
-        background=background,
+        background=bg_client, background_load=background, stretch=stretch,
         wakeups=(None if idle_rate is None else max(0, round(woken - idle_rate * elapsed))),
         idle_wakeups_per_s=idle_rate, load=load)
 
@@ -924,6 +1024,7 @@ def write_results(res: ScenarioResult) -> None:
         return {"what": p.phase.what, "server": p.phase.server.describe(),
                 "load": (p.load or p.phase.load).describe(), "namespace": p.namespace,
                 "sysctls": p.sysctls, "flood_sent": p.flood_sent, "client": p.client,
+                "stretch": p.stretch,
                 "background": p.background, "server_wakeups": p.wakeups,
                 "server_idle_wakeups_per_s": p.idle_wakeups_per_s,
                 "netstat": p.netstat, "rules": p.rules, "tracer": p.command}
@@ -984,6 +1085,9 @@ def render_result(res: ScenarioResult) -> RenderableType:
     row("server", lambda p: p.phase.server.describe())
     row("load", lambda p: (p.load or p.phase.load).describe()
         + (f" + {p.flood_sent} spoofed SYNs" if p.flood_sent else ""))
+    if b.stretch != 1.0 or f.stretch != 1.0:
+        row("slow machine", lambda p: f"GET /health took {p.stretch:g}× a real machine's: "
+            "handler times, pauses, timeouts stretched as much")
     row("requests ok / sent", lambda p: f"{p.client['completed']:,} / {p.client['attempted']:,}")
     row("connect timeouts", lambda p: f"{p.client['connect_timeouts']:,}")
     row("resets", lambda p: f"{_errors(p.client, 'reset'):,}")
@@ -997,7 +1101,7 @@ def render_result(res: ScenarioResult) -> RenderableType:
     row("waited ≥ 1 s (SYN retransmit)", lambda p: f"{p.client['slow_connects_1s']:,}")
     if b.background or f.background:
         row("meanwhile (not counted above)", lambda p: "" if p.background is None else
-            f"{p.phase.background.describe() if p.phase.background else ''}: "
+            f"{p.background_load.describe() if p.background_load else ''}: "
             f"{p.background['completed']:,} ok, p50 {_ms(p.background['total_p50_ms'])}")
     section("acceptrace")
     row("accepted", lambda p: fmt_count(p.run.connections.get("accepted")))

@@ -238,7 +238,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="split the clients over this many processes (default 1)")
     ap.add_argument("--pause", type=float, default=0.0,
                     help="seconds each client waits between a response and its next request")
+    ap.add_argument("--hold", action="store_true",
+                    help="once started, print 'ready' on stderr and wait for a line on stdin "
+                         "before the first request")
     a = ap.parse_args(argv)
+    if a.hold:
+        print("ready", file=sys.stderr, flush=True)
+        sys.stdin.readline()
     res = run_load_processes(a.host, a.port, processes=a.processes, duration_s=a.duration,
                              concurrency=a.concurrency, path=a.path,
                              connect_timeout_s=a.connect_timeout, timeout_s=a.timeout,
