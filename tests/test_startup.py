@@ -146,11 +146,23 @@ def test_guest_deadline_leaves_room_for_the_largest_backend_factor():
     assert deadline > sum(timeouts) * run.MAX_BACKEND_FACTOR
 
 
+def test_the_lab_runs_in_one_guest_cell_with_its_own_time():
+    run = _load("run")
+    one, other = run.MATRIX["6.1"], run.MATRIX["6.12"]
+    assert one.tests("fentry") == run.GUEST_TESTS + run.LAB_TESTS
+    assert one.timeout("fentry") == run.BACKEND_TIMEOUTS["fentry"] + run.LAB_TIMEOUT
+    assert one.tests("kprobe") == run.KPROBE_TESTS
+    assert other.tests("fentry") == run.GUEST_TESTS
+    assert other.timeout("fentry") == run.BACKEND_TIMEOUTS["fentry"]
+
+
 def test_every_backend_test_list_names_real_tests():
     """A node id in BACKEND_TESTS that names no test would be skipped silently by
     the guest's pytest ("not found"): each one must be collected here."""
     run = _load("run")
-    ids = sorted({t for tests in run.BACKEND_TESTS.values() for t in tests})
+    ids = sorted({t for tests in run.BACKEND_TESTS.values() for t in tests}
+                 | {t for plan in run.MATRIX.values() for b in plan.backends
+                    for t in plan.tests(b)})
     proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
                            "-p", "no:cacheprovider", *ids],
                           capture_output=True, text=True, cwd=VM_DIR.parent.parent, timeout=120)
