@@ -97,15 +97,15 @@ TRACEPOINT_TESTS = (
     "tests/test_backends.py::test_backend_detaches_and_reports_its_hooks",
 )
 # The lab's scenarios on the fentry backend (issue 15: one guest cell), stretched to the
-# guest's speed (tracer/lab.py stretch_load).  Three of six so far: under TCG,
-# accept-overflow overflowed once, somaxconn-clamp not at all, and event-loop-busy's fix
-# left a loop still slow (docs/lab.md, "The scenarios in a QEMU test guest").
+# guest's speed (tracer/lab.py stretch_load).  Two of six so far: under TCG,
+# accept-overflow overflowed once, somaxconn-clamp not at all, abort-on-overflow's fixed
+# run sent RSTs once of two, and event-loop-busy's fix left a loop still slow
+# (docs/lab.md, "The scenarios in a QEMU test guest").
 LAB_TESTS = (
     "tests/test_lab.py::test_syn_flood",
-    "tests/test_lab.py::test_abort_on_overflow",
     "tests/test_lab.py::test_workers",
 )
-LAB_TIMEOUT = 900          # seconds added to the cell's timeout (measured: 121, 141, 229 s)
+LAB_TIMEOUT = 600          # seconds added to the cell's timeout (measured: 121, 229 s)
 BACKEND_TESTS: dict[str, tuple[str, ...]] = {
     "fentry": GUEST_TESTS, "kprobe": KPROBE_TESTS, "tracepoint": TRACEPOINT_TESTS,
 }
