@@ -39,15 +39,17 @@ struct at_child_verdict {
 };
 BPF_PERCPU_ARRAY(child_verdict, struct at_child_verdict, 1);
 
-/* This CPU's verdict if it is on child `sk`, whose port is `port` and whose
- * namespace is the one of `same_net` (the child, or its listener). */
+/* This CPU's verdict if it is on a child (on child `sk`, unless `sk` is NULL:
+ * any not yet used) whose port is `port` and whose namespace is the one of
+ * `same_net` (the child, or its listener). */
 static __always_inline struct at_child_verdict *verdict_of(const void *sk, u16 port,
 							   const void *same_net)
 {
 	u32 zero = 0;
 	struct at_child_verdict *v = child_verdict.lookup(&zero);
 
-	if (v && v->sk == (u64)sk && v->port == port && v->net == (u64)sk_net(same_net))
+	if (v && v->sk && (!sk || v->sk == (u64)sk) && v->port == port &&
+	    v->net == (u64)sk_net(same_net))
 		return v;
 	return NULL;
 }
@@ -66,7 +68,7 @@ static __always_inline int on_data_ready(const void *lsk)
 	struct at_conn *c, zero = {};
 	struct at_child_verdict *v;
 	struct at_skc h;
-	u32 slot, vk = 0;
+	u32 slot;
 	u8 fresh = 0;
 
 	/* It fires for every socket that receives data: the state first (one read
@@ -77,8 +79,8 @@ static __always_inline int on_data_ready(const void *lsk)
 	skc_read(lsk, &h);
 	if (h.state != AT_TCP_LISTEN || !port_watched(h.num))
 		return 0;
-	v = child_verdict.lookup(&vk);
-	if (v && v->sk && v->port == h.num && v->net == (u64)sk_net(lsk)) {
+	v = verdict_of(NULL, h.num, lsk);
+	if (v) {
 		slot = v->slot;
 		fresh = v->inserted;
 		mine = v->sk;
