@@ -5,6 +5,8 @@ Real sockets on loopback, no BPF and no root needed.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import http.server
 import json
 import os
@@ -387,3 +389,40 @@ def test_percentile_nearest_rank():
     assert LoadResult.percentile(vals, 1.0) == 100.0
     assert LoadResult.percentile([3.0], 0.5) == 3.0
     assert LoadResult.percentile([], 0.5) is None
+
+
+def test_loadgen_first_connects_are_one_burst():
+    """The clients' first connects are all issued before any client's event-loop work:
+    once _start_connects returns, a listener that never accepted holds every one of them
+    (loopback handshakes complete inside connect()).  A refused one is an error of its own
+    kind."""
+    from acceptrace.loadgen import _start_connects
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)                  # holds 17
+        port = s.getsockname()[1]
+        burst = _start_connects("127.0.0.1", port, 12)
+        try:
+            assert all(b.sock is not None and b.error is None for b in burst)
+            s.setblocking(False)
+            accepted = []
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    accepted.append(s.accept()[0])
+            assert len(accepted) == 12
+            for c in accepted:
+                c.close()
+        finally:
+            for b in burst:
+                if b.sock is not None:
+                    b.sock.close()
+    refused = _start_connects("127.0.0.1", free_port(), 3)
+    # a refused loopback connect fails at once or on the socket (SO_ERROR) later
+    for b in refused:
+        if b.sock is not None:
+            time.sleep(0.05)
+            assert b.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNREFUSED
+            b.sock.close()
+        else:
+            assert isinstance(b.error, ConnectionRefusedError)

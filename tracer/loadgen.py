@@ -7,6 +7,11 @@ connect and read timeouts, so a run lasts at most ``duration_s +
 connect_timeout_s + timeout_s``.  Meant for loopback targets (the demo, the
 tests, the benchmarks).
 
+The clients' first connects are issued together, one ``connect()`` after another in
+a tight loop before the event loop runs any client (``_start_connects``): ``N``
+clients are a burst of ``N`` SYNs even where Python is slow (an emulated VM), and
+not a trickle paced by the event loop's own work for each new connection.
+
 Connect times show the cost of dropped SYNs: a client whose SYN a full
 listener dropped waits for its retransmit, 1 s later.  Later retransmits
 back off exponentially (connects of 1 s, 3 s, 7 s ...), or, on kernels with
@@ -18,9 +23,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import math
 import multiprocessing
+import os
+import socket
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -95,15 +103,72 @@ def _kind(exc: BaseException) -> str:
     return "other"
 
 
+@dataclass
+class Started:
+    """A connect() issued ahead (``_start_connects``): its socket, or why it failed."""
+    t0: float
+    sock: socket.socket | None = None
+    error: OSError | None = None
+
+
+def _start_connects(host: str, port: int, n: int) -> list[Started]:
+    """``n`` non-blocking sockets, each with its connect() issued, one right after another."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    out = []
+    for _ in range(n):
+        st = Started(time.monotonic())
+        try:
+            s = socket.socket(family, kind, proto)
+        except OSError as exc:
+            st.error = exc
+        else:
+            s.setblocking(False)
+            err = s.connect_ex(addr)
+            if err in (0, errno.EINPROGRESS):
+                st.sock = s
+            else:
+                s.close()
+                st.error = OSError(err, os.strerror(err))
+        out.append(st)
+    return out
+
+
+async def _finish_connect(sock: socket.socket) -> tuple[asyncio.StreamReader,
+                                                        asyncio.StreamWriter]:
+    """Streams on ``sock`` once its connect() (issued ahead) is done."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def writable() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_writer(sock, writable)
+    try:
+        await done
+    finally:
+        loop.remove_writer(sock)
+    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))   # the errno's own subclass (refused, reset)
+    return await asyncio.open_connection(sock=sock)
+
+
 async def _one(host: str, port: int, request: bytes, connect_timeout_s: float,
-               timeout_s: float, res: LoadResult) -> None:
+               timeout_s: float, res: LoadResult, started: Started | None = None) -> None:
     res.attempted += 1
-    t0 = time.monotonic()
+    t0 = time.monotonic() if started is None else started.t0
     writer: asyncio.StreamWriter | None = None
     try:
         try:
-            reader, w = await asyncio.wait_for(
-                asyncio.open_connection(host, port), connect_timeout_s)
+            if started is None:
+                opening = asyncio.open_connection(host, port)
+            elif started.sock is None:
+                assert started.error is not None
+                raise started.error
+            else:
+                opening = _finish_connect(started.sock)
+            reader, w = await asyncio.wait_for(opening, connect_timeout_s)
         except asyncio.TimeoutError:
             res.connect_timeouts += 1
             raise
@@ -122,6 +187,8 @@ async def _one(host: str, port: int, request: bytes, connect_timeout_s: float,
     finally:
         if writer is not None:
             writer.close()
+        elif started is not None and started.sock is not None:
+            started.sock.close()
 
 
 async def run_load_async(
@@ -151,16 +218,19 @@ async def run_load_async(
         budget -= 1
         return True
 
-    async def client() -> None:
-        first = True
+    async def client(first: Started | None) -> None:
+        if first is None:
+            return
+        await _one(host, port, request, connect_timeout_s, timeout_s, res, first)
         while take():
-            if pause_s > 0 and not first:
+            if pause_s > 0:
                 await asyncio.sleep(pause_s)
-            first = False
             await _one(host, port, request, connect_timeout_s, timeout_s, res)
 
     t0 = time.monotonic()
-    await asyncio.gather(*(client() for _ in range(max(1, concurrency))))
+    n = max(1, concurrency)
+    firsts = _start_connects(host, port, sum(take() for _ in range(n)))
+    await asyncio.gather(*(client(firsts[i] if i < len(firsts) else None) for i in range(n)))
     res.duration_s = time.monotonic() - t0
     return res
 
