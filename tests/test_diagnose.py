@@ -134,6 +134,19 @@ def test_syncookies_and_synack_retransmits():
                                                       listen_overflow=3))
 
 
+def test_thresholds_follow_the_machines_slowness():
+    """diagnose(run, slowness): on a machine 10 times slower (the lab's stretch) a wait is
+    slow at 10 times the threshold; slowness below 1 is a real machine's."""
+    run = with_stage(with_stage(with_stage(base_run(), "accept_queue", 150_000),
+                                "accept_to_read", 80_000), "handshake", 300_000)
+    slow = ("accept_queue_slow", "accept_to_read_slow", "handshake_slow")
+    assert set(slow) <= rules(run)
+    assert not set(slow) & {f.rule for f in diagnose(run, 10.0)}
+    assert {f.rule for f in diagnose(run, 0.5)} == rules(run)
+    run = with_stage(base_run(), "accept_queue", 1_500_000)
+    assert "accept_queue_slow" in {f.rule for f in diagnose(run, 10.0)}
+
+
 def test_slow_handshake_and_read():
     assert "handshake_slow" in rules(with_stage(base_run(), "handshake", 300_000))
     assert "accept_to_read_slow" in rules(with_stage(base_run(), "accept_to_read", 80_000))
@@ -315,6 +328,11 @@ def test_event_loop_busy_without_overflow():
         in f.text and "process pool" in f.text
     assert "event_loop_busy" not in rules(with_stage(lab_run(), "accept_queue", 5_000))
     assert "event_loop_busy" in rules(with_stage(lab_run(), "accept_to_read", 12_000))
+    # on a machine 10 times slower, a median wait of 12 ms is no busy loop; 120 ms is
+    slower = with_stage(lab_run(), "accept_to_read", 12_000)
+    assert "event_loop_busy" not in {x.rule for x in diagnose(slower, 10.0)}
+    slower = with_stage(lab_run(), "accept_to_read", 120_000)
+    assert "event_loop_busy" in {x.rule for x in diagnose(slower, 10.0)}
     # a wait the older rules already name (p99 over their thresholds): said once, by them
     slow = rules(with_stage(lab_run(), "accept_queue", 150_000))
     assert "accept_queue_slow" in slow and "event_loop_busy" not in slow

@@ -15,7 +15,10 @@ from .model import ProcessCount, Run
 from .servers import SERVER_FACTS, ServerFacts
 from .words import fmt_us
 
-# Thresholds (microseconds) above which a stage is worth a sentence.
+# Thresholds (microseconds) above which a stage is worth a sentence, on a real machine.
+# diagnose(run, slowness) multiplies them (and LOOP_WAIT_US) by how many times slower the
+# machine is: the lab stretches its handlers on a slow one (an emulated VM) by as much
+# (lab.stretch_factor), so "slow" means the same share of a handler there.
 ACCEPT_QUEUE_SLOW_US = 100_000
 ACCEPT_TO_READ_SLOW_US = 50_000
 HANDSHAKE_SLOW_US = 200_000
@@ -76,8 +79,13 @@ def _server_advice(run: Run, p: ProcessCount, f: ServerFacts) -> Finding:
         + sync)
 
 
-def diagnose(run: Run) -> list[Finding]:
+def diagnose(run: Run, slowness: float = 1.0) -> list[Finding]:
+    """The findings for ``run``; ``slowness`` (≥ 1) scales the time thresholds."""
     out: list[Finding] = []
+    slowness = max(1.0, slowness)
+    aq_slow = ACCEPT_QUEUE_SLOW_US * slowness
+    ar_slow = ACCEPT_TO_READ_SLOW_US * slowness
+    hs_slow = HANDSHAKE_SLOW_US * slowness
     d = run.drops
     backlog = run.queues.backlog
     aq99 = _p(run, "accept_queue", 0.99)
@@ -93,7 +101,7 @@ def diagnose(run: Run) -> list[Finding]:
             + ": the server is not calling accept() fast enough — the event loop is blocked "
             "or there are too few workers. A bigger backlog only buys time; unblock the loop "
             "or add workers."))
-    elif aq99 is not None and aq99 >= ACCEPT_QUEUE_SLOW_US:
+    elif aq99 is not None and aq99 >= aq_slow:
         out.append(Finding(
             "accept_queue_slow", "warning",
             f"p99 accept-queue wait {fmt_us(aq99)} with no overflow: connections sit queued "
@@ -149,7 +157,7 @@ def diagnose(run: Run) -> list[Finding]:
                        f"{_somaxconn(run)}.")
         out.append(Finding(
             "small_backlog", "warning", f"the listen backlog is only {backlog}{why}; {default}"))
-    if server is not None and (overflow or (aq99 is not None and aq99 >= ACCEPT_QUEUE_SLOW_US)):
+    if server is not None and (overflow or (aq99 is not None and aq99 >= aq_slow)):
         out.append(_server_advice(run, *server))
 
     cookies = d.get("syncookies")
@@ -167,14 +175,14 @@ def diagnose(run: Run) -> list[Finding]:
             "synack_retransmits", "warning",
             f"{rtx:,} SYN-ACKs were retransmitted: final ACKs were lost on the way "
             "(network loss) — handshakes took a second or more."))
-    elif hs99 is not None and hs99 >= HANDSHAKE_SLOW_US:
+    elif hs99 is not None and hs99 >= hs_slow:
         out.append(Finding(
             "handshake_slow", "warning",
             f"p99 handshake {fmt_us(hs99)}: a long round trip or lost packets between "
             "clients and server."))
 
     ar99 = _p(run, "accept_to_read", 0.99)
-    if ar99 is not None and ar99 >= ACCEPT_TO_READ_SLOW_US:
+    if ar99 is not None and ar99 >= ar_slow:
         out.append(Finding(
             "accept_to_read_slow", "warning",
             f"p99 accept() → first read {fmt_us(ar99)}: after accepting, the event loop "
@@ -235,7 +243,7 @@ def diagnose(run: Run) -> list[Finding]:
             f"{others:,} belong to other listeners of the namespace — run acceptrace without "
             "--port to see which."))
 
-    out.extend(lab_rules(run, out))
+    out.extend(lab_rules(run, out, slowness))
 
     accepted = run.connections.get("accepted") or 0
     if accepted == 0 and not overflow and not any(f.severity == "critical" for f in out):
@@ -357,7 +365,8 @@ def rule_abort_on_overflow(run: Run) -> Finding | None:
 LOOP_RULES = ("accept_queue_slow", "accept_to_read_slow")  # they name the busy loop too
 
 
-def rule_event_loop_busy(run: Run, out: list[Finding]) -> Finding | None:
+def rule_event_loop_busy(run: Run, out: list[Finding],
+                         slowness: float = 1.0) -> Finding | None:
     """No overflow, yet half the connections wait for the server: its event loop is busy.
     (A wait in the tail only is accept_queue_slow's or accept_to_read_slow's: when
     either said it, this one stays quiet.)"""
@@ -367,7 +376,8 @@ def rule_event_loop_busy(run: Run, out: list[Finding]) -> Finding | None:
         return None
     aq50, ar50 = _p(run, "accept_queue", 0.5), _p(run, "accept_to_read", 0.5)
     ar99 = _p(run, "accept_to_read", 0.99)
-    if max(aq50 or 0, ar50 or 0) < LOOP_WAIT_US:
+    wait = LOOP_WAIT_US * max(1.0, slowness)
+    if max(aq50 or 0, ar50 or 0) < wait:
         return None
     depth = run.queues.accept_queue_depth
     deepest = (f", deepest {depth.max:.0f}" if depth is not None and depth.max is not None
@@ -375,7 +385,7 @@ def rule_event_loop_busy(run: Run, out: list[Finding]) -> Finding | None:
     resp99 = _p(run, "dispatch_to_response", 0.99)
     waits = [f"{fmt_us(v)} or more {where}" for v, where in (
         (aq50, "in the accept queue (before accept())"),
-        (ar50, "from accept() to their first read")) if v is not None and v >= LOOP_WAIT_US]
+        (ar50, "from accept() to their first read")) if v is not None and v >= wait]
     waited = f"half the connections waited {' and '.join(waits)}"
     return Finding(
         "event_loop_busy", "warning",
@@ -444,13 +454,13 @@ def rule_shared_accept_queue(run: Run, out: list[Finding]) -> Finding | None:
         "connection hashed to a busy worker waits even while another is idle.")
 
 
-def lab_rules(run: Run, out: list[Finding]) -> list[Finding]:
+def lab_rules(run: Run, out: list[Finding], slowness: float = 1.0) -> list[Finding]:
     """The rules above that fire, in this order.  With tcp_abort_on_overflow=1 the
     final ACKs dropped were reset, not left to stall: ack_dropped's sentence, which
     says they stall, is then left out of ``out``; so is synack_retransmits' (lost
     final ACKs, network loss) beside syn_queue_full, which says whom they went to."""
     found = [f for f in (rule_backlog_clamped(run), rule_syn_queue_full(run),
-                         rule_abort_on_overflow(run), rule_event_loop_busy(run, out),
+                         rule_abort_on_overflow(run), rule_event_loop_busy(run, out, slowness),
                          rule_workers_uneven(run, out)) if f is not None]
     herd = rule_shared_accept_queue(run, out + found)
     found += [herd] if herd is not None else []

@@ -232,9 +232,9 @@ def _meta_line(m: Meta) -> str:
             f"{escape(m.backend)} · kernel {escape(m.kernel)} · host {escape(m.hostname)}</p>")
 
 
-def _findings_html(run: Run) -> str:
+def _findings_html(run: Run, slowness: float = 1.0) -> str:
     return "<ul>" + "".join(f'<li class="{SEVERITY_CLASS[f.severity]}">{escape(f.text)}</li>'
-                            for f in diagnose(run)) + "</ul>"
+                            for f in diagnose(run, slowness)) + "</ul>"
 
 
 def render_html(run: Run) -> str:
@@ -301,10 +301,11 @@ def render_html(run: Run) -> str:
 
 
 def render_html_compare(a: Run, b: Run, names: tuple[str, str] = ("before", "after"),
-                        title: str = "", subtitle: str = "") -> str:
+                        title: str = "", subtitle: str = "",
+                        slowness: tuple[float, float] = (1.0, 1.0)) -> str:
     """Two runs on one page (``report A.json B.json --html``, the lab's report.html):
-    the flow bars of both one above the other, both diagnoses, the stages and counters
-    side by side."""
+    the flow bars of both one above the other, both diagnoses (``slowness``: each run's
+    machine, as diagnose takes it), the stages and counters side by side."""
     title = title or f"acceptrace — {names[0]} and {names[1]}"
     parts = [_head(title), f"<h1>{escape(title)}</h1>"]
     if subtitle:
@@ -316,8 +317,8 @@ def render_html_compare(a: Run, b: Run, names: tuple[str, str] = ("before", "aft
                      f"{escape(r.meta.backend)} · kernel {escape(r.meta.kernel)}</p>")
     parts.append(_flow_figure([(names[0], a), (names[1], b)]))
     parts.append('<h2>Diagnosis</h2><div class="cols">')
-    for name, r in zip(names, (a, b)):
-        parts.append(f"<div><h3>{escape(name)}</h3>{_findings_html(r)}</div>")
+    for name, r, slow in zip(names, (a, b), slowness):
+        parts.append(f"<div><h3>{escape(name)}</h3>{_findings_html(r, slow)}</div>")
     parts.append("</div><h2>Stages</h2>")
     rows = []
     for stage in dict.fromkeys([*a.stages, *b.stages]):

@@ -64,6 +64,9 @@ NETSTAT_KEYS = (
     "TcpExtListenOverflows", "TcpExtListenDrops", "TcpExtTCPReqQFullDrop",
     "TcpExtTCPReqQFullDoCookies", "TcpExtSyncookiesSent", "TcpExtSyncookiesRecv",
     "TcpPassiveOpens", "TcpExtEmbryonicRsts", "TcpOutRsts", "TcpExtTCPSynRetrans",
+    # RSTs a socket of the namespace sent when its own side closed or gave up (a client
+    # closing early, data after close): not the accept path's
+    "TcpExtTCPAbortOnData", "TcpExtTCPAbortOnClose", "TcpExtTCPAbortOnTimeout",
 )
 BACKGROUND_LEAD_S = 0.5
 PROBE_REQUESTS = 20             # requests timed first, one at a time (the machine's speed)
@@ -997,7 +1000,7 @@ def run_phase(sc: Scenario, label: str, phase: Phase, out_dir: Path, backend: st
     return PhaseResult(
         label=label, phase=phase, namespace=name, run=run, client=client,
         netstat=procnet.counter_deltas(before, after, NETSTAT_KEYS), sysctls=sysctls,
-        flood_sent=sent, findings=diagnose(run), command=tracer.command(),
+        flood_sent=sent, findings=diagnose(run, stretch), command=tracer.command(),
         background=bg_client, background_load=background, stretch=stretch,
         wakeups=(None if idle_rate is None else max(0, round(woken - idle_rate * elapsed))),
         idle_wakeups_per_s=idle_rate, load=load)
@@ -1037,7 +1040,8 @@ def write_results(res: ScenarioResult) -> None:
     write_text_atomic(res.out_dir / "report.html", render_html_compare(
         res.before.run, res.fixed.run, ("before", "fixed"),
         title=f"acceptrace lab: {sc.name}",
-        subtitle=f"{sc.symptom} — {sc.cause}. Fix: {sc.fix}."))
+        subtitle=f"{sc.symptom} — {sc.cause}. Fix: {sc.fix}.",
+        slowness=(res.before.stretch, res.fixed.stretch)))
 
 
 # --- text output ---------------------------------------------------------------------------------
