@@ -110,7 +110,10 @@ def test_accept_overflow(tmp_path):
     # Fixed: not one overflow, not one client waiting a second.
     assert f.netstat["TcpExtListenOverflows"] == 0 and waited(f) == 0
     assert f.run.drops["listen_overflow"] == 0
-    assert f.client["completed"] > 5 * b.client["completed"]
+    # and it serves several times the requests a second (on the 2-core host some 30
+    # times; in an emulated guest, where the clients' and the server's CPU bound the
+    # fixed run, some 6 times)
+    assert f.client["requests_per_s"] > 3 * b.client["requests_per_s"]
 
 
 def test_syn_flood(tmp_path):
@@ -192,8 +195,14 @@ def test_abort_on_overflow(tmp_path):
     if ack is not None:
         assert b.netstat["TcpExtEmbryonicRsts"] <= ack <= b.netstat["TcpExtListenOverflows"]
     assert_listen_overflow(b.run.to_json(), b.netstat["TcpExtListenOverflows"])
+    # Fixed: no overflow, and so not one RST from the accept path (EmbryonicRsts counts
+    # each RST tcp_abort_on_overflow makes) and no client reset.  TcpOutRsts is not
+    # asked to be 0: the namespace holds the clients too, and under TCG a busy guest's
+    # fixed run once counted 10 RSTs with no overflow and no client reset (a socket of
+    # the namespace closing early: TCPAbortOnClose / TCPAbortOnData, now in netstat).
     assert f.client["errors"].get("reset", 0) == 0 and f.netstat["TcpExtListenOverflows"] == 0
-    assert f.netstat["TcpOutRsts"] == 0
+    assert f.netstat["TcpExtEmbryonicRsts"] == 0
+    assert (f.background or {}).get("errors", {}).get("reset", 0) == 0
 
 
 def test_workers(tmp_path):
