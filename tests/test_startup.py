@@ -146,14 +146,18 @@ def test_guest_deadline_leaves_room_for_the_largest_backend_factor():
     assert deadline > sum(timeouts) * run.MAX_BACKEND_FACTOR
 
 
-def test_the_lab_runs_in_one_guest_cell_with_its_own_time():
+def test_each_lab_scenario_runs_in_one_fentry_cell_with_its_own_time():
     run = _load("run")
-    one, other = run.MATRIX["6.1"], run.MATRIX["6.12"]
-    assert one.tests("fentry") == run.GUEST_TESTS + run.LAB_TESTS
-    assert one.timeout("fentry") == run.BACKEND_TIMEOUTS["fentry"] + run.LAB_TIMEOUT
-    assert one.tests("kprobe") == run.KPROBE_TESTS
-    assert other.tests("fentry") == run.GUEST_TESTS
-    assert other.timeout("fentry") == run.BACKEND_TIMEOUTS["fentry"]
+    lab = [t for k in run.LAB_TESTS for t in run.LAB_TESTS[k]]
+    assert len(lab) == len(set(lab)) == 6   # every scenario's test, once
+    for label, plan in run.MATRIX.items():
+        assert plan.tests("fentry") == run.GUEST_TESTS + run.LAB_TESTS[label]
+        assert plan.timeout("fentry") == (run.BACKEND_TIMEOUTS["fentry"]
+                                          + run.LAB_TIMEOUT[label])
+        for b in plan.backends:
+            if b != "fentry":
+                assert plan.tests(b) == run.BACKEND_TESTS[b]
+                assert plan.timeout(b) == run.BACKEND_TIMEOUTS[b]
 
 
 def test_every_backend_test_list_names_real_tests():
