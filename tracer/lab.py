@@ -955,7 +955,8 @@ def run_phase(sc: Scenario, label: str, phase: Phase, out_dir: Path, backend: st
             if stretch != 1.0:
                 say(f"{label}: the server answers GET /health in {fmt_us(health_s * 1e6)} "
                     f"(median of {PROBE_REQUESTS}), {stretch:g} times as long as on a real "
-                    "machine: handler times, pauses and timeouts are stretched as much")
+                    "machine: handler times, pauses, timeouts and the diagnosis's 'slow' "
+                    "thresholds are stretched as much")
             if load.sized:
                 request_s = (health_s if load.path == "/health"
                              else probe_request_s(lns, load, LAB_PORT))
@@ -1091,7 +1092,7 @@ def render_result(res: ScenarioResult) -> RenderableType:
         + (f" + {p.flood_sent} spoofed SYNs" if p.flood_sent else ""))
     if b.stretch != 1.0 or f.stretch != 1.0:
         row("slow machine", lambda p: f"GET /health took {p.stretch:g}× a real machine's: "
-            "handler times, pauses, timeouts stretched as much")
+            "handler times, pauses, timeouts, 'slow' thresholds stretched as much")
     row("requests ok / sent", lambda p: f"{p.client['completed']:,} / {p.client['attempted']:,}")
     row("connect timeouts", lambda p: f"{p.client['connect_timeouts']:,}")
     row("resets", lambda p: f"{_errors(p.client, 'reset'):,}")
