@@ -168,7 +168,9 @@ async def _one(host: str, port: int, request: bytes, connect_timeout_s: float,
                 raise started.error
             else:
                 opening = _finish_connect(started.sock)
-            reader, w = await asyncio.wait_for(opening, connect_timeout_s)
+            # the connect timeout counts from the connect(), issued ahead or now
+            reader, w = await asyncio.wait_for(
+                opening, max(0.0, connect_timeout_s - (time.monotonic() - t0)))
         except asyncio.TimeoutError:
             res.connect_timeouts += 1
             raise
