@@ -365,8 +365,7 @@ def rule_abort_on_overflow(run: Run) -> Finding | None:
 LOOP_RULES = ("accept_queue_slow", "accept_to_read_slow")  # they name the busy loop too
 
 
-def rule_event_loop_busy(run: Run, out: list[Finding],
-                         slowness: float = 1.0) -> Finding | None:
+def rule_event_loop_busy(run: Run, out: list[Finding], slowness: float) -> Finding | None:
     """No overflow, yet half the connections wait for the server: its event loop is busy.
     (A wait in the tail only is accept_queue_slow's or accept_to_read_slow's: when
     either said it, this one stays quiet.)"""
@@ -376,7 +375,7 @@ def rule_event_loop_busy(run: Run, out: list[Finding],
         return None
     aq50, ar50 = _p(run, "accept_queue", 0.5), _p(run, "accept_to_read", 0.5)
     ar99 = _p(run, "accept_to_read", 0.99)
-    wait = LOOP_WAIT_US * max(1.0, slowness)
+    wait = LOOP_WAIT_US * slowness   # diagnose() made it >= 1
     if max(aq50 or 0, ar50 or 0) < wait:
         return None
     depth = run.queues.accept_queue_depth
@@ -454,7 +453,7 @@ def rule_shared_accept_queue(run: Run, out: list[Finding]) -> Finding | None:
         "connection hashed to a busy worker waits even while another is idle.")
 
 
-def lab_rules(run: Run, out: list[Finding], slowness: float = 1.0) -> list[Finding]:
+def lab_rules(run: Run, out: list[Finding], slowness: float) -> list[Finding]:
     """The rules above that fire, in this order.  With tcp_abort_on_overflow=1 the
     final ACKs dropped were reset, not left to stall: ack_dropped's sentence, which
     says they stall, is then left out of ``out``; so is synack_retransmits' (lost
