@@ -116,6 +116,10 @@ class Backend(Protocol):
     def misses_counted(self, label: str) -> bool:
         """The kernel counts the runs it skips of the program at this attach point."""
 
+    def time_programs(self, on: bool) -> bool:
+        """Turn the kernel's timing of BPF programs on or off; whether our programs are
+        timed from now on (True although asked off where another process holds it on)."""
+
     def program_stats(self) -> dict[str, ProgStats]:
         """Each attached program's run-time statistics (cumulative), by attach point;
         {} when the kernel's statistics are off."""

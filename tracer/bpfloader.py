@@ -242,6 +242,13 @@ class BccBackend:
     def misses_counted(self, label: str) -> bool:
         return self.plan.misses_counted(label)
 
+    def time_programs(self, on: bool) -> bool:
+        """Turn the kernel's timing of BPF programs on or off (it slows every BPF program
+        on the host while on); returns whether our programs are timed from now on."""
+        if self._stats is None or self.stats_how is None:
+            return False
+        return self._stats.resume() if on else self._stats.pause()
+
     def program_stats(self) -> dict[str, bpfstats.ProgStats]:
         """Each attached program's statistics, by attach point; {} when off."""
         if self._stats is None or self.stats_how is None:

@@ -26,6 +26,10 @@ BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_ENABLE_STATS = 32
 BPF_STATS_RUN_TIME = 0
 SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
+# acceptrace keeps the statistics on during one interval in this many (--cost-every): on
+# all the time they cost a saturated server 2-3 % of its connection rate on our 2-core
+# test host and slow every other BPF program on the host (docs/performance.md).
+DEFAULT_EVERY = 10
 # __NR_bpf: include/uapi/asm-generic/unistd.h (280) and the architectures' own tables.
 NR_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "loongarch64": 280,
           "s390x": 351, "ppc64le": 361, "ppc64": 361, "i686": 357, "armv7l": 386}
@@ -98,6 +102,37 @@ class StatsSwitch:
         except OSError as exc:
             s.why = f"cannot turn on kernel.bpf_stats_enabled ({exc.strerror})"
         return s
+
+    @property
+    def timing(self) -> bool:
+        """The kernel times BPF programs now (whoever turned it on)."""
+        return self.how == "already on" or self.fd is not None or self._restore is not None
+
+    def pause(self) -> bool:
+        """Stop the kernel's timing of BPF programs where this switch turned it on (the
+        sysctl is restored, the descriptor closed); returns ``timing`` afterwards: still
+        True where another process had it on before us ("already on")."""
+        self.close()
+        return self.timing
+
+    def resume(self) -> bool:
+        """Turn the timing on again the way ``on()`` first did; returns ``timing``."""
+        if self.timing or self.how is None:
+            return self.timing
+        if self.how == "BPF_ENABLE_STATS":
+            attr = ctypes.create_string_buffer(struct.pack("=I", BPF_STATS_RUN_TIME), 8)
+            try:
+                self.fd = _bpf(BPF_ENABLE_STATS, attr)
+            except OSError:
+                self.fd = None
+        elif self.how == "kernel.bpf_stats_enabled":
+            try:
+                if SYSCTL.read_text().strip() != "1":
+                    SYSCTL.write_text("1\n")
+                    self._restore = "0\n"
+            except OSError:
+                self._restore = None
+        return self.timing
 
     def close(self) -> None:
         if self.fd is not None:
