@@ -147,6 +147,9 @@ def main() -> int:
                     help="trace without the uvicorn dispatch uprobe")
     ap.add_argument("--backend", default="auto", choices=("auto", "fentry", "kprobe", "tracepoint"),
                     help="acceptrace's --backend (compare backends' costs on one kernel)")
+    ap.add_argument("--cost-every", type=int, default=None, metavar="N",
+                    help="acceptrace's --cost-every (default: its own, 10; 1 times the BPF "
+                         "programs all the time, which the throughput then includes)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root (it runs acceptrace)", file=sys.stderr)
@@ -162,7 +165,9 @@ def main() -> int:
             with tempfile.TemporaryDirectory() as tmp:
                 jp = Path(tmp) / "run.json"
                 tr = start_tracer(port, jp, ["--backend", args.backend,
-                                             *(["--no-dispatch"] if args.no_dispatch else [])])
+                                             *(["--no-dispatch"] if args.no_dispatch else []),
+                                             *(["--cost-every", str(args.cost_every)]
+                                               if args.cost_every is not None else [])])
                 time.sleep(0.5)
                 cpu0, t0 = cpu_seconds(tr.pid), time.monotonic()
                 traced, traced_err = measure(port, args.clients, args.phase)

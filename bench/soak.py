@@ -292,7 +292,9 @@ class Soak:
         json_path = self.out_dir / "acceptrace.json"
         argv = [sys.executable, "-m", "acceptrace", "--netns", f"/run/netns/{self.ns}",
                 "--port", str(UVICORN_PORT), "--port", str(SYNQ_PORT), "--json", str(json_path),
-                "--no-tui", "--interval", str(self.args.interval), "--backend", self.args.backend]
+                "--no-tui", "--interval", str(self.args.interval), "--backend", self.args.backend,
+                # every minute's in-kernel cost from the programs' counters: timed all the time
+                "--cost-every", "1"]
         self.tracer = self.popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         assert self.tracer.stderr is not None
         for line in self.tracer.stderr:

@@ -83,7 +83,7 @@ def test_cost_is_the_kernels_own_and_stats_are_off_after_exit(tracer):
             pytest.skip("another process holds the kernel's BPF statistics on")
         srv = start(in_ns(ns, sys.executable, "-c", ACCEPTOR, str(port)))
         try:
-            t = tracer(port, "--netns", ns).start()
+            t = tracer(port, "--netns", ns, "--cost-every", "1").start()
             try:
                 on = probe_runs(probe, layout)
                 clients(ns, port, n)
@@ -121,3 +121,48 @@ def test_cost_is_the_kernels_own_and_stats_are_off_after_exit(tracer):
     assert cost["user_cpu_s"] > 0 and cost["peak_rss_kib"] > 10_000
     # the summary says it in one line
     assert "cost: BPF " in t.stdout and "per connection" in t.stdout
+
+
+def test_cost_timed_one_interval_in_n_is_off_in_between_and_counts_only_those(tracer):
+    """--cost-every 2 (--interval 0.5): while acceptrace runs, the kernel's statistics are
+    on during every other interval and off in between (the test's own program is timed,
+    then not); the cost section's runs are those of the timed intervals only (fewer
+    accepts than the run's), divided by the connections made in them."""
+    layout = kernel.prog_info_facts(kernel.load_btf())
+    if not layout:
+        pytest.skip("this kernel's BTF has no bpf_prog_info run-time fields")
+    port = free_port()
+    seen: list[int] = []
+    with timed_probe() as probe, network_namespace() as ns:
+        if probe_runs(probe, layout):
+            pytest.skip("another process holds the kernel's BPF statistics on")
+        srv = start(in_ns(ns, sys.executable, "-c", ACCEPTOR, str(port)))
+        try:
+            t = tracer(port, "--netns", ns, "--cost-every", "2").start()
+            try:
+                for _ in range(8):          # batches over ~8 intervals: timed and not
+                    clients(ns, port, 5)
+                    for _ in range(4):
+                        seen.append(probe_runs(probe, layout))
+                        time.sleep(0.1)
+            finally:
+                assert t.stop() == 0, t.stderr
+            after = probe_runs(probe, layout)
+        finally:
+            stop_all([srv])
+    if stats_holders():
+        pytest.skip("another process turned BPF statistics on during the test")
+    assert any(r >= 50 for r in seen) and 0 in seen, seen   # on, and off, while it ran
+    assert after == 0
+    run = t.report()
+    cost = run["cost"]
+    n = run["connections"]["accepted"]
+    assert n == 40 == cost["connections"]
+    assert 0 < cost["timed_seconds"] < cost["seconds"], cost
+    assert 0 < cost["timed_connections"] < n, cost
+    acc = {p["hook"]: p for p in cost["programs"]}[accept_hook(run["meta"]["backend"])]
+    assert 0 < acc["runs"] < n, acc        # the untimed intervals' accepts are not in it
+    total = sum(p["run_time_ns"] for p in cost["programs"])
+    assert cost["kernel_ns_per_connection"] == pytest.approx(
+        total / cost["timed_connections"], rel=1e-3)
+    assert "[BPF timed " in t.stdout

@@ -262,7 +262,7 @@ def test_cost_is_exposed_per_program_and_passes_promtool():
 
     run = Run.read(FIXTURE)
     run.cost = Cost(stats="BPF_ENABLE_STATS", seconds=10.0, user_cpu_s=0.25, peak_rss_kib=2048,
-                    connections=100, programs=[
+                    connections=100, timed_seconds=1.0, timed_connections=10, programs=[
                         ProgramCost("tracepoint:sock:sk_data_ready", 400, 2_000_000, 3,
                                     ["queued"]),
                         ProgramCost("tracepoint:syscalls:sys_exit_accept4", 100, 150_000, None,
@@ -275,6 +275,8 @@ def test_cost_is_exposed_per_program_and_passes_promtool():
     # not counted by this kernel for that attach type: no series rather than a false 0
     assert ("acceptrace_bpf_program_missed_runs_total",
             (("program", "tracepoint:syscalls:sys_exit_accept4"),)) not in samples(text)
+    # the runs and seconds above were counted in 1 s of the 10 (--cost-every)
+    assert value(text, "acceptrace_bpf_programs_timed_seconds_total") == 1.0
     assert value(text, "acceptrace_cpu_seconds_total") == 0.25
     assert value(text, "acceptrace_peak_resident_memory_bytes") == 2048 * 1024
     promtool = shutil.which("promtool")

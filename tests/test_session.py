@@ -34,6 +34,10 @@ class FakeBackend:
     def program_stats(self) -> dict:
         return dict(self.programs)
 
+    def time_programs(self, on: bool) -> bool:
+        self.timing.append(on)
+        return on and self.stats_how is not None
+
     def __init__(self, observable: bool = True, exact: bool = False,
                  missing_stages: set[str] | None = None) -> None:
         self.ack_overflow_observable = observable
@@ -48,6 +52,7 @@ class FakeBackend:
         # the tick's snapshot, i.e. no final-ACK overflow while they were read)
         self.acks_after: list[dict[int, int]] = []
         self._last = KernelSnapshot()
+        self.timing: list[bool] = []   # what time_programs() was asked, in order
 
     def snapshot(self) -> KernelSnapshot:
         self._last = self.snaps.pop(0)
@@ -455,6 +460,70 @@ def test_cost_is_the_kernels_statistics_since_start_per_connection():
     assert abs(cost.kernel_cpu_pct - 100 * 202_000e-9 / 2.0) < 1e-9  # type: ignore[operator]
     back = Run.from_json(run.to_json()).cost
     assert back is not None and back.to_json() == cost.to_json()
+
+
+def test_cost_is_timed_one_interval_in_n_and_per_connection_over_those():
+    """--cost-every 2: the kernel times the programs in intervals 0, 2, ... only (off
+    before the stats are read, on after); runs and time are the timed intervals', the
+    per-connection and per-second figures divide by their connections and length, and
+    the skipped runs (counted by the kernel all the time) are the whole run's."""
+    from acceptrace.bpfstats import ProgStats
+
+    be = FakeBackend(exact=True)
+    be.stats_how, be.stats_why = "BPF_ENABLE_STATS", None
+    hook = "raw_tracepoint:softirq_entry"
+    now = [0.0]
+    sess = S.Session(be, None, 1.0, namespaces=[FakeNs(1, [80])],  # type: ignore[list-item]
+                     clock=lambda: now[0], cost_every=2)
+    be.programs = {hook: ProgStats(100, 10_000, 0)}
+    sess.start()
+    assert be.timing == [True]
+    # interval k: (its end, the program's counters then, accepted so far)
+    steps = [(1.0, ProgStats(200, 30_000, 1), 10),     # timed: +100 runs, +20 us, 10 conns
+             (3.0, ProgStats(260, 45_000, 2), 40),     # not timed (another holder's runs)
+             (4.0, ProgStats(320, 55_000, 4), 50),     # timed: +60 runs, +10 us, 10 conns
+             (6.0, ProgStats(320, 55_000, 5), 90)]     # not timed
+    for end, st, acc in steps:
+        now[0] = end
+        be.programs = {hook: st}
+        be.snaps = [KernelSnapshot(targets={0: tsnap(acc, 10)})]
+        sess.tick()
+    assert be.timing == [True, False, True, False, True]   # the 5th interval is timed
+    cost = sess.build_run().cost
+    assert cost is not None
+    assert (cost.seconds, cost.timed_seconds) == (6.0, 2.0)
+    assert (cost.connections, cost.timed_connections) == (90, 20)
+    (p,) = cost.programs
+    assert (p.runs, p.run_time_ns, p.missed) == (160, 30_000, 5)
+    assert cost.events_per_connection == 8.0              # 160 runs / 20 timed connections
+    assert cost.kernel_ns_per_connection == 1_500.0       # 30 000 ns / 20
+    assert cost.kernel_cpu_pct is not None
+    assert abs(cost.kernel_cpu_pct - 100 * 30_000e-9 / 2.0) < 1e-12
+    j = cost.to_json()
+    assert j["kernel_cpu_ms_per_s"] == 0.015 and j["timed_seconds"] == 2.0
+    from acceptrace.render import cost_line
+    assert "[BPF timed 2 s of 6 s]" in cost_line(cost)
+
+
+def test_cost_every_0_never_times_and_says_so():
+    from acceptrace.bpfstats import ProgStats
+    from acceptrace.render import cost_line
+
+    be = FakeBackend(exact=True)
+    be.stats_how, be.stats_why = "BPF_ENABLE_STATS", None
+    now = [0.0]
+    sess = S.Session(be, None, 1.0, namespaces=[FakeNs(1, [80])],  # type: ignore[list-item]
+                     clock=lambda: now[0], cost_every=0)
+    be.programs = {"raw_tracepoint:softirq_entry": ProgStats(0, 0, 0)}
+    sess.start()
+    now[0] = 1.0
+    be.snaps = [KernelSnapshot(targets={0: tsnap(5, 10)})]
+    sess.tick()
+    assert be.timing == [False]
+    cost = sess.build_run().cost
+    assert cost is not None and cost.timed_seconds == 0 and cost.kernel_cpu_pct is None
+    assert cost.kernel_ns_per_connection is None
+    assert cost_line(cost).startswith("cost: BPF not timed yet")
 
 
 def test_cost_without_kernel_statistics_is_null_not_zero():

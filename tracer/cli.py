@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from . import __version__
+from . import __version__, bpfstats
 from .errors import UserError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -66,6 +66,12 @@ def _positive(name: str, value: float | None) -> float | None:
 @click.option("--all-namespaces", "-A", "all_namespaces", is_flag=True,
               help="Trace in every network namespace of the host (containers), each "
                    "listener's kernel figures from its own.")
+@click.option("--cost-every", "cost_every", type=click.IntRange(0, 1_000_000),
+              default=bpfstats.DEFAULT_EVERY,
+              show_default=True, metavar="N",
+              help="Time acceptrace's BPF programs (the kernel's BPF statistics, which slow "
+                   "every BPF program on the host) during one interval in N; 1: every "
+                   "interval, 0: never.")
 @click.version_option(__version__, prog_name="acceptrace")
 @click.pass_context
 def cli(
@@ -83,6 +89,7 @@ def cli(
     pid: str | None,
     netns: str | None,
     all_namespaces: bool,
+    cost_every: int,
 ) -> None:
     """Trace where TCP connections to PORT wait: SYN queue, accept queue, accept(), first read.
 
@@ -122,6 +129,7 @@ def cli(
         hist_stage=hist_stage,
         dispatch=not no_dispatch,
         backend=backend,
+        cost_every=cost_every,
     )
     out, err = _consoles()
     trace(opts, out, err)
@@ -192,9 +200,14 @@ def demo(duration: float, json_path: Path | None) -> None:
               help="Export this network namespace: an `ip netns` NAME or a path.")
 @click.option("--all-namespaces", "-A", "all_namespaces", is_flag=True,
               help="Every network namespace of the host (containers).")
+@click.option("--cost-every", "cost_every", type=click.IntRange(0, 1_000_000),
+              default=bpfstats.DEFAULT_EVERY,
+              show_default=True, metavar="N",
+              help="Time acceptrace's BPF programs during one interval in N (as for a trace); "
+                   "acceptrace_bpf_programs_timed_seconds_total says for how long.")
 def export(ports: tuple[str, ...], listen: str | None, textfile: Path | None, interval: float,
            json_path: Path | None, per_octave: str, no_dispatch: bool, backend: str,
-           pid: str | None, netns: str | None, all_namespaces: bool) -> None:
+           pid: str | None, netns: str | None, all_namespaces: bool, cost_every: int) -> None:
     """Run as a Prometheus exporter: the accept path's counters, histograms and queues at
     /metrics (and/or in a textfile), until SIGTERM.
 
@@ -216,6 +229,7 @@ def export(ports: tuple[str, ...], listen: str | None, textfile: Path | None, in
         json_path=json_path,
         dispatch=not no_dispatch,
         backend=backend,
+        cost_every=cost_every,
     )
     if listen is not None:
         where: tuple[str, int] | None = parse_listen(listen)

@@ -303,23 +303,31 @@ def _cost(run: Run) -> Iterator[Metric]:
         return
     if cost.stats is not None:
         runs = CounterMetricFamily(PREFIX + "bpf_program_runs",
-                                   "Runs of each of acceptrace's BPF programs (the kernel's "
-                                   "run_cnt).", labels=["program"])
+                                   "Runs of each of acceptrace's BPF programs while timed "
+                                   "(the kernel's run_cnt).", labels=["program"])
         secs = CounterMetricFamily(PREFIX + "bpf_program_run_seconds",
-                                   "Time spent in each BPF program (the kernel's run_time_ns).",
+                                   "Time spent in each BPF program while timed (the kernel's "
+                                   "run_time_ns).",
                                    labels=["program"])
         missed = CounterMetricFamily(PREFIX + "bpf_program_missed_runs",
                                      "Runs the kernel skipped (recursion_misses): the figures "
                                      "the program feeds may be short by this many; only where "
                                      "this kernel counts them.", labels=["program"])
+        timed = CounterMetricFamily(PREFIX + "bpf_programs_timed_seconds",
+                                    "Wall time during which the kernel timed acceptrace's BPF "
+                                    "programs (one interval in --cost-every): the runs and run "
+                                    "seconds above are counted in it.")
         for p in cost.programs:
             runs.add_metric([p.hook], p.runs)
             secs.add_metric([p.hook], p.run_time_ns / 1e9)
             if p.missed is not None:
                 missed.add_metric([p.hook], p.missed)
+        timed.add_metric([], cost.timed_seconds if cost.timed_seconds is not None
+                         else cost.seconds)
         yield runs
         yield secs
         yield missed
+        yield timed
     cpu = CounterMetricFamily(PREFIX + "cpu_seconds",
                               "acceptrace's own CPU time (user + system, all threads) "
                               "while tracing.")

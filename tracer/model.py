@@ -424,7 +424,14 @@ class Cost:
 
     ``stats``: what turned the kernel's BPF statistics on ("BPF_ENABLE_STATS",
     "kernel.bpf_stats_enabled", "already on"), null when they could not be (``why``):
-    then ``programs`` is empty and only the userspace figures are known."""
+    then ``programs`` is empty and only the userspace figures are known.
+
+    The kernel times the programs during one interval in ``--cost-every`` (timing slows
+    every BPF program on the host): ``programs``' runs and times are those of the timed
+    intervals, ``timed_seconds`` long with ``timed_connections`` in them, and the
+    per-second and per-connection figures are taken over those; ``missed`` (skipped
+    runs) is counted by the kernel all the time, over the whole run.  Null timed_*
+    (files before they existed): the whole run was timed."""
 
     stats: str | None
     seconds: float                       # the wall time over which it was measured
@@ -434,6 +441,16 @@ class Cost:
     connections: int = 0                 # traced connections over the same time
     virtual_machine: bool = False        # figures include a hypervisor's overhead
     why: str | None = None
+    timed_seconds: float | None = None   # of ``seconds``, the time the programs were timed
+    timed_connections: int | None = None  # of ``connections``, those made in that time
+
+    @property
+    def _timed_s(self) -> float:
+        return self.seconds if self.timed_seconds is None else self.timed_seconds
+
+    @property
+    def _timed_conns(self) -> int:
+        return self.connections if self.timed_connections is None else self.timed_connections
 
     @property
     def kernel_ns(self) -> int:
@@ -448,9 +465,10 @@ class Cost:
 
     @property
     def kernel_cpu_pct(self) -> float | None:
-        """In-kernel time of acceptrace's programs, in % of one CPU."""
-        r = self.per_second(self.kernel_ns / 1e9) if self.stats else None
-        return None if r is None else 100.0 * r
+        """In-kernel time of acceptrace's programs while timed, in % of one CPU."""
+        if not self.stats or self._timed_s <= 0:
+            return None
+        return 100.0 * self.kernel_ns / 1e9 / self._timed_s
 
     @property
     def user_cpu_pct(self) -> float | None:
@@ -459,11 +477,11 @@ class Cost:
 
     @property
     def events_per_connection(self) -> float | None:
-        return self.runs / self.connections if self.stats and self.connections else None
+        return self.runs / self._timed_conns if self.stats and self._timed_conns else None
 
     @property
     def kernel_ns_per_connection(self) -> float | None:
-        return self.kernel_ns / self.connections if self.stats and self.connections else None
+        return self.kernel_ns / self._timed_conns if self.stats and self._timed_conns else None
 
     @property
     def missed(self) -> int | None:
@@ -475,13 +493,15 @@ class Cost:
             # a rate over a vanishing time is not a figure (and Infinity is not JSON)
             return None if x is None or not math.isfinite(x) else round(x, n)
 
-        kcpu = self.per_second(self.kernel_ns / 1e6) if self.stats else None
+        kcpu = self.kernel_cpu_pct
         return {
             "stats": self.stats,
             "why": self.why,
             "seconds": self.seconds,
+            "timed_seconds": self.timed_seconds,
+            "timed_connections": self.timed_connections,
             "virtual_machine": self.virtual_machine,
-            "kernel_cpu_ms_per_s": r(kcpu, 4),
+            "kernel_cpu_ms_per_s": r(None if kcpu is None else 10.0 * kcpu, 4),
             "kernel_cpu_pct": r(self.kernel_cpu_pct, 4),
             "user_cpu_s": self.user_cpu_s,
             "user_cpu_pct": r(self.user_cpu_pct),

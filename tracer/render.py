@@ -204,9 +204,15 @@ def cost_line(cost: Cost) -> str:
     k = cost.kernel_cpu_pct
     per = cost.kernel_ns_per_connection
     ev = cost.events_per_connection
-    line = (f"cost: BPF {fmt_ns(per)} per connection ({ev:.1f} program runs each)"
-            if per is not None and ev is not None else "cost: BPF (no connection yet)")
+    if cost.timed_seconds == 0:
+        line = "cost: BPF not timed yet (--cost-every)"
+    elif per is not None and ev is not None:
+        line = f"cost: BPF {fmt_ns(per)} per connection ({ev:.1f} program runs each)"
+    else:
+        line = "cost: BPF (no connection yet)"
     line += f", {k:.2f} % of a CPU in the kernel; {mine}" if k is not None else f"; {mine}"
+    if cost.timed_seconds and cost.timed_seconds < cost.seconds:
+        line += f" [BPF timed {cost.timed_seconds:,.0f} s of {cost.seconds:,.0f} s]"
     if cost.virtual_machine:
         line += " [a virtual machine: includes the hypervisor's overhead]"
     return line

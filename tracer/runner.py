@@ -27,7 +27,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from rich.console import Console, RenderableType
 
-from . import nsname, procnet, selection
+from . import bpfstats, nsname, procnet, selection
 from .errors import UserError
 from .model import Interval, Run, write_text_atomic
 from .netns import NamespaceFinder, NetNamespace, open_netns
@@ -56,6 +56,7 @@ class TraceOptions:
     netns: str | None = None    # ... or in this one (ip netns NAME, or a path)
     ports: list[int] = field(default_factory=list)  # --port, as often as given
     all_namespaces: bool = False  # every network namespace of the host
+    cost_every: int = bpfstats.DEFAULT_EVERY  # the kernel times our programs 1 interval in N
 
     def port_list(self) -> list[int]:
         """The traced ports; [] means every listener."""
@@ -307,7 +308,8 @@ def _trace(
     session = Session(backend, None, opts.interval_s, slowest_n=opts.slowest_n,
                       ports=ports, namespaces=spaces,
                       find_namespaces=finder.find if finder is not None else None,
-                      gone_namespaces=finder.take_gone if finder is not None else None)
+                      gone_namespaces=finder.take_gone if finder is not None else None,
+                      cost_every=opts.cost_every)
     run: Run | None = None
     # Signals are caught until the report is written: a second Ctrl-C (or a SIGTERM)
     # while the programs are detached -- seconds on a slow machine -- must neither
@@ -724,7 +726,8 @@ def _export(
     session = Session(backend, None, t.interval_s, slowest_n=t.slowest_n,
                       ports=ports, namespaces=spaces,
                       find_namespaces=finder.find if finder is not None else None,
-                      gone_namespaces=finder.take_gone if finder is not None else None)
+                      gone_namespaces=finder.take_gone if finder is not None else None,
+                      cost_every=t.cost_every)
     names = NameCache()
     write_errors: set[str] = set()
 

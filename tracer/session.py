@@ -235,6 +235,7 @@ class Session:
         namespaces: list[NetNamespace] | None = None,
         find_namespaces: Callable[[], list[NetNamespace]] | None = None,
         gone_namespaces: Callable[[], list[NetNamespace]] | None = None,
+        cost_every: int = 1,
     ) -> None:
         self.backend = backend
         self.ports = list(ports) if ports is not None else ([port] if port else [])
@@ -271,6 +272,15 @@ class Session:
         self._prog0: dict[str, ProgStats] = {}
         self._prog_last: dict[str, ProgStats] = {}
         self._cpu0 = 0.0
+        # The kernel times the programs during interval k when k % cost_every == 0 (0:
+        # never): timing slows every BPF program on the host.  What the timed intervals
+        # added up to, and whether the one now open is timed.
+        self.cost_every = cost_every
+        self._ticks = 0
+        self._timing = False
+        self._timed: dict[str, ProgStats] = {}
+        self._timed_s = 0.0
+        self._timed_conns = 0
         self._vm = procnet.in_virtual_machine()
         if not self.all_listeners:
             for ns in spaces:
@@ -375,6 +385,7 @@ class Session:
         self._push_targets()
         self.started_wall = datetime.now(timezone.utc)
         self._started_iso = self.started_wall.isoformat(timespec="seconds")
+        self._timing = self.backend.time_programs(self.cost_every > 0)
         self._prog0 = self._prog_last = self.backend.program_stats()
         self._cpu0 = procnet.own_cpu_and_rss()[0]
         self.t0 = self._prev_t = self.clock()
@@ -424,7 +435,14 @@ class Session:
         """Close an interval: read the kernel's aggregates and record the deltas."""
         now = self.clock()
         snap = self.backend.snapshot()
+        timed, prog_before = self._timing, self._prog_last
+        self._ticks += 1
+        time_next = self.cost_every > 0 and self._ticks % self.cost_every == 0
+        if timed and not time_next:   # off before the read: no run of the next one in it
+            self._timing = self.backend.time_programs(False)
         self._prog_last = self.backend.program_stats()
+        if time_next and not timed:
+            self._timing = self.backend.time_programs(True)
         for ns in self.gone_namespaces():
             old = self.spaces.get(ns.inode)
             if old is not None and not old.gone:
@@ -465,6 +483,8 @@ class Session:
             ivs.append((iv, dh))
             t.prev, t.prev_ground, t.last = cur, ground, cur
         total = _sum_intervals(ivs, round(now - self.t0, 3), round(dur, 3))
+        if timed:
+            self._add_timed(prog_before, dur, max(total.queued, total.accepted))
         if record:
             self.intervals.append(total)
             if len(self.intervals) > MAX_INTERVALS:  # bounded over days: older ones coarser
@@ -787,22 +807,36 @@ class Session:
         run.cost = self._cost(run)
         return run
 
+    def _add_timed(self, before: dict[str, ProgStats], seconds: float, conns: int) -> None:
+        """Add a timed interval: each program's runs and time in it, its length and its
+        connections (the per-connection figures' denominator)."""
+        for label, st in self._prog_last.items():
+            d = st.minus(before.get(label, ProgStats(0, 0, 0)))
+            have = self._timed.get(label, ProgStats(0, 0, 0))
+            self._timed[label] = ProgStats(have.runs + d.runs,
+                                           have.run_time_ns + d.run_time_ns, None)
+        self._timed_s += seconds
+        self._timed_conns += conns
+
     def _cost(self, run: Run) -> Cost:
-        """What the run cost so far: the kernel's statistics of each program since
-        start(), and acceptrace's own CPU and memory."""
+        """What the run cost so far: each program's runs and time in the kernel over the
+        timed intervals, the runs it skipped since start(), and acceptrace's own CPU
+        and memory."""
         cpu, rss = procnet.own_cpu_and_rss()
         programs = []
         for label, st in sorted(self._prog_last.items()):
             d = st.minus(self._prog0.get(label, ProgStats(0, 0, 0)))
+            t = self._timed.get(label, ProgStats(0, 0, None))
             counted = self.backend.misses_counted(label)
-            programs.append(ProgramCost(hook=label, runs=d.runs, run_time_ns=d.run_time_ns,
+            programs.append(ProgramCost(hook=label, runs=t.runs, run_time_ns=t.run_time_ns,
                                         missed=d.misses if counted else None,
                                         feeds=hooks.feeds(label)))
         conns = max(run.connections.get("queued") or 0, run.connections.get("accepted") or 0)
         return Cost(stats=self.backend.stats_how, why=self.backend.stats_why,
                     seconds=round(max(0.0, self._prev_t - self.t0), 3), programs=programs,
                     user_cpu_s=round(max(0.0, cpu - self._cpu0), 3), peak_rss_kib=rss,
-                    connections=conns, virtual_machine=self._vm)
+                    connections=conns, virtual_machine=self._vm,
+                    timed_seconds=round(self._timed_s, 3), timed_connections=self._timed_conns)
 
     def _listeners(self, t: Target) -> list[Listener]:
         """The port's listeners (sock_diag), each with what the kernel programs saw of it,
