@@ -86,6 +86,19 @@ def results(tmp_path: Path) -> tuple[ScenarioResult, ScenarioResult]:
     return good, bad
 
 
+def test_event_loop_busy_says_the_threshold_it_used(tmp_path):
+    """The symptom's words carry the stretched threshold the check itself used."""
+    run = Run.read(FIXTURE)
+    sc = SCENARIOS["event-loop-busy"]
+    words = []
+    for stretch, p99 in ((1.0, 30.0), (3.0, 60.0)):
+        before = phase("before", run, {"total_p99_ms": p99})
+        before.stretch = stretch
+        res = ScenarioResult(sc, before, phase("fixed", run), tmp_path / str(stretch))
+        words.append((res.seen, res.seen_words))
+    assert words == [(True, "/health p99 ≥ 25 ms"), (False, "/health p99 ≥ 75 ms")]
+
+
 def test_verdicts(tmp_path):
     good, bad = results(tmp_path)
     assert good.ok and good.named == ["accept_queue_overflow"] and good.seen
