@@ -126,8 +126,8 @@ def test_cost_is_the_kernels_own_and_stats_are_off_after_exit(tracer):
 def test_cost_timed_one_interval_in_n_is_off_in_between_and_counts_only_those(tracer):
     """--cost-every 2 (--interval 0.5): while acceptrace runs, the kernel's statistics are
     on during every other interval and off in between (the test's own program is timed,
-    then not); the cost section's runs are those of the timed intervals only (fewer
-    accepts than the run's), divided by the connections made in them."""
+    then not); the cost section covers about half the run, and its per-connection
+    figure divides by the connections made in the timed intervals, some of the run's."""
     layout = kernel.prog_info_facts(kernel.load_btf())
     if not layout:
         pytest.skip("this kernel's BTF has no bpf_prog_info run-time fields")
@@ -158,10 +158,12 @@ def test_cost_timed_one_interval_in_n_is_off_in_between_and_counts_only_those(tr
     cost = run["cost"]
     n = run["connections"]["accepted"]
     assert n == 40 == cost["connections"]
-    assert 0 < cost["timed_seconds"] < cost["seconds"], cost
+    # every other interval timed: about half the run (not all of it, not none)
+    assert 0.2 < cost["timed_seconds"] / cost["seconds"] < 0.8, cost
     assert 0 < cost["timed_connections"] < n, cost
+    # (its runs are every process's accepts on the host while timed: no upper bound here)
     acc = {p["hook"]: p for p in cost["programs"]}[accept_hook(run["meta"]["backend"])]
-    assert 0 < acc["runs"] < n, acc        # the untimed intervals' accepts are not in it
+    assert acc["runs"] > 0 and acc["run_time_ns"] > 0, acc
     total = sum(p["run_time_ns"] for p in cost["programs"])
     assert cost["kernel_ns_per_connection"] == pytest.approx(
         total / cost["timed_connections"], rel=1e-3)
