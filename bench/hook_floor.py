@@ -17,6 +17,9 @@ rounds):
   uretprobe    an empty uretprobe on libc's accept4 instead: only processes that
                call it through libc pay, but each call takes a uprobe trap and a
                return probe
+  uprobe-dispatch  (uvicorn) an empty uprobe where acceptrace's dispatch uprobe
+               goes (httptools' cb_on_headers_complete): the trap each request
+               pays on the event-loop thread with dispatch tracing on
 
   sudo .venv/bin/python bench/hook_floor.py [--server uvicorn] [--rounds 6] [--phase 4]
 """
@@ -47,8 +50,22 @@ static __always_inline int hit(void) {
 int raw(void *ctx) { return 0; }
 int tp(void *ctx) { return hit(); }
 int uret(struct pt_regs *ctx) { return hit(); }
+int up(struct pt_regs *ctx) { return 0; }
 """
-CONFIGS = ("none", "every-hook", "syscall-tp", "uretprobe")
+CONFIGS = ("none", "every-hook", "syscall-tp", "uretprobe", "uprobe-dispatch")
+
+
+def dispatch_target(port: int) -> tuple[bytes, int]:
+    """The file and address of the uvicorn server's dispatch uprobe (as acceptrace finds it)."""
+    from acceptrace import servers  # noqa: PLC0415
+
+    for pid in servers.pids_with_sockets(servers.socket_inodes(port)):
+        info = servers.inspect(pid)
+        if info.parser_path:
+            t = servers.find_dispatch_symbol(info.parser_path)
+            if t is not None:
+                return t.path.encode(), t.vaddr
+    raise SystemExit("bench: no httptools dispatch symbol in the server's processes")
 
 
 def main() -> int:
@@ -75,6 +92,8 @@ def main() -> int:
                 b.attach_tracepoint(tp=t.encode(), fn_name=b"tp")
         if cfg == "uretprobe":
             b.attach_uretprobe(name=b"c", sym=b"accept4", fn_name=b"uret")
+        if cfg == "uprobe-dispatch":
+            b.attach_uprobe(name=where[0], addr=where[1], fn_name=b"up")
 
     def detach(cfg: str) -> None:
         if cfg == "every-hook":
@@ -85,14 +104,18 @@ def main() -> int:
                 b.detach_tracepoint(tp=t.encode())
         if cfg == "uretprobe":
             b.detach_uretprobe(name=b"c", sym=b"accept4")
+        if cfg == "uprobe-dispatch":
+            b.detach_uprobe(name=where[0], addr=where[1])
 
     port, server = A.start_server(args.server)
-    rates: dict[str, list[float]] = {c: [] for c in CONFIGS}
-    hits: dict[str, list[int]] = {c: [] for c in CONFIGS}
+    configs = CONFIGS if args.server == "uvicorn" else CONFIGS[:-1]
+    rates: dict[str, list[float]] = {c: [] for c in configs}
+    hits: dict[str, list[int]] = {c: [] for c in configs}
     try:
+        where = dispatch_target(port) if "uprobe-dispatch" in configs else (b"", 0)
         A.measure(port, args.clients, 1.0)  # warm-up
         for rnd in range(args.rounds):
-            for cfg in CONFIGS if rnd % 2 == 0 else tuple(reversed(CONFIGS)):
+            for cfg in configs if rnd % 2 == 0 else tuple(reversed(configs)):
                 runs[runs.Key(0)] = runs.Leaf(0)
                 attach(cfg)
                 try:

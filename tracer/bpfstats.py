@@ -26,9 +26,9 @@ BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_ENABLE_STATS = 32
 BPF_STATS_RUN_TIME = 0
 SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
-# acceptrace keeps the statistics on during one interval in this many (--cost-every): on
-# all the time they cost a saturated server 2-3 % of its connection rate on our 2-core
-# test host and slow every other BPF program on the host (docs/performance.md).
+# acceptrace keeps the statistics on during one interval in this many (--cost-every):
+# while on, every run of every BPF program on the host costs more (80 ns here, about
+# 2 us per traced connection: bench/stats_cost.py, docs/performance.md).
 DEFAULT_EVERY = 10
 # __NR_bpf: include/uapi/asm-generic/unistd.h (280) and the architectures' own tables.
 NR_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "loongarch64": 280,
