@@ -505,6 +505,29 @@ def test_cost_is_timed_one_interval_in_n_and_per_connection_over_those():
     assert "[BPF timed 2 s of 6 s]" in cost_line(cost)
 
 
+def test_timed_connections_count_a_connection_once_across_intervals():
+    """Queued in one timed interval, accepted in the next (both timed: --cost-every 1):
+    each connection is in the per-connection figure's denominator once, as in the run's."""
+    from acceptrace.bpfstats import ProgStats
+
+    be = FakeBackend(exact=True)
+    be.stats_how, be.stats_why = "BPF_ENABLE_STATS", None
+    now = [0.0]
+    sess = S.Session(be, None, 1.0, namespaces=[FakeNs(1, [80])],  # type: ignore[list-item]
+                     clock=lambda: now[0], cost_every=1)
+    be.programs = {"raw_tracepoint:softirq_entry": ProgStats(0, 0, 0)}
+    sess.start()
+    for end, queued, accepted in ((1.0, 8, 0), (2.0, 8, 8), (3.0, 12, 10)):
+        now[0] = end
+        snap = tsnap(0, 10)
+        snap.counters.update(queued=queued, accepted=accepted)
+        be.snaps = [KernelSnapshot(targets={0: snap})]
+        sess.tick()
+    cost = sess.build_run().cost
+    assert cost is not None
+    assert cost.connections == 12 and cost.timed_connections == 12, cost
+
+
 def test_cost_every_0_never_times_and_says_so():
     from acceptrace.bpfstats import ProgStats
     from acceptrace.render import cost_line

@@ -281,6 +281,11 @@ class Session:
         self._timed: dict[str, ProgStats] = {}
         self._timed_s = 0.0
         self._timed_conns = 0
+        # queued and accepted summed over the intervals, and the larger of the two at
+        # the last tick: the run's connections (Cost.connections) so far.  An
+        # interval's connections are what that figure grew by (a connection queued in
+        # one interval and accepted in the next is in one of them, not both).
+        self._queued_sum = self._accepted_sum = self._conns_last = 0
         self._vm = procnet.in_virtual_machine()
         if not self.all_listeners:
             for ns in spaces:
@@ -483,8 +488,12 @@ class Session:
             ivs.append((iv, dh))
             t.prev, t.prev_ground, t.last = cur, ground, cur
         total = _sum_intervals(ivs, round(now - self.t0, 3), round(dur, 3))
+        self._queued_sum += total.queued
+        self._accepted_sum += total.accepted
+        conns = max(self._queued_sum, self._accepted_sum)
         if timed:
-            self._add_timed(prog_before, dur, max(total.queued, total.accepted))
+            self._add_timed(prog_before, dur, conns - self._conns_last)
+        self._conns_last = conns
         if record:
             self.intervals.append(total)
             if len(self.intervals) > MAX_INTERVALS:  # bounded over days: older ones coarser
