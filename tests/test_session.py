@@ -462,6 +462,17 @@ def test_cost_is_the_kernels_statistics_since_start_per_connection():
     assert back is not None and back.to_json() == cost.to_json()
 
 
+def timed_session(cost_every: int) -> tuple[FakeBackend, S.Session, list[float]]:
+    """A session over a fake backend whose statistics are on, with --cost-every
+    ``cost_every``; the clock reads the list's one value (set it before each tick)."""
+    be = FakeBackend(exact=True)
+    be.stats_how, be.stats_why = "BPF_ENABLE_STATS", None
+    now = [0.0]
+    sess = S.Session(be, None, 1.0, namespaces=[FakeNs(1, [80])],  # type: ignore[list-item]
+                     clock=lambda: now[0], cost_every=cost_every)
+    return be, sess, now
+
+
 def test_cost_is_timed_one_interval_in_n_and_per_connection_over_those():
     """--cost-every 2: the kernel times the programs in intervals 0, 2, ... only (off
     before the stats are read, on after); runs and time are the timed intervals', the
@@ -469,12 +480,8 @@ def test_cost_is_timed_one_interval_in_n_and_per_connection_over_those():
     the skipped runs (counted by the kernel all the time) are the whole run's."""
     from acceptrace.bpfstats import ProgStats
 
-    be = FakeBackend(exact=True)
-    be.stats_how, be.stats_why = "BPF_ENABLE_STATS", None
+    be, sess, now = timed_session(2)
     hook = "raw_tracepoint:softirq_entry"
-    now = [0.0]
-    sess = S.Session(be, None, 1.0, namespaces=[FakeNs(1, [80])],  # type: ignore[list-item]
-                     clock=lambda: now[0], cost_every=2)
     be.programs = {hook: ProgStats(100, 10_000, 0)}
     sess.start()
     assert be.timing == [True]
@@ -510,11 +517,7 @@ def test_timed_connections_count_a_connection_once_across_intervals():
     each connection is in the per-connection figure's denominator once, as in the run's."""
     from acceptrace.bpfstats import ProgStats
 
-    be = FakeBackend(exact=True)
-    be.stats_how, be.stats_why = "BPF_ENABLE_STATS", None
-    now = [0.0]
-    sess = S.Session(be, None, 1.0, namespaces=[FakeNs(1, [80])],  # type: ignore[list-item]
-                     clock=lambda: now[0], cost_every=1)
+    be, sess, now = timed_session(1)
     be.programs = {"raw_tracepoint:softirq_entry": ProgStats(0, 0, 0)}
     sess.start()
     for end, queued, accepted in ((1.0, 8, 0), (2.0, 8, 8), (3.0, 12, 10)):
@@ -532,11 +535,7 @@ def test_cost_every_0_never_times_and_says_so():
     from acceptrace.bpfstats import ProgStats
     from acceptrace.render import cost_line
 
-    be = FakeBackend(exact=True)
-    be.stats_how, be.stats_why = "BPF_ENABLE_STATS", None
-    now = [0.0]
-    sess = S.Session(be, None, 1.0, namespaces=[FakeNs(1, [80])],  # type: ignore[list-item]
-                     clock=lambda: now[0], cost_every=0)
+    be, sess, now = timed_session(0)
     be.programs = {"raw_tracepoint:softirq_entry": ProgStats(0, 0, 0)}
     sess.start()
     now[0] = 1.0
