@@ -154,7 +154,7 @@ def assert_listen_overflow(run: dict, expected: int) -> None:
 
 
 # Stages that start at the SYN: a connection counts there only if its SYN time is known.
-SYN_STAGES = frozenset({"handshake", "syn_to_accept", "syn_to_dispatch"})
+SYN_STAGES = frozenset({"handshake", "syn_to_accept", "syn_to_dispatch", "syn_to_response"})
 
 
 def assert_stage_counts(run: dict, n: int, stages: tuple[str, ...]) -> None:
