@@ -66,6 +66,12 @@ def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
     return int(ret)
 
 
+def _enable_stats() -> int:
+    """BPF_ENABLE_STATS: a descriptor that keeps the run-time statistics on while open."""
+    attr = ctypes.create_string_buffer(struct.pack("=I", BPF_STATS_RUN_TIME), 8)
+    return _bpf(BPF_ENABLE_STATS, attr)
+
+
 class StatsSwitch:
     """The kernel's BPF run-time statistics, on for as long as this object is open.
 
@@ -83,9 +89,8 @@ class StatsSwitch:
     @classmethod
     def on(cls) -> StatsSwitch:
         s = cls()
-        attr = ctypes.create_string_buffer(struct.pack("=I", BPF_STATS_RUN_TIME), 8)
         try:
-            s.fd = _bpf(BPF_ENABLE_STATS, attr)
+            s.fd = _enable_stats()
             s.how = "BPF_ENABLE_STATS"
             return s
         except OSError as exc:
@@ -94,14 +99,19 @@ class StatsSwitch:
                 return s
         # before Linux 5.8: the sysctl, for the run
         try:
-            if SYSCTL.read_text().strip() == "1":
-                s.how = "already on"
-                return s
-            SYSCTL.write_text("1\n")
-            s._restore, s.how = "0\n", "kernel.bpf_stats_enabled"
+            s.how = "kernel.bpf_stats_enabled" if s._sysctl_on() else "already on"
         except OSError as exc:
             s.why = f"cannot turn on kernel.bpf_stats_enabled ({exc.strerror})"
         return s
+
+    def _sysctl_on(self) -> bool:
+        """Set kernel.bpf_stats_enabled to 1 unless it is already; True if this switch
+        did (close() restores it).  OSError if it cannot be read or written."""
+        if SYSCTL.read_text().strip() == "1":
+            return False
+        SYSCTL.write_text("1\n")
+        self._restore = "0\n"
+        return True
 
     @property
     def timing(self) -> bool:
@@ -119,19 +129,13 @@ class StatsSwitch:
         """Turn the timing on again the way ``on()`` first did; returns ``timing``."""
         if self.timing or self.how is None:
             return self.timing
-        if self.how == "BPF_ENABLE_STATS":
-            attr = ctypes.create_string_buffer(struct.pack("=I", BPF_STATS_RUN_TIME), 8)
-            try:
-                self.fd = _bpf(BPF_ENABLE_STATS, attr)
-            except OSError:
-                self.fd = None
-        elif self.how == "kernel.bpf_stats_enabled":
-            try:
-                if SYSCTL.read_text().strip() != "1":
-                    SYSCTL.write_text("1\n")
-                    self._restore = "0\n"
-            except OSError:
-                self._restore = None
+        try:
+            if self.how == "BPF_ENABLE_STATS":
+                self.fd = _enable_stats()
+            elif self.how == "kernel.bpf_stats_enabled":
+                self._sysctl_on()
+        except OSError:
+            pass   # not timed: timing says so
         return self.timing
 
     def close(self) -> None:
