@@ -265,9 +265,7 @@ class BccBackend:
             except OSError:
                 continue
             have = out.get(label)
-            out[label] = st if have is None else bpfstats.ProgStats(
-                have.runs + st.runs, have.run_time_ns + st.run_time_ns,
-                None if have.misses is None or st.misses is None else have.misses + st.misses)
+            out[label] = st if have is None else have.plus(st)
         return out
 
     def _attach(self) -> None:

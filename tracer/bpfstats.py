@@ -47,6 +47,10 @@ class ProgStats:
         m = None if self.misses is None or other.misses is None else self.misses - other.misses
         return ProgStats(self.runs - other.runs, self.run_time_ns - other.run_time_ns, m)
 
+    def plus(self, other: ProgStats) -> ProgStats:
+        m = None if self.misses is None or other.misses is None else self.misses + other.misses
+        return ProgStats(self.runs + other.runs, self.run_time_ns + other.run_time_ns, m)
+
 
 def _libc() -> ctypes.CDLL:
     libc = ctypes.CDLL(None, use_errno=True)

@@ -821,9 +821,7 @@ class Session:
         connections (the per-connection figures' denominator)."""
         for label, st in self._prog_last.items():
             d = st.minus(before.get(label, ProgStats(0, 0, 0)))
-            have = self._timed.get(label, ProgStats(0, 0, 0))
-            self._timed[label] = ProgStats(have.runs + d.runs,
-                                           have.run_time_ns + d.run_time_ns, None)
+            self._timed[label] = self._timed.get(label, ProgStats(0, 0, 0)).plus(d)
         self._timed_s += seconds
         self._timed_conns += conns
 
