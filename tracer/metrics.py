@@ -322,8 +322,7 @@ def _cost(run: Run) -> Iterator[Metric]:
             secs.add_metric([p.hook], p.run_time_ns / 1e9)
             if p.missed is not None:
                 missed.add_metric([p.hook], p.missed)
-        timed.add_metric([], cost.timed_seconds if cost.timed_seconds is not None
-                         else cost.seconds)
+        timed.add_metric([], cost.timed_s)
         yield runs
         yield secs
         yield missed

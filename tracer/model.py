@@ -445,11 +445,13 @@ class Cost:
     timed_connections: int | None = None  # of ``connections``, those made in that time
 
     @property
-    def _timed_s(self) -> float:
+    def timed_s(self) -> float:
+        """The time the programs were timed (all of it in files before timed_seconds)."""
         return self.seconds if self.timed_seconds is None else self.timed_seconds
 
     @property
-    def _timed_conns(self) -> int:
+    def timed_conns(self) -> int:
+        """The connections in that time (likewise)."""
         return self.connections if self.timed_connections is None else self.timed_connections
 
     @property
@@ -466,9 +468,9 @@ class Cost:
     @property
     def kernel_cpu_pct(self) -> float | None:
         """In-kernel time of acceptrace's programs while timed, in % of one CPU."""
-        if not self.stats or self._timed_s <= 0:
+        if not self.stats or self.timed_s <= 0:
             return None
-        return 100.0 * self.kernel_ns / 1e9 / self._timed_s
+        return 100.0 * self.kernel_ns / 1e9 / self.timed_s
 
     @property
     def user_cpu_pct(self) -> float | None:
@@ -477,11 +479,11 @@ class Cost:
 
     @property
     def events_per_connection(self) -> float | None:
-        return self.runs / self._timed_conns if self.stats and self._timed_conns else None
+        return self.runs / self.timed_conns if self.stats and self.timed_conns else None
 
     @property
     def kernel_ns_per_connection(self) -> float | None:
-        return self.kernel_ns / self._timed_conns if self.stats and self._timed_conns else None
+        return self.kernel_ns / self.timed_conns if self.stats and self.timed_conns else None
 
     @property
     def missed(self) -> int | None:
