@@ -88,6 +88,14 @@ def measure(port: int, clients: int, seconds: float) -> tuple[float, int]:
     return sum(r[0] for r in results) / elapsed, sum(r[1] for r in results)
 
 
+def emit(result: dict, path: Path | None) -> None:
+    """Print a benchmark's result as JSON, and write it to ``path`` (--json) if given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if path:
+        path.write_text(text + "\n")
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
@@ -207,9 +215,7 @@ def main() -> int:
         "median_events_per_connection": _median([r["events_per_connection"] for r in rows]),
         "rounds": rows,
     }
-    print(json.dumps(summary, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    emit(summary, args.json)
     return 0
 
 

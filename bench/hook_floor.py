@@ -27,7 +27,6 @@ rounds):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -136,9 +135,7 @@ def main() -> int:
            "ratio_min_max": {c: [round(min(v) / base, 3), round(max(v) / base, 3)]
                              for c, v in rates.items()},
            "accept_hits_per_phase": {c: statistics.median(v) for c, v in hits.items()}}
-    print(json.dumps(out, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    A.emit(out, args.json)
     return 0
 
 

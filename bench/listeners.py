@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accept_rate import cpu_seconds, measure, start_server, stop_server  # noqa: E402
+from accept_rate import cpu_seconds, emit, measure, start_server, stop_server  # noqa: E402
 
 
 def start_tracer(ports: list[int], json_path: Path, backend: str) -> subprocess.Popen[str]:
@@ -110,9 +110,7 @@ def main() -> int:
         "max_many_cpu_pct": max(r["many_cpu_pct"] for r in rows),
         "rounds": rows,
     }
-    print(json.dumps(summary, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    emit(summary, args.json)
     return 0
 
 

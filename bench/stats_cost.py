@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
 import statistics
 import struct
 import sys
 from pathlib import Path
 
-from acceptrace import bpfstats, headers
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from accept_rate import emit  # noqa: E402
+from acceptrace import bpfstats, headers  # noqa: E402
 
 BPF_PROG_TEST_RUN = 10
 PACKET = bytes(64)   # an Ethernet-sized frame of zeros: the program never looks at it
@@ -87,9 +89,7 @@ def main() -> int:
            "ns_per_run_off": off, "ns_per_run_on": on,
            "median_off": statistics.median(off), "median_on": statistics.median(on),
            "stats_ns_per_run": statistics.median(on) - statistics.median(off)}
-    print(json.dumps(out, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    emit(out, args.json)
     return 0
 
 
