@@ -178,7 +178,13 @@ def test_event_loop_busy(tmp_path):
     # connections in acceptrace's figures (the rest came between two CPU handlers)
     assert b.client["total_p99_ms"] * 1000 >= 2 * half(b)
     assert loop_wait(b) >= half(b)
-    assert f.client["total_p99_ms"] * 3 < b.client["total_p99_ms"]
+    # The fix took at least half a CPU handler off the clients' p99.  A difference, not a
+    # ratio: in the TCG guest both vCPUs take turns on one host thread in 100 ms slices
+    # (the connects' p99 is 100-110 ms in both phases there, and a connect waits for no
+    # loop), a floor under the fixed clients' tail that no fix removes.  There the fixed
+    # p99 was 230-350 ms beside 840-1010 ms before (a ratio of 2.4-4.4); on a real
+    # machine 17 ms beside 112 ms (docs/lab.md).
+    assert (b.client["total_p99_ms"] - f.client["total_p99_ms"]) * 1000 >= half(b)
     assert loop_wait(f) < half(f)
 
 
