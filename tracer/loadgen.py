@@ -10,7 +10,9 @@ tests, the benchmarks).
 The clients' first connects are issued together, one ``connect()`` after another in
 a tight loop before the event loop runs any client (``_start_connects``): ``N``
 clients are a burst of ``N`` SYNs even where Python is slow (an emulated VM), and
-not a trickle paced by the event loop's own work for each new connection.
+not a trickle paced by the event loop's own work for each new connection.  Every
+later connect takes the same path, one at a time: a non-blocking ``connect()`` to
+the address resolved once, finished when the socket is writable.
 
 Connect times show the cost of dropped SYNs: a client whose SYN a full
 listener dropped waits for its retransmit, 1 s later.  Later retransmits
@@ -111,9 +113,18 @@ class Started:
     error: OSError | None = None
 
 
-def _start_connects(host: str, port: int, n: int) -> list[Started]:
-    """``n`` non-blocking sockets, each with its connect() issued, one right after another."""
-    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+AddrInfo = tuple[int, int, int, str, tuple]   # socket.getaddrinfo()'s, one address
+
+
+def _address(host: str, port: int) -> AddrInfo:
+    """Where the clients connect to (the first address the resolver gives)."""
+    return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]  # type: ignore[return-value]
+
+
+def _start_connects(host: str, port: int, n: int, ai: AddrInfo | None = None) -> list[Started]:
+    """``n`` non-blocking sockets, each with its connect() issued, one right after another
+    (to ``ai``, resolved from ``host`` and ``port`` when not given)."""
+    family, kind, proto, _, addr = ai if ai is not None else _address(host, port)
     out = []
     for _ in range(n):
         st = Started(time.monotonic())
@@ -154,23 +165,21 @@ async def _finish_connect(sock: socket.socket) -> tuple[asyncio.StreamReader,
     return await asyncio.open_connection(sock=sock)
 
 
-async def _one(host: str, port: int, request: bytes, connect_timeout_s: float,
-               timeout_s: float, res: LoadResult, started: Started | None = None) -> None:
+async def _one(request: bytes, connect_timeout_s: float, timeout_s: float, res: LoadResult,
+               started: Started) -> None:
+    """One request on the connection ``started`` (its connect() issued)."""
     res.attempted += 1
-    t0 = time.monotonic() if started is None else started.t0
+    t0 = started.t0
     writer: asyncio.StreamWriter | None = None
     try:
         try:
-            if started is None:
-                opening = asyncio.open_connection(host, port)
-            elif started.sock is None:
+            if started.sock is None:
                 assert started.error is not None
                 raise started.error
-            else:
-                opening = _finish_connect(started.sock)
-            # the connect timeout counts from the connect(), issued ahead or now
+            # the connect timeout counts from the connect(), issued ahead or just now
             reader, w = await asyncio.wait_for(
-                opening, max(0.0, connect_timeout_s - (time.monotonic() - t0)))
+                _finish_connect(started.sock),
+                max(0.0, connect_timeout_s - (time.monotonic() - t0)))
         except asyncio.TimeoutError:
             res.connect_timeouts += 1
             raise
@@ -189,7 +198,7 @@ async def _one(host: str, port: int, request: bytes, connect_timeout_s: float,
     finally:
         if writer is not None:
             writer.close()
-        elif started is not None and started.sock is not None:
+        elif started.sock is not None:
             started.sock.close()
 
 
@@ -223,15 +232,17 @@ async def run_load_async(
     async def client(first: Started | None) -> None:
         if first is None:
             return
-        await _one(host, port, request, connect_timeout_s, timeout_s, res, first)
+        await _one(request, connect_timeout_s, timeout_s, res, first)
         while take():
             if pause_s > 0:
                 await asyncio.sleep(pause_s)
-            await _one(host, port, request, connect_timeout_s, timeout_s, res)
+            await _one(request, connect_timeout_s, timeout_s, res,
+                       _start_connects(host, port, 1, ai)[0])
 
     t0 = time.monotonic()
     n = max(1, concurrency)
-    firsts = _start_connects(host, port, sum(take() for _ in range(n)))
+    ai = _address(host, port)
+    firsts = _start_connects(host, port, sum(take() for _ in range(n)), ai)
     await asyncio.gather(*(client(firsts[i] if i < len(firsts) else None) for i in range(n)))
     res.duration_s = time.monotonic() - t0
     return res
