@@ -15,7 +15,11 @@ later connect takes the same path, one at a time: a non-blocking ``connect()`` t
 the address resolved once, finished when the socket is writable.
 
 Connect times show the cost of dropped SYNs: a client whose SYN a full
-listener dropped waits for its retransmit, 1 s later.  Later retransmits
+listener dropped waits for its retransmit, 1 s later.  Where the clients' own
+process is slow to run (an emulated VM's busy CPUs) a connect can also take a
+second with no SYN lost, so each connect's SYN retransmits are read from the
+kernel as well (``TCP_INFO``'s ``tcpi_total_retrans`` when the handshake is done:
+``syn_retransmitted``).  Later retransmits
 back off exponentially (connects of 1 s, 3 s, 7 s ...), or, on kernels with
 ``net.ipv4.tcp_syn_linear_timeouts`` (6.18 here: 4), come every second for
 the first 4 retries (connects of 1 s, 2 s, 3 s, 4 s, then 6 s, 10 s ...).
@@ -31,6 +35,7 @@ import math
 import multiprocessing
 import os
 import socket
+import struct
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -47,6 +52,7 @@ class LoadResult:
     # refused / reset / timeout / http (no 2xx response) / other (any other OSError)
     errors: dict[str, int] = field(default_factory=dict)
     connect_timeouts: int = 0  # of errors["timeout"]: no SYN-ACK within connect_timeout_s
+    syn_retransmitted: int = 0  # connects whose SYN the kernel sent again (syn_retransmits)
     connect_s: list[float] = field(default_factory=list)  # every connect that succeeded
     total_s: list[float] = field(default_factory=list)    # every completed request
     duration_s: float = 0.0
@@ -61,6 +67,7 @@ class LoadResult:
         for k, v in other.errors.items():
             self.errors[k] = self.errors.get(k, 0) + v
         self.connect_timeouts += other.connect_timeouts
+        self.syn_retransmitted += other.syn_retransmitted
         self.connect_s += other.connect_s
         self.total_s += other.total_s
         self.duration_s = max(self.duration_s, other.duration_s)
@@ -81,6 +88,7 @@ class LoadResult:
             "errors": dict(sorted(self.errors.items())),
             "connect_timeouts": self.connect_timeouts,
             "connected": len(self.connect_s),   # connect() returned: the handshake completed
+            "syn_retransmitted": self.syn_retransmitted,
             "duration_s": round(self.duration_s, 3),
             "requests_per_s": round(self.completed / self.duration_s, 1)
             if self.duration_s > 0 else None,
@@ -89,7 +97,8 @@ class LoadResult:
             for label, q in (("p50", 0.5), ("p99", 0.99), ("max", 1.0)):
                 v = self.percentile(vals, q)
                 d[f"{name}_{label}_ms"] = None if v is None else round(v * 1000, 2)
-        # A connect of >= 1 s waited for at least one SYN retransmit; >= 3 s for two or more.
+        # A connect of >= 1 s waited for at least one SYN retransmit; >= 3 s for two or more
+        # (or, on a machine too busy to run the clients, for the CPU: syn_retransmitted).
         d["slow_connects_1s"] = sum(1 for v in self.connect_s if v >= 0.9)
         d["slow_connects_3s"] = sum(1 for v in self.connect_s if v >= 2.9)
         return d
@@ -144,9 +153,24 @@ def _start_connects(host: str, port: int, n: int, ai: AddrInfo | None = None) ->
     return out
 
 
+# struct tcp_info (include/uapi/linux/tcp.h, an ABI that only grows at its end):
+# __u32 tcpi_total_retrans follows 8 bytes of __u8 fields and 23 __u32 fields.
+TCPI_TOTAL_RETRANS = 8 + 23 * 4
+
+
+def syn_retransmits(sock: socket.socket) -> int:
+    """How many times the kernel sent ``sock``'s SYN again: its ``tcpi_total_retrans``
+    read when the handshake is done, before any data (so every retransmit was a SYN)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_TOTAL_RETRANS + 4)
+    if len(info) < TCPI_TOTAL_RETRANS + 4:
+        raise OSError(errno.EPROTO, f"TCP_INFO of {len(info)} bytes has no tcpi_total_retrans")
+    return int(struct.unpack_from("=I", info, TCPI_TOTAL_RETRANS)[0])
+
+
 async def _finish_connect(sock: socket.socket) -> tuple[asyncio.StreamReader,
-                                                        asyncio.StreamWriter]:
-    """Streams on ``sock`` once its connect() (issued ahead) is done."""
+                                                        asyncio.StreamWriter, int]:
+    """Streams on ``sock`` once its connect() (issued ahead) is done, and how many
+    times its SYN was sent again (syn_retransmits)."""
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()
 
@@ -162,7 +186,9 @@ async def _finish_connect(sock: socket.socket) -> tuple[asyncio.StreamReader,
     err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
     if err:
         raise OSError(err, os.strerror(err))   # the errno's own subclass (refused, reset)
-    return await asyncio.open_connection(sock=sock)
+    retrans = syn_retransmits(sock)
+    reader, writer = await asyncio.open_connection(sock=sock)
+    return reader, writer, retrans
 
 
 async def _one(request: bytes, connect_timeout_s: float, timeout_s: float, res: LoadResult,
@@ -177,7 +203,7 @@ async def _one(request: bytes, connect_timeout_s: float, timeout_s: float, res: 
                 assert started.error is not None
                 raise started.error
             # the connect timeout counts from the connect(), issued ahead or just now
-            reader, w = await asyncio.wait_for(
+            reader, w, retrans = await asyncio.wait_for(
                 _finish_connect(started.sock),
                 max(0.0, connect_timeout_s - (time.monotonic() - t0)))
         except asyncio.TimeoutError:
@@ -185,6 +211,7 @@ async def _one(request: bytes, connect_timeout_s: float, timeout_s: float, res: 
             raise
         writer = w
         res.connect_s.append(time.monotonic() - t0)
+        res.syn_retransmitted += retrans > 0
         w.write(request)
         await asyncio.wait_for(w.drain(), timeout_s)
         data = await asyncio.wait_for(reader.read(), timeout_s)
