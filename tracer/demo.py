@@ -271,6 +271,6 @@ def _print_load(stdout: str, err: Console) -> None:
     err.print(
         f"load generator: {res['completed']} of {res['attempted']} requests completed "
         f"(errors: {errors}); connect p50 {res['connect_p50_ms']} ms, "
-        f"max {res['connect_max_ms']} ms; {res['slow_connects_1s']} connects took ≥ 1 s "
-        "(their first SYN was dropped and retransmitted)"
+        f"max {res['connect_max_ms']} ms; {res['slow_connects_1s']} connects took ≥ 1 s, "
+        f"{res['syn_retransmitted']} sent their SYN again (the first was dropped)"
     )
