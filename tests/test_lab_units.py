@@ -244,3 +244,28 @@ def test_bad_input_is_one_line(tmp_path):
         assert len(lines) == 1 and want in lines[0], (args, res.stderr)
     res = run_cli("lab", "list")
     assert res.returncode == 0 and "abort-on-overflow" in res.stdout
+
+
+class Inside:
+    """A namespace whose listener's accept queue reads ``depths`` one after another
+    (the last one for ever), its counters still."""
+
+    def __init__(self, depths: list[int]) -> None:
+        self.depths = depths
+
+    def read_together(self, port: int) -> tuple[dict, dict[str, int]]:
+        depth = self.depths.pop(0) if len(self.depths) > 1 else self.depths[0]
+        st = lab.procnet.ListenerStats("inet", "127.0.0.1", port, 1, 0, depth, 64)
+        return {1: st}, dict.fromkeys(lab.SETTLE_KEYS, 7)
+
+
+class FakeNs:
+    def __init__(self, depths: list[int]) -> None:
+        self.inside = Inside(depths)
+
+
+def test_settle_waits_for_the_accept_queue_to_empty_and_says_what_it_left():
+    # drained after three reads, then quiet: nothing left
+    assert lab.settle(FakeNs([3, 2, 1, 0]), 8000, timeout=5, quiet_s=0.2) == 0  # type: ignore[arg-type]
+    # never drained within the timeout: how many it left queued
+    assert lab.settle(FakeNs([5, 4]), 8000, timeout=0.5, quiet_s=0.2) == 4  # type: ignore[arg-type]

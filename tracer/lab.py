@@ -83,7 +83,11 @@ REFERENCE_REQUEST_S = 0.0015    # GET /health on a new connection: 1.2-1.4 ms on
 SLOW_MACHINE = 4.0              # a factor below this is a busy machine, not a slow one: 1
 MAX_STRETCH = 40.0
 MAX_TIMEOUT_STRETCH = 4.0       # request timeouts: a client waits longer, not without end
-# settle(): the counters that must have stopped moving before the tracer stops
+# settle(): the counters that must have stopped moving before the tracer stops, and how
+# long it waits for that on a real machine: on a slower one, stretch times as long (a
+# server whose handlers block 20 ms x 21 still had 14 connections queued after 15 s,
+# the clients long gone: a guest's abort-on-overflow, CI on 30cd192)
+SETTLE_S = 15.0
 SETTLE_KEYS = ("TcpExtListenOverflows", "TcpExtListenDrops", "TcpExtTCPReqQFullDrop",
                "TcpExtSyncookiesSent", "TcpExtSyncookiesRecv", "TcpPassiveOpens")
 
@@ -877,13 +881,15 @@ def probe_request_s(lns: LabNamespace, load: Load, port: int) -> float:
     return float(p50) / 1000
 
 
-def settle(lns: LabNamespace, port: int, quiet_s: float = 0.6, timeout: float = 15.0) -> None:
+def settle(lns: LabNamespace, port: int, timeout: float, quiet_s: float = 0.6) -> int:
     """Until the accept path is quiet: the namespace's counters have not moved for
     ``quiet_s`` and nothing waits in the port's accept queues (so every connection the
-    kernel queued was accepted before the tracer stops)."""
+    kernel queued was accepted before the tracer stops).  How many still waited there
+    when ``timeout`` ran out: 0 once quiet."""
     end = time.monotonic() + timeout
     last: tuple[int, ...] | None = None
     since = time.monotonic()
+    queued = 0
     while time.monotonic() < end:
         stats, counters = lns.inside.read_together(port)
         now = tuple(counters.get(k, 0) for k in SETTLE_KEYS)
@@ -891,8 +897,9 @@ def settle(lns: LabNamespace, port: int, quiet_s: float = 0.6, timeout: float = 
         if now != last or queued:
             last, since = now, time.monotonic()
         elif time.monotonic() - since >= quiet_s:
-            return
+            return 0
         time.sleep(0.1)
+    return queued
 
 
 # --- one phase, one scenario ---------------------------------------------------------------------
@@ -1012,7 +1019,10 @@ def run_phase(sc: Scenario, label: str, phase: Phase, out_dir: Path, backend: st
                                               flood if phase.flood else None)
                 elapsed = time.monotonic() - t0
                 woken = group_wakeups(srv.proc.pid) - woken
-                settle(lns, LAB_PORT)
+                wait_s = SETTLE_S * stretch
+                if left := settle(lns, LAB_PORT, wait_s):
+                    say(f"{label}: {left} connection(s) still in the accept queue after "
+                        f"{wait_s:g} s: acceptrace stops with them queued, not accepted")
                 after = lns.netstat()
                 rc = tracer.stop()
             if rc != 0:
