@@ -95,7 +95,7 @@ test: setup lint vm-packages
 	$(PY) -m pytest -m vm $(PYTEST_ARGS) || { s=$$?; [ $$rc != 0 ] || rc=$$s; }; \
 	exit $$rc
 
-# Only the host suite (about 2 min): no QEMU.
+# Only the host suite (about 11 min): no QEMU.
 test-host: setup lint
 	$(PY) -m pytest -m "not vm" $(PYTEST_ARGS)
 
