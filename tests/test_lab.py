@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from acceptrace import lab
-from acceptrace.lab import SCENARIOS, PhaseResult, ScenarioResult
+from acceptrace.lab import SCENARIOS, PhaseResult, ScenarioResult, waited
 from conftest import (
     assert_count,
     assert_listen_overflow,
@@ -96,11 +96,6 @@ def check_common(res: ScenarioResult) -> None:
     # nothing of the phases is left: namespaces, and the processes that were in them
     assert not [n for n in os.listdir("/run/netns") if n in (res.before.namespace,
                                                               res.fixed.namespace)]
-
-
-def waited(p: PhaseResult) -> int:
-    """Clients whose connect() waited for a SYN retransmit, or gave up."""
-    return int(p.client["syn_retransmitted"] + p.client["connect_timeouts"])
 
 
 def test_accept_overflow(tmp_path):

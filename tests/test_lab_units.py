@@ -9,7 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from acceptrace import lab
+from acceptrace import lab, procnet
 from acceptrace.diagnose import diagnose
 from acceptrace.errors import UserError
 from acceptrace.lab import SCENARIOS, PhaseResult, ScenarioResult
@@ -255,7 +255,7 @@ class Inside:
 
     def read_together(self, port: int) -> tuple[dict, dict[str, int]]:
         depth = self.depths.pop(0) if len(self.depths) > 1 else self.depths[0]
-        st = lab.procnet.ListenerStats("inet", "127.0.0.1", port, 1, 0, depth, 64)
+        st = procnet.ListenerStats("inet", "127.0.0.1", port, 1, 0, depth, 64)
         return {1: st}, dict.fromkeys(lab.SETTLE_KEYS, 7)
 
 

@@ -251,11 +251,15 @@ def _errors(c: dict[str, Any], kind: str) -> int:
     return int((c.get("errors") or {}).get(kind, 0))
 
 
+def waited(p: PhaseResult) -> int:
+    """Clients that waited for a SYN retransmit (≥ 1 s) or gave up connecting.  The
+    kernel's count of each connect's retransmits (loadgen.syn_retransmits), not its time:
+    a busy emulated guest can leave a client a second late to see its handshake done."""
+    return int(p.client["syn_retransmitted"] + p.client["connect_timeouts"])
+
+
 def _waited(p: PhaseResult) -> bool:
-    """Clients waited for a SYN retransmit (≥ 1 s) or gave up connecting.  The kernel's
-    count of each connect's retransmits (loadgen.syn_retransmits), not its time: a busy
-    emulated guest can leave a client a second late to see its handshake done."""
-    return p.client["syn_retransmitted"] > 0 or p.client["connect_timeouts"] > 0
+    return waited(p) > 0
 
 
 # 20 ms of blocked event loop per request; the same wait awaited (the loop free meanwhile).
